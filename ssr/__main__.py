@@ -1,0 +1,5 @@
+import sys
+
+from ssr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""Frozen backbones: open_clip's ViT run block by block, and timm's DINO ViT.
+
+open_clip's residual blocks call nn.MultiheadAttention without asking for its
+weights, so `clip_visual_forward` runs the same blocks itself and asks the
+attention for them. A test checks that the pooled output equals open_clip's
+own `encode_image`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def load_clip(model_name: str, pretrained: str = "", *, demo_dir: str | Path | None = None, device="cpu"):
+    """Load a frozen open_clip model and its tokenizer through open_clip's own loaders.
+
+    model_name "demo" loads the committed tiny CLIP folder (`demo_dir`) via the
+    `local-dir:` schema; anything else goes to `open_clip.create_model(model_name,
+    pretrained=...)`, which accepts a tag such as "openai" or a checkpoint path.
+    """
+    if model_name == "demo":
+        if demo_dir is None or not (Path(demo_dir) / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"{demo_dir}: demo CLIP folder missing (run `ssr demo-clip`)")
+        name = f"local-dir:{demo_dir}"
+        model = open_clip.create_model(name, device=device)
+    else:
+        name = model_name
+        model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
+    model.eval().requires_grad_(False)
+    return model, open_clip.get_tokenizer(name)
+
+
+def clip_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std this CLIP was trained with (never ImageNet's by accident)."""
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    return tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
+    """(num_prefix + n0*n0, D) positional embedding -> (num_prefix + h*w, D) by bicubic interpolation."""
+    prefix, patches = pos_embed[:num_prefix], pos_embed[num_prefix:]
+    n0 = int(math.isqrt(patches.shape[0]))
+    if (n0, n0) == tuple(grid):
+        return pos_embed
+    patches = patches.reshape(1, n0, n0, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    return torch.cat([prefix, patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
+
+
+@dataclass
+class ClipVisualOutput:
+    tokens: list[torch.Tensor]       # per block output, (B, 1 + N, D); index i = block i + 1
+    attentions: dict[int, torch.Tensor]  # block index -> head-averaged attention (B, 1 + N, 1 + N)
+    cam_input: torch.Tensor          # (B, 1 + N, D) residual stream entering the CAM block (its ln_1 input)
+    pooled: torch.Tensor             # (B, E) image embedding (ln_post(cls) @ proj)
+    dense: torch.Tensor              # (B, N, E) patch embeddings (ln_post(patch) @ proj)
+    grid: tuple[int, int]            # (h, w) patch grid, N = h * w
+
+
+def _block_forward(block: nn.Module, x: torch.Tensor, need_weights: bool):
+    y = block.ln_1(x)
+    out, weights = block.attn(y, y, y, need_weights=need_weights, average_attn_weights=True)
+    x = x + block.ls_1(out)
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x, weights
+
+
+def clip_visual_forward(
+    visual: nn.Module,
+    images: torch.Tensor,
+    *,
+    attn_blocks: int = 0,
+    cam_block: int = -1,
+    cam_grad: bool = False,
+) -> ClipVisualOutput:
+    """Run open_clip's VisionTransformer on images of any size divisible by its patch size.
+
+    images: (B, 3, H, W) normalised. `attn_blocks` = how many of the last blocks
+    return attention weights (others keep the fused attention path).
+    With `cam_grad`, the stream entering block `cam_block` becomes a leaf that
+    requires grad, so GradCAM can differentiate any score with respect to it;
+    the blocks before it run without building a graph.
+    """
+    blocks = visual.transformer.resblocks
+    depth = len(blocks)
+    cam_block = cam_block % depth
+    patch = visual.conv1.kernel_size
+    if images.shape[-2] % patch[0] or images.shape[-1] % patch[1]:
+        raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {patch}")
+    grid = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])
+
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not cam_grad):
+        x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + interpolate_pos_embed(visual.positional_embedding, grid).to(x.dtype)
+        x = visual.ln_pre(x)
+
+    tokens, attentions, cam_input = [], {}, None
+    for i, block in enumerate(blocks):
+        if i == cam_block:
+            if cam_grad:
+                x = x.detach().requires_grad_(True)
+            cam_input = x
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (not cam_grad or i >= cam_block)):
+            x, weights = _block_forward(block, x, need_weights=i >= depth - attn_blocks)
+        if weights is not None:
+            attentions[i] = weights
+        tokens.append(x)
+
+    pooled = visual.ln_post(x[:, 0]) @ visual.proj
+    dense = visual.ln_post(x[:, 1:]) @ visual.proj
+    return ClipVisualOutput(tokens, attentions, cam_input, pooled, dense, grid)
+
+
+@torch.no_grad()
+def encode_prompts(model, tokenizer, names: list[str], template: str) -> torch.Tensor:
+    """(len(names), E) L2-normalised text embeddings of template.format(name)."""
+    device = model.logit_scale.device
+    text = tokenizer([template.format(n) for n in names]).to(device)
+    return F.normalize(model.encode_text(text).float(), dim=-1)
+
+
+# ---------------------------------------------------------------- DINO (timm)
+
+def load_dino(model_name: str, *, pretrained: bool = True, device="cpu") -> nn.Module:
+    """A frozen timm ViT (e.g. `vit_small_patch16_224.dino`) accepting any input size."""
+    import timm
+
+    model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def dino_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+@torch.no_grad()
+def dino_last_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Head-averaged patch-to-patch attention of the last block: (B, 3, H, W) -> (B, N, N).
+
+    timm's attention uses the fused kernel, which returns no weights, so the
+    last block's softmax(q k^T * scale) is recomputed from its own qkv layer.
+    """
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    for block in model.blocks[:-1]:
+        x = block(x)
+    attn = model.blocks[-1].attn
+    y = model.blocks[-1].norm1(x)
+    b, t, d = y.shape
+    qkv = attn.qkv(y).reshape(b, t, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+    prefix = model.num_prefix_tokens
+    return weights[:, prefix:, prefix:]

@@ -1,0 +1,324 @@
+"""Typed, validated view of params.yaml.
+
+Each section of params.yaml is a frozen dataclass. Bounds live next to the
+field (`_f(default, lo, hi)`), so a wrong value stops the run at start with a
+message naming the key (`train_presets.demo.lr: must be > 0, got -1.0`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """params.yaml has an unknown key, a wrong type or an out-of-range value."""
+
+
+def _f(default=dataclasses.MISSING, lo=None, hi=None, *, lo_open=False, choices=None):
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    seed: int = _f(0, 0)
+    image_size: int = _f(64, 16, 1024)
+    num_train: int = _f(400, 1)
+    num_val: int = _f(100, 1)
+    classes: list[str] = _f(["circle", "square", "triangle", "cross"])
+    min_objects: int = _f(1, 1, 8)
+    max_objects: int = _f(3, 1, 8)
+    min_object_size: float = _f(0.28, 0.05, 1.0)
+    max_object_size: float = _f(0.45, 0.05, 1.0)
+
+
+@dataclass(frozen=True)
+class DemoClipParams:
+    checkpoint: str = "ssr/assets/demo_clip/open_clip_model.safetensors"
+    seed: int = _f(0, 0)
+    embed_dim: int = _f(64, 8)
+    vision_width: int = _f(96, 8)
+    vision_layers: int = _f(3, 1)
+    vision_heads: int = _f(3, 1)
+    patch_size: int = _f(8, 2)
+    text_width: int = _f(64, 8)
+    text_layers: int = _f(2, 1)
+    text_heads: int = _f(2, 1)
+    context_length: int = _f(16, 4)
+    steps: int = _f(5000, 1)
+    batch_size: int = _f(64, 2)
+    lr: float = _f(1e-3, 0.0, lo_open=True)
+    weight_decay: float = _f(0.05, 0.0)
+    warmup: int = _f(300, 0)
+    eval_images: int = _f(400, 8)
+    threads: int = _f(2, 1)
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    train_split: str
+    val_split: str
+    preset: str
+    prompt_template: str
+    background_prompts: list[str]
+    clip_model: str
+    clip_pretrained: str
+    dino_model: str
+    long_side: int = _f(512, 16)
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    voc_url: str
+    voc_md5: str
+    sbd_url: str
+    sbd_md5: str
+    coco_train_url: str
+    coco_train_md5: str
+    coco_val_url: str
+    coco_val_md5: str
+    coco_annotations_url: str
+    coco_annotations_md5: str
+
+
+@dataclass(frozen=True)
+class SuperpixelParams:
+    n_segments: int = _f(100, 2)
+    compactness: float = _f(10.0, 0.0, lo_open=True)
+    n_clusters: int = _f(8, 1)
+    seed: int = _f(0, 0)
+    workers: int = _f(2, 1)
+
+
+@dataclass(frozen=True)
+class CamParams:
+    crop_size: int = _f(320, 16)
+    cam_block: int = _f(-1)
+
+
+@dataclass(frozen=True)
+class AffinityParams:
+    use_clip: bool = True
+    use_dino: bool = True
+    use_sgc: bool = True
+    clip_weight: float = _f(0.4, 0.0)
+    dino_weight: float = _f(0.6, 0.0)
+    clip_blocks: int = _f(8, 1)
+    sinkhorn_rounds: int = _f(3, 0)
+    power: int = _f(2, 1)
+
+
+@dataclass(frozen=True)
+class SgcParams:
+    t_hi: float = _f(0.5, 0.0, 1.0)
+    rho: float = _f(0.5, 0.0, 1.0)
+    patch_area: float = _f(0.5, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class CmpaParams:
+    enabled: bool = True
+    hidden_dim: int = _f(512, 1)
+    num_layers: int = _f(2, 1)
+    tau_init: float = _f(0.05, 0.0, lo_open=True)
+    bank_size: int = _f(4096, 1)
+    refresh_every: int = _f(5000, 1)
+    kmeans_iters: int = _f(20, 1)
+    symmetric: bool = False
+
+
+@dataclass(frozen=True)
+class PseudoLabelParams:
+    bg_power: float = _f(1.0, 0.0, lo_open=True)
+    ignore_low: float = _f(0.0, 0.0, 1.0)
+    ignore_high: float = _f(0.0, 0.0, 1.0)
+    export_row: str = _f("sgc", choices=("cam", "clip", "dino", "sgc"))
+    figures: int = _f(4, 0)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    amp_bf16: bool = True
+    checkpoint_every: int = _f(500, 1)
+    log_every: int = _f(10, 1)
+    affinity_loss: bool = True
+    num_workers: int = _f(2, 0)
+
+
+@dataclass(frozen=True)
+class PresetParams:
+    batch_size: int = _f(16, 1)
+    accumulation: int = _f(1, 1)
+    iterations: int = _f(300, 1)
+    lr: float = _f(1e-3, 0.0, lo_open=True)
+    weight_decay: float = _f(0.002, 0.0)
+    decoder_lr_mult: float = _f(1.0, 0.0, lo_open=True)
+    warmup: int = _f(0, 0)
+    gamma: float = _f(0.1, 0.0)
+    affinity_weight: float = _f(0.1, 0.0)
+    crop_size: int = _f(320, 16)
+    scale_min: float = _f(0.5, 0.0, lo_open=True)
+    scale_max: float = _f(2.0, 0.0, lo_open=True)
+    refresh_every: int = _f(5000, 1)
+
+
+@dataclass(frozen=True)
+class InferParams:
+    scales: list[float] = _f([1.0, 0.75])
+    flip: bool = True
+    crf: bool = True
+    crf_iterations: int = _f(10, 1)
+    crf_pos_xy_std: float = _f(3.0, 0.0, lo_open=True)
+    crf_pos_w: float = _f(3.0, 0.0)
+    crf_bi_xy_std: float = _f(64.0, 0.0, lo_open=True)
+    crf_bi_rgb_std: float = _f(5.0, 0.0, lo_open=True)
+    crf_bi_w: float = _f(4.0, 0.0)
+
+
+@dataclass(frozen=True)
+class RetrainParams:
+    enabled: bool = False
+    model: str = _f("deeplabv3_resnet50", choices=("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "lraspp_mobilenet_v3_large"))
+    iterations: int = _f(20000, 1)
+    batch_size: int = _f(16, 1)
+    lr: float = _f(0.01, 0.0, lo_open=True)
+    crop_size: int = _f(512, 16)
+
+
+@dataclass(frozen=True)
+class Params:
+    data_root: str
+    results_root: str
+    demo: DemoParams
+    demo_clip: DemoClipParams
+    datasets: dict[str, DatasetParams]
+    download: DownloadParams
+    superpixels: SuperpixelParams
+    cam: CamParams
+    affinity: AffinityParams
+    sgc: SgcParams
+    cmpa: CmpaParams
+    pseudo_labels: PseudoLabelParams
+    train: TrainParams
+    train_presets: dict[str, PresetParams]
+    infer: InferParams
+    retrain: RetrainParams
+
+    def dataset(self, name: str) -> DatasetParams:
+        if name not in self.datasets:
+            raise ConfigError(f"datasets.{name}: unknown dataset (known: {', '.join(self.datasets)})")
+        return self.datasets[name]
+
+    def preset(self, dataset: str) -> PresetParams:
+        name = self.dataset(dataset).preset
+        if name not in self.train_presets:
+            raise ConfigError(f"datasets.{dataset}.preset: unknown preset {name!r} (known: {', '.join(self.train_presets)})")
+        return self.train_presets[name]
+
+    def dataset_root(self, name: str) -> Path:
+        self.dataset(name)
+        return Path(self.data_root) / name
+
+
+def _check_value(key: str, value, hint, meta):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is dict:
+        _, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {k: _check_value(f"{key}.{k}", v, value_hint, {}) for k, v in value.items()}
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_check_value(f"{key}[{i}]", v, item_hint, {}) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        raise ConfigError(f"{key}: must be {'>' if meta.get('lo_open') else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: must be <= {hi}, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    return value
+
+
+def _build(cls, raw, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing")
+            continue
+        values[name] = _check_value(key, raw[name], hints[name], f.metadata)
+    return cls(**values)
+
+
+def _validate(params: Params) -> Params:
+    d = params.demo
+    if d.min_objects > d.max_objects:
+        raise ConfigError(f"demo.min_objects: {d.min_objects} exceeds demo.max_objects {d.max_objects}")
+    if d.min_object_size > d.max_object_size:
+        raise ConfigError(f"demo.min_object_size: exceeds demo.max_object_size")
+    for name, preset in params.train_presets.items():
+        if preset.scale_min > preset.scale_max:
+            raise ConfigError(f"train_presets.{name}.scale_min: exceeds scale_max")
+        if preset.batch_size % preset.accumulation:
+            raise ConfigError(f"train_presets.{name}.accumulation: must divide batch_size {preset.batch_size}")
+    for name, ds in params.datasets.items():
+        if ds.preset not in params.train_presets:
+            raise ConfigError(f"datasets.{name}.preset: unknown preset {ds.preset!r}")
+        if "{}" not in ds.prompt_template:
+            raise ConfigError(f"datasets.{name}.prompt_template: must contain '{{}}'")
+    pl = params.pseudo_labels
+    if pl.ignore_low > pl.ignore_high:
+        raise ConfigError("pseudo_labels.ignore_low: exceeds pseudo_labels.ignore_high")
+    if not params.infer.scales or any(s <= 0 for s in params.infer.scales):
+        raise ConfigError("infer.scales: must be a non-empty list of positive numbers")
+    return params
+
+
+def params_from_dict(raw: dict) -> Params:
+    return _validate(_build(Params, raw, ""))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    try:
+        return params_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

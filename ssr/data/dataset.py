@@ -1,0 +1,141 @@
+"""Torch datasets over the canonical layout: training crops and whole images for inference.
+
+Image-level labels always come from image_labels.json, never from what
+survives a crop: a class cropped out of view is still "in the image" for
+the weak label, and its CAM slot simply finds little to activate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, read_image, read_label_png
+from ssr.superpixels import RegionMaps
+
+# Region id used for padding; `sgc.region_onehot` drops ids >= the region count.
+REGION_PAD = 255
+
+
+def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    """Resize an (H, W[, 3]) uint8 array to size (h, w)."""
+    image = Image.fromarray(array)
+    return np.array(image.resize((size[1], size[0]), Image.NEAREST if nearest else Image.BILINEAR))
+
+
+def snap_size(height: int, width: int, long_side: int, multiple: int) -> tuple[int, int]:
+    """Scale so the long side is `long_side`, then round both sides to a multiple of the patch size."""
+    scale = long_side / max(height, width)
+    return (max(multiple, round(height * scale / multiple) * multiple), max(multiple, round(width * scale / multiple) * multiple))
+
+
+class WeakLabelDataset(Dataset):
+    """Shared reading of ids, weak labels and region maps."""
+
+    def __init__(self, root: str | Path, split: str, *, superpixels: str | Path | None = None):
+        self.layout = DatasetLayout(root)
+        self.ids = self.layout.split(split)
+        self.classes = self.layout.classes()
+        labels = self.layout.image_labels()
+        missing = [i for i in self.ids if i not in labels]
+        if missing:
+            raise DatasetError(f"{self.layout.root / 'image_labels.json'}: no labels for {len(missing)} ids of split {split!r}, e.g. {missing[0]!r}")
+        self.labels = {i: labels[i] for i in self.ids}
+        self.superpixels = Path(superpixels) if superpixels else None
+        self._regions: RegionMaps | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def region_map(self, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+        if self.superpixels is None:
+            return np.full(shape, REGION_PAD, np.uint8)
+        if self._regions is None:
+            self._regions = RegionMaps(self.superpixels)
+        regions = self._regions[image_id]
+        if regions.shape != shape:
+            raise DatasetError(f"{self.superpixels}: region map of {image_id!r} is {regions.shape}, image is {shape}")
+        return regions
+
+
+class TrainCrops(WeakLabelDataset):
+    """Random scale, crop and flip of image and region map together.
+
+    Item: image (3, crop, crop) float in [0, 1], region map (crop, crop) long,
+    weak labels (list of 1-based classes), id.
+    """
+
+    def __init__(self, root, split, *, crop_size: int, scale_min: float, scale_max: float, superpixels=None, seed: int = 0):
+        super().__init__(root, split, superpixels=superpixels)
+        self.crop_size, self.scale_min, self.scale_max, self.seed = crop_size, scale_min, scale_max, seed
+        self.epoch = 0
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image = read_image(self.layout.image_path(image_id))
+        regions = self.region_map(image_id, image.shape[:2])
+        scale = rng.uniform(self.scale_min, self.scale_max)
+        size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
+        image, regions = _resize(image, size, False), _resize(regions, size, True)
+        c = self.crop_size
+        padded = np.zeros((max(c, size[0]), max(c, size[1]), 3), np.uint8)
+        padded_regions = np.full(padded.shape[:2], REGION_PAD, np.uint8)
+        padded[: size[0], : size[1]], padded_regions[: size[0], : size[1]] = image, regions
+        top = int(rng.integers(0, padded.shape[0] - c + 1))
+        left = int(rng.integers(0, padded.shape[1] - c + 1))
+        image = padded[top: top + c, left: left + c]
+        regions = padded_regions[top: top + c, left: left + c]
+        if rng.random() < 0.5:
+            image, regions = image[:, ::-1], regions[:, ::-1]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255,
+            "regions": torch.from_numpy(np.ascontiguousarray(regions)).long(),
+            "labels": list(self.labels[image_id]),
+            "id": image_id,
+        }
+
+
+class WholeImages(WeakLabelDataset):
+    """Whole images resized so the long side is `long_side` (sides snapped to the patch size).
+
+    Item: image (3, h, w) float in [0, 1], region map (h, w) long, original RGB (H, W, 3) uint8,
+    ground truth (H, W) uint8 or None, weak labels, id.
+    """
+
+    def __init__(self, root, split, *, long_side: int, patch_size: int, superpixels=None, with_gt: bool = True):
+        super().__init__(root, split, superpixels=superpixels)
+        self.long_side, self.patch_size, self.with_gt = long_side, patch_size, with_gt
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        original = read_image(self.layout.image_path(image_id))
+        regions = self.region_map(image_id, original.shape[:2])
+        size = snap_size(*original.shape[:2], self.long_side, self.patch_size)
+        gt = None
+        if self.with_gt and self.layout.label_path(image_id).exists():
+            gt = read_label_png(self.layout.label_path(image_id))
+        return {
+            "image": torch.from_numpy(_resize(original, size, False)).permute(2, 0, 1).float() / 255,
+            "regions": torch.from_numpy(_resize(regions, size, True)).long(),
+            "original": original,
+            "gt": gt,
+            "labels": list(self.labels[image_id]),
+            "id": image_id,
+        }
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors of equal shape; keep everything else as lists."""
+    out = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out

@@ -1,0 +1,54 @@
+"""WeCLIP-style segmentation decoder on frozen CLIP tokens (DESIGN 4.5)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SegDecoder(nn.Module):
+    """Per-block Linear to `width`, concatenate, 1x1 conv, transformer layers, 1x1 conv to classes.
+
+    Input: a list of L block outputs, each (B, 1 + N, D) with CLS first, on an (h, w) grid.
+    Output: logits (B, num_classes, h, w) and the last features (B, N, width) for the affinity loss.
+    """
+
+    def __init__(self, in_dim: int, num_blocks: int, num_classes: int, width: int = 256, layers: int = 3, heads: int = 8):
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.project = nn.ModuleList([nn.Linear(in_dim, width) for _ in range(num_blocks)])
+        self.fuse = nn.Conv2d(width * num_blocks, width, kernel_size=1)
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.classify = nn.Conv2d(width, num_classes, kernel_size=1)
+
+    def forward(self, tokens: list[torch.Tensor], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(tokens) != self.num_blocks:
+            raise ValueError(f"decoder expects {self.num_blocks} blocks of tokens, got {len(tokens)}")
+        h, w = grid
+        dtype = self.fuse.weight.dtype
+        feats = [proj(t[:, 1:].to(dtype)) for proj, t in zip(self.project, tokens)]
+        x = torch.cat(feats, dim=-1).transpose(1, 2).reshape(feats[0].shape[0], -1, h, w)
+        x = self.fuse(x).flatten(2).transpose(1, 2)                 # (B, N, width)
+        x = self.transformer(x)
+        logits = self.classify(x.transpose(1, 2).reshape(x.shape[0], -1, h, w))
+        return logits, x
+
+
+def affinity_loss(features: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Pairwise affinity loss on decoder features (WeCLIP-style).
+
+    features (B, N, d), labels (B, N) patch pseudo-labels. Pairs of the same label
+    are pulled together, pairs of different labels pushed apart; positive and
+    negative pairs are averaged separately so neither dominates.
+    """
+    f = F.normalize(features.float(), dim=-1)
+    sim = torch.sigmoid(f @ f.transpose(1, 2) * 5.0)               # (B, N, N)
+    valid = labels != ignore_index
+    pair_valid = valid[:, :, None] & valid[:, None, :]
+    same = (labels[:, :, None] == labels[:, None, :]) & pair_valid
+    diff = (~same) & pair_valid
+    pos = -(torch.log(sim.clamp_min(1e-6)) * same).sum() / same.sum().clamp_min(1)
+    neg = -(torch.log((1 - sim).clamp_min(1e-6)) * diff).sum() / diff.sum().clamp_min(1)
+    return (pos + neg) / 2

@@ -1,0 +1,160 @@
+"""The demo's tiny CLIP: open_clip's own model classes, a small config, trained
+with open_clip's ClipLoss on demo captions.
+
+The product is an open_clip `local-dir:` folder (open_clip_config.json +
+open_clip_model.safetensors) that loads through `open_clip.create_model`, the
+same loader that serves `ViT-B-16` / `openai` for real runs, plus
+provenance.json saying how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from tqdm import tqdm
+
+from ssr.config import DemoClipParams, DemoParams
+from ssr.data.demo import render_sample
+from ssr.data.layout import atomic_path, write_json
+
+# open_clip's OpenAI statistics; the demo model is trained with them, and
+# every consumer reads them back from the model's preprocess config.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def model_config(p: DemoClipParams, image_size: int) -> dict:
+    return {
+        "embed_dim": p.embed_dim,
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": p.vision_layers,
+            "width": p.vision_width,
+            "head_width": p.vision_width // p.vision_heads,
+            "patch_size": p.patch_size,
+        },
+        "text_cfg": {
+            "context_length": p.context_length,
+            "vocab_size": 49408,
+            "width": p.text_width,
+            "heads": p.text_heads,
+            "layers": p.text_layers,
+        },
+    }
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float, normalised with the model's statistics."""
+    x = images.permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
+    """AP of one class: scores (N,) float, positives (N,) bool; mean precision at each positive."""
+    order = np.argsort(-scores, kind="stable")
+    hits = positives[order].astype(np.float64)
+    if hits.sum() == 0:
+        return float("nan")
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+@torch.no_grad()
+def zero_shot_map(model, tokenizer, demo: DemoParams, num_images: int, template: str = "a photo of a {}.") -> dict:
+    """Held-out zero-shot multi-label mAP: rank images by cos(image, prompt(class)) per class."""
+    model.eval()
+    samples = [render_sample(demo, "clip_eval", i) for i in range(num_images)]
+    images = normalise(torch.from_numpy(np.stack([s.image for s in samples])))
+    text = model.encode_text(tokenizer([template.format(c) for c in demo.classes]), normalize=True)
+    image = torch.cat([model.encode_image(chunk, normalize=True) for chunk in images.split(256)])
+    scores = (image @ text.T).numpy()
+    per_class = {}
+    for c, name in enumerate(demo.classes):
+        positives = np.array([(s.label == c + 1).any() for s in samples])
+        per_class[name] = average_precision(scores[:, c], positives)
+    return {"map": float(np.nanmean(list(per_class.values()))), "ap": per_class}
+
+
+def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progress: bool = True, eval_every: int = 500) -> dict:
+    """Train the demo CLIP from scratch and write the `local-dir:` folder atomically."""
+    torch.manual_seed(p.seed)
+    torch.set_num_threads(p.threads)
+    cfg = model_config(p, demo.image_size)
+    model = open_clip.CLIP(**cfg)
+    tokenizer = open_clip.SimpleTokenizer(context_length=p.context_length)
+    loss_fn = open_clip.ClipLoss()
+    decay = [q for n, q in model.named_parameters() if q.ndim >= 2 and "token_embedding" not in n and "positional" not in n]
+    no_decay = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "token_embedding" not in n and "positional" not in n)]
+    optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
+
+    def lr_at(step: int) -> float:
+        if step < p.warmup:
+            return p.lr * (step + 1) / p.warmup
+        return 0.5 * p.lr * (1 + math.cos(math.pi * (step - p.warmup) / max(1, p.steps - p.warmup)))
+
+    token_cache: dict[str, torch.Tensor] = {}
+    start = time.time()
+    history = []
+    bar = tqdm(range(p.steps), desc="demo CLIP", disable=not progress)
+    for step in bar:
+        model.train()
+        samples = [render_sample(demo, "clip_train", step * p.batch_size + i) for i in range(p.batch_size)]
+        images = normalise(torch.from_numpy(np.stack([s.image for s in samples])))
+        for s in samples:
+            if s.caption not in token_cache:
+                token_cache[s.caption] = tokenizer([s.caption])[0]
+        texts = torch.stack([token_cache[s.caption] for s in samples])
+        for group in optimiser.param_groups:
+            group["lr"] = lr_at(step)
+        image_features, text_features, logit_scale = model(images, texts)
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % eval_every == 0 or step + 1 == p.steps:
+            ev = zero_shot_map(model, tokenizer, demo, p.eval_images)
+            history.append({"step": step + 1, "loss": float(loss.item()), "map": ev["map"], "seconds": round(time.time() - start, 1)})
+            print(json.dumps(history[-1]), flush=True)
+    final = zero_shot_map(model, tokenizer, demo, p.eval_images)
+    provenance = {
+        "config": cfg,
+        "params": {k: getattr(p, k) for k in p.__dataclass_fields__},
+        "demo_params": {k: getattr(demo, k) for k in demo.__dataclass_fields__},
+        "seed": p.seed,
+        "steps": p.steps,
+        "device": f"cpu ({platform.processor() or platform.machine()}, {p.threads} threads)",
+        "wall_seconds": round(time.time() - start, 1),
+        "held_out_zero_shot_map": final["map"],
+        "held_out_ap": final["ap"],
+        "held_out_images": p.eval_images,
+        "history": history,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+    }
+    save(out_dir, model, cfg, provenance)
+    return provenance
+
+
+def save(out_dir: str | Path, model: torch.nn.Module, cfg: dict, provenance: dict) -> None:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # fp16 halves the committed file; the loader casts back to the model's fp32.
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    write_json(out_dir / "open_clip_config.json", {"model_cfg": cfg, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}})
+    with atomic_path(out_dir / "open_clip_model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json(out_dir / "provenance.json", provenance)

@@ -1,0 +1,81 @@
+"""Inference with the trained decoder: multi-scale + flip, optional DenseCRF, mIoU (DESIGN 4.5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ssr.backbones import clip_visual_forward
+from ssr.config import InferParams
+from ssr.crf import dense_crf_from_params
+from ssr.data.dataset import WholeImages, snap_size
+from ssr.metrics import confusion_matrix, format_table, segmentation_scores
+from ssr.model import SSR, FrozenBackbones, normalise
+
+
+@torch.no_grad()
+def decoder_probs(backbones: FrozenBackbones, model: SSR, image: torch.Tensor, scales: list[float], flip: bool,
+                  autocast_dtype=None) -> torch.Tensor:
+    """Class probabilities of one image, averaged over scales and flips.
+
+    image (3, h, w) in [0, 1] -> (C + 1, h, w) probabilities at the input size.
+    """
+    h, w = image.shape[-2:]
+    patch = backbones.patch_size
+    total = torch.zeros(model.decoder.classify.out_channels, h, w, device=image.device)
+    count = 0
+    for scale in scales:
+        size = snap_size(h, w, round(max(h, w) * scale), patch)
+        x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+        views = [x, x.flip(-1)] if flip else [x]
+        batch = torch.cat(views)
+        amp = torch.autocast(image.device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(image.device.type, enabled=False)
+        with amp:
+            visual = clip_visual_forward(backbones.clip.visual, normalise(batch, backbones.clip_mean, backbones.clip_std))
+            logits, _ = model.decoder(visual.tokens[: backbones.depth - 1], visual.grid)
+        logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+        probs = logits.softmax(dim=1)
+        if flip:
+            probs[1] = probs[1].flip(-1)
+        total += probs.sum(dim=0)
+        count += len(views)
+    return total / count
+
+
+def evaluate_model(backbones: FrozenBackbones, model: SSR, root: Path, split: str, long_side: int, infer: InferParams,
+                   *, device, pred_dir: Path | None = None, progress: bool = True, autocast_dtype=None) -> dict:
+    """Decoder predictions on `split`, scored with and without DenseCRF -> flat metrics dict."""
+    from ssr.data.layout import write_label_png
+
+    data = WholeImages(root, split, long_side=long_side, patch_size=backbones.patch_size)
+    names = data.classes
+    conf = np.zeros((len(names), len(names) + 1), np.int64)
+    conf_crf = np.zeros_like(conf)
+    model.eval()
+    for item in tqdm(data, desc=f"evaluate {split}", disable=not progress):
+        if item["gt"] is None:
+            continue
+        probs = decoder_probs(backbones, model, item["image"].to(device), infer.scales, infer.flip, autocast_dtype)
+        full = F.interpolate(probs[None], size=item["original"].shape[:2], mode="bilinear", align_corners=False)[0].cpu().numpy()
+        pred = full.argmax(0).astype(np.uint8)
+        conf += confusion_matrix(pred, item["gt"], len(names))
+        if infer.crf:
+            pred_crf = dense_crf_from_params(item["original"], full, infer).argmax(0).astype(np.uint8)
+            conf_crf += confusion_matrix(pred_crf, item["gt"], len(names))
+        if pred_dir is not None:
+            write_label_png(pred_dir / f"{item['id']}.png", pred_crf if infer.crf else pred)
+    scores = segmentation_scores(conf, names)
+    if progress:
+        print(format_table(scores, names))
+    out = dict(scores)
+    if infer.crf:
+        crf_scores = segmentation_scores(conf_crf, names)
+        if progress:
+            print("with DenseCRF:")
+            print(format_table(crf_scores, names))
+        out.update({f"crf_{k}": v for k, v in crf_scores.items()})
+    return out

@@ -1,0 +1,397 @@
+"""Offline region maps for SGC (DESIGN 4.3 step 1, paper Eq. 8).
+
+An image's region map groups its SLIC superpixels by colour: k-means on the
+mean Lab colour of each superpixel, so one region is a set of (possibly
+disconnected) superpixels of similar colour. The maps of a whole dataset are
+computed once, in parallel over images, and stored in one HDF5 file keyed by
+image id, with the parameters as file attributes:
+
+    superpixels.h5
+        attrs: n_segments, compactness, n_clusters, seed, method, skimage_version
+        {image_id}: (H, W) uint8 region ids in [0, n_clusters), gzip, chunked
+
+Training reads it through `RegionMaps`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import skimage
+from skimage.color import rgb2lab
+from skimage.segmentation import slic
+from tqdm import tqdm
+
+from ssr.config import SuperpixelParams
+from ssr.data.layout import DatasetError, atomic_path, read_image
+
+METHOD = "slic+kmeans-lab"
+MAX_CLUSTERS = 256  # region ids are stored as uint8
+
+# Ids finished per worker task: small enough that an interruption loses little
+# work, large enough that process hand-over costs little next to SLIC.
+_CHUNK = 8
+# In-process runs commit the checkpoint every this many images.
+_COMMIT_EVERY = 32
+_DONE_ATTR = "complete"
+
+
+def slic_labels(image: np.ndarray, n_segments: int, compactness: float) -> np.ndarray:
+    """SLIC superpixels of an RGB image (scikit-image converts it to Lab).
+
+    image: (H, W, 3) uint8 RGB. Returns (H, W) int labels in [0, S), S superpixels.
+    """
+    _check_image(image)
+    return slic(image, n_segments=n_segments, compactness=compactness, start_label=0, channel_axis=-1)
+
+
+def kmeans(x: np.ndarray, k: int, seed: int, max_iter: int = 100, tol: float = 1e-6) -> np.ndarray:
+    """Deterministic k-means (k-means++ init, Lloyd iterations).
+
+    x: (N, D) float. Returns (N,) int64 cluster ids in [0, k') with k' <= k,
+    numbered by first appearance in x, so equal inputs give equal ids.
+    k' < k when x has fewer than k distinct points: k-means++ stops adding
+    centres once every point lies within `tol` of one (so float rounding in
+    the means of a uniform area does not split it).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    k = max(1, min(k, n))
+    rng = np.random.default_rng(seed)
+    centres = [x[rng.integers(n)]]
+    tol2 = tol * tol
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    d2[d2 <= tol2] = 0
+    for _ in range(1, k):
+        total = d2.sum()
+        if total <= 0:
+            break
+        # inverse-CDF draw: points already on a centre (d2 = 0) can never be picked
+        i = min(int(np.searchsorted(np.cumsum(d2), rng.random() * total, side="right")), n - 1)
+        centres.append(x[i])
+        d2 = np.minimum(d2, ((x - x[i]) ** 2).sum(1))
+        d2[d2 <= tol2] = 0
+    centres = np.stack(centres)
+
+    assign = None
+    for _ in range(max_iter):
+        dist = ((x[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+        new = dist.argmin(1)
+        if assign is not None and np.array_equal(new, assign):
+            break
+        assign = new
+        for c in range(len(centres)):
+            members = assign == c
+            if members.any():  # an emptied cluster keeps its old centre
+                centres[c] = x[members].mean(0)
+
+    _, first = np.unique(assign, return_index=True)
+    order = np.argsort(first)  # cluster ids sorted by first appearance
+    relabel = np.empty(len(centres), dtype=np.int64)
+    relabel[assign[first[order]]] = np.arange(len(order))
+    return relabel[assign]
+
+
+def region_map(image: np.ndarray, n_segments: int, compactness: float, n_clusters: int, seed: int) -> np.ndarray:
+    """Region map C of Eq. 8: SLIC superpixels grouped by k-means on their mean Lab colour.
+
+    image: (H, W, 3) uint8 RGB. Returns (H, W) uint8 region ids in [0, n_clusters);
+    ids are contiguous from 0 (at most min(n_clusters, number of superpixels) regions).
+    k-means weighs every superpixel equally, whatever its size.
+    """
+    if not 1 <= n_clusters <= MAX_CLUSTERS:
+        raise ValueError(f"n_clusters must be in [1, {MAX_CLUSTERS}], got {n_clusters}")
+    labels = slic_labels(image, n_segments, compactness)
+    # SLIC ids are normally contiguous; np.unique makes it a guarantee
+    _, sp = np.unique(labels.ravel(), return_inverse=True)
+    n_sp = int(sp.max()) + 1
+    lab = rgb2lab(image).reshape(-1, 3)
+    counts = np.bincount(sp, minlength=n_sp).astype(np.float64)
+    means = np.stack([np.bincount(sp, weights=lab[:, ch], minlength=n_sp) for ch in range(3)], 1) / counts[:, None]
+    clusters = kmeans(means, min(n_clusters, n_sp), seed)
+    return clusters[sp].reshape(labels.shape).astype(np.uint8)
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+
+
+# --- the HDF5 file -----------------------------------------------------------
+
+def _attrs(params: SuperpixelParams) -> dict:
+    """File attributes; everything that changes the maps (not `workers`)."""
+    return {
+        "n_segments": int(params.n_segments),
+        "compactness": float(params.compactness),
+        "n_clusters": int(params.n_clusters),
+        "seed": int(params.seed),
+        "method": METHOD,
+        "skimage_version": skimage.__version__,
+    }
+
+
+def _key(image_id: str) -> str:
+    """HDF5 name for an image id: '/' would make a group path, so escape it (and '%')."""
+    if not image_id or image_id == ".":
+        raise ValueError(f"invalid image id {image_id!r}")
+    return image_id.replace("%", "%25").replace("/", "%2F")
+
+
+def _unkey(key: str) -> str:
+    return key.replace("%2F", "/").replace("%25", "%")
+
+
+def _attrs_match(file: h5py.File, expected: dict) -> bool:
+    for name, value in expected.items():
+        if name not in file.attrs:
+            return False
+        stored = file.attrs[name]
+        if isinstance(stored, bytes):
+            stored = stored.decode()
+        if isinstance(value, float):
+            stored = float(stored)
+        if stored != value:
+            return False
+    return True
+
+
+def partial_path(out_path: str | os.PathLike) -> Path:
+    """The resume checkpoint of `build_superpixels` for `out_path`."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".partial.h5")
+
+
+class _Checkpoint:
+    """The partial HDF5 file: finished maps, each marked complete only after it is flushed.
+
+    The mark is written after the data has reached the file, so a kill between
+    the two leaves an unmarked dataset, which a resume drops and recomputes; a
+    kill that leaves the file unreadable makes the resume start over.
+    """
+
+    def __init__(self, path: Path, attrs: dict):
+        self.path = path
+        self.file = None
+        if path.exists():
+            try:
+                file = h5py.File(path, "a")
+            except OSError:
+                file = None  # unreadable checkpoint: start over
+            if file is not None and _attrs_match(file, attrs):
+                self.file = file
+                for key in list(file.keys()):
+                    if not file[key].attrs.get(_DONE_ATTR, False):
+                        del file[key]
+            elif file is not None:
+                file.close()
+        if self.file is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            self.file = h5py.File(path, "w")
+            self.file.attrs.update(attrs)
+            self.file.flush()
+        self.done = {_unkey(k) for k in self.file.keys()}
+        self._pending: list[str] = []
+
+    def add(self, image_id: str, regions: np.ndarray) -> None:
+        key = _key(image_id)
+        if key in self.file:  # an id listed twice, or left from a stale run
+            del self.file[key]
+        self.file.create_dataset(key, data=regions, dtype=np.uint8, compression="gzip", compression_opts=4, chunks=True)
+        self._pending.append(key)
+
+    def commit(self) -> None:
+        if not self._pending:
+            return
+        self.file.flush()
+        for key in self._pending:
+            self.file[key].attrs[_DONE_ATTR] = True
+            self.done.add(_unkey(key))
+        self.file.flush()
+        self._pending = []
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _compute_one(image_id: str, path: Path, n_segments: int, compactness: float, n_clusters: int, seed: int) -> np.ndarray:
+    return region_map(read_image(path), n_segments, compactness, n_clusters, seed)
+
+
+def _compute_chunk(items: list[tuple[str, Path]], n_segments, compactness, n_clusters, seed) -> list[tuple[str, np.ndarray]]:
+    return [(i, _compute_one(i, p, n_segments, compactness, n_clusters, seed)) for i, p in items]
+
+
+def build_superpixels(images: list[tuple[str, Path]], out_path: Path, params: SuperpixelParams, *, progress: bool = True) -> None:
+    """Compute the region map of every image and write them to one HDF5 file at `out_path`.
+
+    images: (image id, image file) pairs; the file holds exactly these ids.
+    Work runs over `params.workers` processes (1 = in this process).
+
+    Resume: finished maps go to the checkpoint `{out_path}.partial.h5` as they
+    arrive. A later call with the same parameters (all file attributes equal)
+    keeps the maps it holds and computes only the other ids; with other
+    parameters, or an unreadable checkpoint, it starts over. At the end the
+    checkpoint is copied, in `images` order, into a temporary file that is
+    renamed onto `out_path`, and the checkpoint is deleted. (A copy rather
+    than a rename: HDF5 never gives back the space of deleted datasets, and
+    the product must hold exactly the requested ids.)
+
+    Errors: an unreadable image raises DatasetError naming its file. No file is
+    ever left under `out_path` or its temporary name; the checkpoint is kept
+    when it holds finished maps (so the rerun after fixing the image resumes)
+    and deleted when it holds none.
+    """
+    out_path = Path(out_path)
+    if not 1 <= params.n_clusters <= MAX_CLUSTERS:
+        raise ValueError(f"superpixels.n_clusters must be in [1, {MAX_CLUSTERS}] (uint8 maps), got {params.n_clusters}")
+    images = [(str(i), Path(p)) for i, p in images]
+    keys = [_key(i) for i, _ in images]
+    if len(set(keys)) != len(keys):
+        dup = next(i for i, _ in images if keys.count(_key(i)) > 1)
+        raise ValueError(f"image id {dup!r} is listed more than once")
+
+    attrs = _attrs(params)
+    ckpt_path = partial_path(out_path)
+    ckpt = _Checkpoint(ckpt_path, attrs)
+    todo = [(i, p) for i, p in images if i not in ckpt.done]
+    bar = tqdm(total=len(images), initial=len(images) - len(todo), desc="superpixels", unit="img", disable=not progress)
+    args = (params.n_segments, params.compactness, params.n_clusters, params.seed)
+    try:
+        if params.workers <= 1 or len(todo) <= 1:
+            for n, (image_id, path) in enumerate(todo, 1):
+                ckpt.add(image_id, _compute_one(image_id, path, *args))
+                bar.update(1)
+                if n % _COMMIT_EVERY == 0:
+                    ckpt.commit()
+        else:
+            _run_pool(todo, args, params.workers, ckpt, bar)
+        ckpt.commit()
+    except BaseException:
+        # keep what was finished before the error or interrupt, for the resume
+        try:
+            ckpt.commit()
+        finally:
+            empty = not ckpt.done
+            ckpt.close()
+            bar.close()
+            if empty:
+                ckpt_path.unlink(missing_ok=True)
+        raise
+    bar.close()
+
+    try:
+        with atomic_path(out_path) as tmp:
+            with h5py.File(tmp, "w") as dst:
+                dst.attrs.update(attrs)
+                for key in keys:
+                    ckpt.file.copy(ckpt.file[key], dst, name=key)
+                    del dst[key].attrs[_DONE_ATTR]
+    finally:
+        ckpt.close()
+    ckpt_path.unlink()
+
+
+def _run_pool(todo, args, workers: int, ckpt: _Checkpoint, bar) -> None:
+    size = max(1, min(_CHUNK, -(-len(todo) // workers)))  # small runs still use every worker
+    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+    # forkserver: workers start clean instead of inheriting the parent's open
+    # HDF5 checkpoint and any torch threads
+    context = multiprocessing.get_context("forkserver")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(_compute_chunk, chunk, *args) for chunk in chunks]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                results = future.result()
+                for image_id, regions in results:
+                    ckpt.add(image_id, regions)
+                ckpt.commit()
+                bar.update(len(results))
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+# --- reading -----------------------------------------------------------------
+
+class RegionMaps:
+    """Read-only access to a superpixels HDF5 file, kept open between lookups.
+
+    Safe to hand to DataLoader workers: the file is reopened after pickling or
+    in a forked child, since an HDF5 handle must not cross processes.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = None
+        self._pid = None
+        self._open()
+
+    def _open(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            if not self.path.is_file():
+                raise DatasetError(f"{self.path}: superpixels file not found (run `ssr superpixels` first)")
+            try:
+                self._file = h5py.File(self.path, "r")
+            except OSError as err:
+                raise DatasetError(f"{self.path}: not a readable HDF5 file ({err})") from err
+            self._pid = os.getpid()
+        return self._file
+
+    @property
+    def params(self) -> dict:
+        """The file attributes: n_segments, compactness, n_clusters, seed, method, skimage_version."""
+        return {k: (v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v)
+                for k, v in self._open().attrs.items()}
+
+    def ids(self) -> list[str]:
+        return [_unkey(k) for k in self._open().keys()]
+
+    def __len__(self) -> int:
+        return len(self._open())
+
+    def __contains__(self, image_id: str) -> bool:
+        return _key(image_id) in self._open()
+
+    def __getitem__(self, image_id: str) -> np.ndarray:
+        """(H, W) uint8 region map of one image."""
+        file = self._open()
+        key = _key(image_id)
+        if key not in file:
+            raise KeyError(f"{self.path}: no region map for image id {image_id!r}")
+        return file[key][()]
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def __enter__(self) -> "RegionMaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._file = None
+        self._pid = None
+
+
+def read_region_map(path: str | os.PathLike, image_id: str) -> np.ndarray:
+    """(H, W) uint8 region map of one image from a superpixels HDF5 file."""
+    with RegionMaps(path) as maps:
+        return maps[image_id]
