@@ -121,6 +121,7 @@ class SgcParams:
     t_hi: float = _f(0.5, 0.0, 1.0)
     rho: float = _f(0.5, 0.0, 1.0)
     patch_area: float = _f(0.5, 0.0, 1.0)
+    keep_best: bool = True
 
 
 @dataclass(frozen=True)

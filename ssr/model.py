@@ -185,7 +185,7 @@ def refined_cams(
     with torch.no_grad():
         mask = None
         if region_maps is not None:
-            mask = sgc_mask(cam, region_maps, num_regions, grid, t_hi=sgc.t_hi, rho=sgc.rho, patch_area=sgc.patch_area)
+            mask = sgc_mask(cam, region_maps, num_regions, grid, t_hi=sgc.t_hi, rho=sgc.rho, patch_area=sgc.patch_area, keep_best=sgc.keep_best)
         fused = fuse_affinities(a_clip, a_dino, affinity.clip_weight, affinity.dino_weight)
         out = {}
         for row in rows:

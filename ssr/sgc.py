@@ -20,15 +20,22 @@ def region_onehot(region_map: torch.Tensor, num_regions: int) -> torch.Tensor:
     return onehot * valid[:, None]
 
 
-def target_regions(cam: torch.Tensor, regions: torch.Tensor, t_hi: float, rho: float) -> torch.Tensor:
+def target_regions(cam: torch.Tensor, regions: torch.Tensor, t_hi: float, rho: float, keep_best: bool = True) -> torch.Tensor:
     """Which regions are targets for each class slot (Eq. 8).
 
     cam (B, S, H, W) in [0, 1] at region-map resolution, regions (B, R, H, W) one-hot
     -> (B, S, R) bool: sum_{p in r, cam > t_hi} cam / sum_{p in r} cam > rho.
+    With `keep_best`, a class with no region over rho keeps its highest-ratio region,
+    so a present class is never masked out entirely.
     """
     total = torch.einsum("bshw,brhw->bsr", cam, regions)
     confident = torch.einsum("bshw,brhw->bsr", cam * (cam > t_hi), regions)
-    return confident > rho * total.clamp_min(1e-8)
+    ratio = confident / total.clamp_min(1e-8)
+    targets = ratio > rho
+    if keep_best:
+        best = torch.zeros_like(targets).scatter_(-1, ratio.argmax(dim=-1, keepdim=True), True) & (confident > 0)
+        targets |= best & ~targets.any(dim=-1, keepdim=True)
+    return targets
 
 
 def patch_region_share(regions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -46,9 +53,10 @@ def column_mask(targets: torch.Tensor, share: torch.Tensor, patch_area: float) -
     return (covered > patch_area).float()
 
 
-def sgc_mask(cam: torch.Tensor, region_map: torch.Tensor, num_regions: int, grid: tuple[int, int], *, t_hi: float, rho: float, patch_area: float) -> torch.Tensor:
+def sgc_mask(cam: torch.Tensor, region_map: torch.Tensor, num_regions: int, grid: tuple[int, int], *, t_hi: float, rho: float,
+             patch_area: float, keep_best: bool = True) -> torch.Tensor:
     """CAM (B, S, N) on the patch grid + region map (B, H, W) -> column masks (B, S, N)."""
     regions = region_onehot(region_map, num_regions)
     cam_full = F.interpolate(cam.reshape(cam.shape[0], cam.shape[1], *grid), size=region_map.shape[-2:], mode="bilinear", align_corners=False)
-    targets = target_regions(cam_full.clamp(0, 1), regions, t_hi, rho)
+    targets = target_regions(cam_full.clamp(0, 1), regions, t_hi, rho, keep_best)
     return column_mask(targets, patch_region_share(regions, grid), patch_area)

@@ -38,21 +38,25 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class EpochSampler(Sampler):
-    """Indices of epoch e in a permutation seeded by (seed, e), from `start` on, for one rank."""
+class ResumableSampler(Sampler):
+    """(epoch, index) pairs forever: epoch e is a permutation seeded by (seed, e).
 
-    def __init__(self, size: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1):
-        self.size, self.seed, self.epoch, self.start, self.rank, self.world = size, seed, epoch, start, rank, world
+    Starts at micro-batch `start` of the whole run and keeps rank `rank`'s share
+    of every micro-batch, so resuming replays exactly the uninterrupted stream.
+    """
 
-    def _order(self) -> list[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
-        return order[self.start:][self.rank::self.world]
+    def __init__(self, size: int, micro: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.size, self.micro, self.seed, self.start, self.rank, self.world = size, micro, seed, start, rank, world
+        self.per_epoch = size // micro
 
     def __iter__(self):
-        return iter(self._order())
-
-    def __len__(self) -> int:
-        return len(self._order())
+        epoch, offset = divmod(self.start, self.per_epoch)
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            for m in range(offset, self.per_epoch):
+                for index in order[m * self.micro: (m + 1) * self.micro][self.rank::self.world]:
+                    yield epoch, int(index)
+            epoch, offset = epoch + 1, 0
 
 
 @dataclass
@@ -225,8 +229,7 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
     if micro % world:
         raise ValueError(f"train_presets.{ds.preset}: micro-batch {micro} is not divisible by {world} processes")
     per_rank = micro // world
-    micro_per_epoch = len(data) // micro
-    if micro_per_epoch == 0:
+    if len(data) < micro:
         raise ValueError(f"{root}: split {ds.train_split!r} has {len(data)} images, fewer than one micro-batch of {micro}")
 
     stop = {"signal": False}
@@ -237,24 +240,13 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
         from dvclive import Live
         live = Live(dir=str(out_dir / "dvclive"), resume=resume and state.iteration > 0, save_dvc_exp=False, dvcyaml=None, report=None)
 
-    def batches_from(micro_index: int):
-        while True:
-            epoch, offset = divmod(micro_index, micro_per_epoch)
-            data.epoch = epoch
-            sampler = EpochSampler(len(data), seed, epoch, offset * micro, rank, world)
-            loader = DataLoader(data, batch_size=per_rank, sampler=sampler, num_workers=params.train.num_workers,
-                                collate_fn=collate, drop_last=True, persistent_workers=False)
-            for batch in loader:
-                yield batch
-                micro_index += 1
-                if micro_index % micro_per_epoch == 0:
-                    break
-
-    batches = batches_from(state.iteration * preset.accumulation)
+    sampler = ResumableSampler(len(data), micro, seed, state.iteration * preset.accumulation, rank, world)
+    loader = DataLoader(data, batch_size=per_rank, sampler=sampler, num_workers=params.train.num_workers, collate_fn=collate)
+    batches = iter(loader)
     end = preset.iterations if stop_after is None else min(preset.iterations, stop_after)
     bar = tqdm(total=preset.iterations, initial=state.iteration, desc=f"train {dataset}", disable=not progress or rank != 0)
     model.train()
-    tic = time.time()
+    tic = run_start = time.time()
     last = {}
     try:
         while state.iteration < end:
@@ -277,7 +269,7 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
                     bank_items.append(parts.pop("_bank"))
                 for k, v in parts.items():
                     totals[k] = totals.get(k, 0.0) + float(v) / preset.accumulation
-                totals["loss"] = totals.get("loss", 0.0) + float(loss) / preset.accumulation
+                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / preset.accumulation
             _sync_gradients(model)
             optimiser.step()
             if bank_items:
@@ -288,10 +280,10 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
                     model.bank.refresh(bank_items[-1][2], iters=params.cmpa.kmeans_iters)
             state.iteration += 1
             state.images_seen += preset.batch_size
-            elapsed = time.time() - tic
             last = totals
             bar.update(1)
-            bar.set_postfix(loss=f"{totals['loss']:.3f}", img_s=f"{preset.batch_size * bar.n / max(elapsed, 1e-6) / max(1, bar.n - bar.initial or 1):.1f}")
+            done = state.iteration - bar.initial
+            bar.set_postfix(loss=f"{totals['loss']:.3f}", img_s=f"{done * preset.batch_size / max(time.time() - run_start, 1e-6):.1f}")
             if live is not None and state.iteration % params.train.log_every == 0:
                 for k, v in totals.items():
                     live.log_metric(f"train/{k}", v)

@@ -204,9 +204,9 @@ def dvc_stages(workdir: Path) -> dict[tuple[str, str | None], dict]:
     return keyed
 
 
-def _tracked_params(params: dict) -> dict[tuple[str, str], list[str]]:
+def _tracked_params(workdir: Path, params: dict) -> dict[tuple[str, str], list[str]]:
     """The params.yaml keys each Snakemake rule passes to tracked(), expanded per dataset."""
-    text = "\n".join(p.read_text() for p in sorted((REPO / "workflow/rules").glob("*.smk")))
+    text = "\n".join(p.read_text() for p in sorted((workdir / "workflow/rules").glob("*.smk")))
     found = {}
     for rule, body in re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.S | re.M):
         if m := re.search(r"tracked=tracked\((.*?)\)", body, re.S):
@@ -252,7 +252,8 @@ def test_snakemake_and_dvc_declare_the_same_dag(workdir):
     assert metrics == sorted(f"out/{ds}_{m}.json" for ds in DATASETS for m in ("train", "seeds", "retrain", "miou"))
 
     # both tools re-run a stage when the same params.yaml sections change
-    tracked = _tracked_params(params)
+    tracked = _tracked_params(workdir, params)
+    assert len(tracked) == 6 * len(DATASETS)
     for key, stage in dvc.items():
         if key[0] != "demo_clip":
             assert tracked[key] == stage["params"], key
@@ -284,3 +285,72 @@ def test_dvc_reads_the_repository_pipeline():
     raw = yaml.safe_load((REPO / "dvc.yaml").read_text())
     plots = [next(iter(p)) for p in raw["plots"]]
     assert plots == [f"${{results_root}}/{ds}/dvclive/plots/metrics" for ds in DATASETS]
+
+
+# ---------------------------------------------------------------- both, executed
+
+# Stands in for the `ssr` CLI: writes exactly the outputs each stage promises
+# (the contract the workflow files declare), so the real Snakemake and DVC can
+# run the demo DAG to the end in seconds.
+_SSR_STUB = """#!{python}
+import json, os, sys, yaml
+args = sys.argv[1:]
+stage, ds = args[0], args[args.index("--dataset") + 1] if "--dataset" in args else None
+p = yaml.safe_load(open(args[args.index("--params") + 1]))
+data, res = p["data_root"] + "/" + str(ds), p["results_root"]
+def put(path, text="{{}}"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").write(text)
+if stage == "prepare":
+    for d in ("images", "labels", "splits"):
+        put(f"{{data}}/{{d}}/0.png")
+    put(f"{{data}}/classes.json"); put(f"{{data}}/image_labels.json")
+elif stage == "superpixels":
+    put(f"{{data}}/superpixels.h5")
+elif stage == "train":
+    put(f"{{res}}/{{ds}}/model.pt"); put(f"{{res}}/{{ds}}_train.json", '{{"loss": 1.0}}')
+    put(f"{{res}}/{{ds}}/dvclive/plots/metrics/loss.tsv", "step\\tloss\\n0\\t1.0\\n")
+elif stage == "pseudo-labels":
+    put(f"{{res}}/{{ds}}/pseudo_labels/0.png"); put(f"{{res}}/{{ds}}/figures/0.png")
+    put(f"{{res}}/{{ds}}_seeds.json", '{{"seed_miou": 0.5}}')
+elif stage == "retrain":
+    os.makedirs(f"{{res}}/{{ds}}/retrain", exist_ok=True)
+    put(f"{{res}}/{{ds}}_retrain.json", json.dumps({{"retrain_enabled": int(p["retrain"]["enabled"])}}))
+elif stage == "evaluate":
+    put(f"{{res}}/{{ds}}_miou.json", '{{"miou": 0.6}}')
+else:
+    sys.exit(f"stub ssr: unexpected stage {{stage}}")
+"""
+
+
+def test_demo_dag_runs_to_the_end_and_resumes(workdir):
+    stub = workdir / "bin" / "ssr"
+    stub.parent.mkdir()
+    stub.write_text(_SSR_STUB.format(python=sys.executable))
+    stub.chmod(0o755)
+    env_path = f"{stub.parent}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+    def run(*cmd, check=True):
+        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PATH": env_path})
+        assert not check or proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout + proc.stderr
+
+    clip = workdir / "ssr/assets/demo_clip/open_clip_model.safetensors"
+    run(_tool("snakemake"), "--cores", "2")
+    assert json.loads((workdir / "results/demo_miou.json").read_text()) == {"miou": 0.6}
+    assert clip.read_bytes().startswith(b"placeholder")  # the committed checkpoint was not re-trained
+    assert "Nothing to be done" in run(_tool("snakemake"), "-n", "--cores", "2")
+
+    _run([_tool("dvc"), "init", "--no-scm", "--quiet"], workdir)
+    run(_tool("dvc"), "repro", "evaluate-demo")
+    assert clip.read_bytes().startswith(b"placeholder")  # frozen
+    assert "up to date" in run(_tool("dvc"), "status", "--with-deps", "evaluate-demo")
+    assert "results/demo_miou.json" in run(_tool("dvc"), "metrics", "show")
+
+    # a superpixel parameter invalidates superpixels (and what follows) in both tools
+    _set_params(workdir, superpixels__n_segments=90)
+    rerun = {j["rule"] for j in dry_run(workdir)}
+    assert rerun == {"superpixels", "train", "pseudo_labels", "evaluate"}
+    status = run(_tool("dvc"), "status", "--with-deps", "evaluate-demo")
+    assert "superpixels-demo" in status and "prepare-demo" not in status

@@ -72,11 +72,12 @@ class TrainCrops(WeakLabelDataset):
     def __init__(self, root, split, *, crop_size: int, scale_min: float, scale_max: float, superpixels=None, seed: int = 0):
         super().__init__(root, split, superpixels=superpixels)
         self.crop_size, self.scale_min, self.scale_max, self.seed = crop_size, scale_min, scale_max, seed
-        self.epoch = 0
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """key: an index, or (epoch, index) so that each epoch draws fresh augmentations."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         image_id = self.ids[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         image = read_image(self.layout.image_path(image_id))
         regions = self.region_map(image_id, image.shape[:2])
         scale = rng.uniform(self.scale_min, self.scale_max)
