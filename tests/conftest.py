@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny random-init open_clip model written to disk, and a
+params.yaml shrunk for tests. Nothing here downloads or mocks a library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import yaml
+
+from ssr import demo_clip
+from ssr.config import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tests are tiny; one thread keeps them deterministic and leaves CI's other core free.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_clip_config(image_size: int = 32, patch_size: int = 8) -> dict:
+    """open_clip CLIP config small enough to run a forward pass in milliseconds."""
+    return {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": image_size, "layers": 3, "width": 24, "head_width": 8, "patch_size": patch_size},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """An open_clip `local-dir:` folder holding a random-init tiny CLIP for 32 px images."""
+    out = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    cfg = tiny_clip_config()
+    model = open_clip.CLIP(**cfg)
+    demo_clip.save(out, model, cfg, {"note": "random init, for tests"})
+    return out
+
+
+@pytest.fixture
+def tiny_params_file(tmp_path, tiny_clip_dir):
+    """Write a params.yaml for a tiny demo run under tmp_path; returns (path, Params).
+
+    Call with keyword overrides as dotted keys, e.g. make(**{"train_presets.demo.iterations": 4}).
+    """
+
+    def make(**overrides):
+        raw = yaml.safe_load((REPO / "params.yaml").read_text())
+        raw["data_root"] = str(tmp_path / "data")
+        raw["results_root"] = str(tmp_path / "results")
+        raw["demo"].update(image_size=32, num_train=12, num_val=6)
+        raw["demo_clip"]["checkpoint"] = str(tiny_clip_dir / "open_clip_model.safetensors")
+        raw["train_presets"]["demo"].update(iterations=4, batch_size=4, crop_size=32, warmup=1, refresh_every=2)
+        raw["datasets"]["demo"]["long_side"] = 32
+        raw["superpixels"]["workers"] = 1
+        raw["train"]["num_workers"] = 0
+        raw["infer"]["scales"] = [1.0]
+        for dotted, value in overrides.items():
+            node = raw
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path, load_params(path)
+
+    return make
