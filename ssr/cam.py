@@ -43,7 +43,7 @@ def present_class_probs(
     """
     logits = logit_scale * F.normalize(image_embedding, dim=-1) @ F.normalize(text_embedding, dim=-1).T
     present = torch.zeros(logits.shape[0], num_foreground, dtype=torch.bool, device=logits.device)
-    present.scatter_(1, classes, valid)
+    present[valid.nonzero(as_tuple=True)[0], classes[valid]] = True  # not scatter_: padded slots (class 0, False) would overwrite a present class 0
     keep = torch.cat([present, torch.ones_like(logits[:, num_foreground:], dtype=torch.bool)], dim=1)
     probs = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     return probs.gather(1, classes) * valid

@@ -241,10 +241,15 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
         live = Live(dir=str(out_dir / "dvclive"), resume=resume and state.iteration > 0, save_dvc_exp=False, dvcyaml=None, report=None)
 
     sampler = ResumableSampler(len(data), micro, seed, state.iteration * preset.accumulation, rank, world)
-    loader = DataLoader(data, batch_size=per_rank, sampler=sampler, num_workers=params.train.num_workers, collate_fn=collate)
+    # The loader draws its workers' base seed from its own generator, not the global torch RNG: a draw
+    # from the global RNG here would land after the checkpoint's RNG state is restored on resume and
+    # shift the stream relative to an uninterrupted run.
+    loader = DataLoader(data, batch_size=per_rank, sampler=sampler, num_workers=params.train.num_workers, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(seed))
     batches = iter(loader)
     end = preset.iterations if stop_after is None else min(preset.iterations, stop_after)
-    bar = tqdm(total=preset.iterations, initial=state.iteration, desc=f"train {dataset}", disable=not progress or rank != 0)
+    first = state.iteration  # a disabled tqdm has no `initial` attribute, so keep the start here
+    bar = tqdm(total=preset.iterations, initial=first, desc=f"train {dataset}", disable=not progress or rank != 0)
     model.train()
     tic = run_start = time.time()
     last = {}
@@ -282,13 +287,13 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
             state.images_seen += preset.batch_size
             last = totals
             bar.update(1)
-            done = state.iteration - bar.initial
+            done = state.iteration - first
             bar.set_postfix(loss=f"{totals['loss']:.3f}", img_s=f"{done * preset.batch_size / max(time.time() - run_start, 1e-6):.1f}")
             if live is not None and state.iteration % params.train.log_every == 0:
+                live.step = state.iteration  # before logging: log_metric records the current step
                 for k, v in totals.items():
                     live.log_metric(f"train/{k}", v)
                 live.log_metric("train/lr", lr)
-                live.step = state.iteration
                 live.next_step()
             if rank == 0 and (state.iteration % params.train.checkpoint_every == 0 or stop["signal"]):
                 state.seconds += time.time() - tic

@@ -1,0 +1,508 @@
+"""Per-equation tests of the refinement path (DESIGN 4.3-4.4, paper Eq. 1-11) on hand-made tensors.
+
+Every expected value is computed independently in the test (explicit loops,
+the documented formula written out), never copied from the implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssr.affinity import clip_affinity, fuse_affinities, propagate, row_normalise
+from ssr.cmpa import PrototypeBank, SemanticAdapter, Temperature, kmeans, masked_average_pool, prototype_loss
+from ssr.sgc import column_mask, patch_region_share, region_onehot, sgc_mask, target_regions
+
+
+def _minmax(v: torch.Tensor) -> torch.Tensor:
+    return (v - v.min()) / (v.max() - v.min())
+
+
+# Refined CAMs are min-max normalised with a small epsilon in the denominator; over a
+# value range of ~0.04 that shifts results by a few 1e-4, far below any structural error.
+TOL = 1e-3
+
+
+def _random_affinity(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return row_normalise(torch.rand(batch, n, n, generator=g) + 0.05)
+
+
+# ---------------------------------------------------------------- propagation (Eq. 10-11)
+
+def test_masked_column_contributes_nothing():
+    n = 9
+    affinity = _random_affinity(n)
+    cam = torch.rand(1, 2, n, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(1, 2, n)
+    mask[0, 0, 4] = 0                       # class 0: patch 4 may not propagate
+    base = propagate(affinity, cam, mask)
+
+    changed = cam.clone()
+    changed[0, 0, 4] += 5.0                 # masked column: any value, no effect
+    assert torch.equal(propagate(affinity, changed, mask), base)
+
+    changed = cam.clone()
+    changed[0, 0, 2] += 5.0                 # unmasked column: the output moves
+    assert not torch.allclose(propagate(affinity, changed, mask)[0, 0], base[0, 0], atol=1e-3)
+
+    changed = cam.clone()
+    changed[0, 1, 4] += 5.0                 # the mask is per class: class 1 still propagates patch 4
+    assert not torch.allclose(propagate(affinity, changed, mask)[0, 1], base[0, 1], atol=1e-3)
+
+
+def test_identity_affinity_leaves_cam_unchanged():
+    cam = torch.tensor([[[0.0, 0.2, 1.0, 0.7, 0.4], [1.0, 0.0, 0.5, 0.25, 0.75]]])
+    out = propagate(torch.eye(5)[None], cam)
+    assert torch.allclose(out, cam, atol=1e-4)
+
+
+def test_propagation_matches_explicit_loop():
+    b, s, n = 2, 3, 6
+    g = torch.Generator().manual_seed(3)
+    affinity = _random_affinity(n, seed=4, batch=b)
+    cam = torch.rand(b, s, n, generator=g)
+    mask = (torch.rand(b, s, n, generator=g) > 0.4).float()
+    mask[..., 0] = 1                        # keep every row non-constant
+    out = propagate(affinity, cam, mask)
+    for bi in range(b):
+        for si in range(s):
+            # Eq. 10: A*_c = A ⊙ M_c, M_c masking columns; Eq. 11: A*_c · vec(CAM_c).
+            masked_a = affinity[bi].clone()
+            for j in range(n):
+                masked_a[:, j] *= mask[bi, si, j]
+            refined = torch.tensor([sum(float(masked_a[i, j]) * float(cam[bi, si, j]) for j in range(n)) for i in range(n)])
+            assert torch.allclose(out[bi, si], _minmax(refined), atol=TOL)
+    # Without a mask, Eq. 11 with the plain affinity.
+    unmasked = propagate(affinity, cam)
+    for bi in range(b):
+        for si in range(s):
+            assert torch.allclose(unmasked[bi, si], _minmax(affinity[bi] @ cam[bi, si]), atol=TOL)
+
+
+# ---------------------------------------------------------------- CLIP affinity (Eq. 9, W transform)
+
+def _peaky_attentions(blocks: int, batch: int, tokens: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(3 * torch.randn(batch, tokens, tokens, generator=g)).softmax(dim=-1) for _ in range(blocks)]
+
+
+def _hand_clip_transform(attentions, rounds, power, num_prefix=1):
+    """The documented W procedure, written out on one image: (T, T) list -> (N, N)."""
+    a = sum(attentions) / len(attentions)
+    a = a[num_prefix:, num_prefix:]
+    for _ in range(rounds):
+        a = a / a.sum(dim=0, keepdim=True)          # columns sum to 1
+        a = a / a.sum(dim=1, keepdim=True)          # rows sum to 1
+    a = (a + a.T) / 2
+    out = a
+    for _ in range(power - 1):
+        out = out @ a
+    return out
+
+
+@pytest.mark.parametrize("rounds,power", [(3, 2), (1, 1), (2, 3)])
+def test_clip_affinity_equals_hand_computation(rounds, power):
+    attentions = _peaky_attentions(blocks=3, batch=2, tokens=1 + 12, seed=rounds * 10 + power)
+    out = clip_affinity(attentions, rounds=rounds, power=power)
+    assert out.shape == (2, 12, 12)
+    for b in range(2):
+        hand = _hand_clip_transform([a[b].double() for a in attentions], rounds, power)
+        # The W transform itself is symmetric and non-negative ...
+        assert torch.allclose(hand, hand.T, atol=1e-12)
+        # ... and clip_affinity returns it row-normalised (its documented row-stochastic output).
+        expected = hand / hand.sum(dim=1, keepdim=True)
+        assert torch.allclose(out[b].double(), expected, atol=1e-6)
+
+
+def test_clip_affinity_drops_prefix_tokens():
+    attentions = _peaky_attentions(blocks=2, batch=1, tokens=1 + 8, seed=5)
+    perturbed = [a.clone() for a in attentions]
+    for a in perturbed:                      # CLS row and column carry no patch affinity
+        a[:, 0, :] = 7.0
+        a[:, :, 0] = 7.0
+    assert torch.allclose(clip_affinity(attentions), clip_affinity(perturbed), atol=1e-6)
+    changed = [a.clone() for a in attentions]
+    changed[0][:, 3, 4] += 1.0               # a patch-patch entry does matter
+    assert not torch.allclose(clip_affinity(attentions), clip_affinity(changed), atol=1e-4)
+
+
+def test_clip_affinity_symmetric_nonnegative():
+    attentions = _peaky_attentions(blocks=4, batch=2, tokens=1 + 16, seed=7)
+    for rounds in (3, 50):
+        out = clip_affinity(attentions, rounds=rounds, power=2)
+        assert (out >= 0).all()
+        assert torch.allclose(out.sum(dim=-1), torch.ones(2, 16), atol=1e-5)
+    # Once the alternating normalisation has converged (doubly stochastic), the final row
+    # normalisation is a no-op and the output is the symmetric W affinity.
+    out = clip_affinity(attentions, rounds=50, power=2)
+    assert torch.allclose(out, out.transpose(-1, -2), atol=1e-5)
+    # With the default 3 rounds it is symmetric up to the residual imbalance of the normalisation.
+    out = clip_affinity(attentions, rounds=3, power=2)
+    assert (out - out.transpose(-1, -2)).abs().max() < 0.05 * out.abs().max()
+
+
+# ---------------------------------------------------------------- fusion (Eq. 9)
+
+def test_fusion_weights_are_respected():
+    n = 7
+    a = torch.rand(2, n, n, generator=torch.Generator().manual_seed(8)) + 0.1      # not row-normalised
+    b = torch.rand(2, n, n, generator=torch.Generator().manual_seed(9)) * 3 + 0.1
+    ra = a / a.sum(dim=-1, keepdim=True)
+    rb = b / b.sum(dim=-1, keepdim=True)
+    fused = fuse_affinities(a, b, 0.4, 0.6)
+    expected = 0.4 * ra + 0.6 * rb          # rows already sum to 0.4 + 0.6 = 1
+    assert torch.allclose(fused, expected, atol=1e-6)
+    assert torch.allclose(fused.sum(-1), torch.ones(2, n), atol=1e-6)
+    # The weights are relative: 2:3 is the same mix as 0.4:0.6.
+    assert torch.allclose(fuse_affinities(a, b, 2.0, 3.0), expected, atol=1e-6)
+    # And they matter: swapping them gives a different matrix.
+    assert not torch.allclose(fuse_affinities(a, b, 0.6, 0.4), expected, atol=1e-3)
+
+
+def test_fusion_single_source():
+    a = torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(10)) + 0.1
+    b = torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(11)) + 0.1
+    ra = a / a.sum(dim=-1, keepdim=True)
+    rb = b / b.sum(dim=-1, keepdim=True)
+    assert torch.allclose(fuse_affinities(a, b, 1.0, 0.0), ra, atol=1e-6)
+    assert torch.allclose(fuse_affinities(a, b, 0.0, 1.0), rb, atol=1e-6)
+    # Missing DINO (ablation row / no DINO weights): CLIP alone, whatever the weights.
+    assert torch.allclose(fuse_affinities(a, None, 0.4, 0.6), ra, atol=1e-6)
+    assert torch.allclose(fuse_affinities(None, b, 0.4, 0.6), rb, atol=1e-6)
+    with pytest.raises(ValueError):
+        fuse_affinities(None, None, 0.4, 0.6)
+
+
+# ---------------------------------------------------------------- SGC (Eq. 7-8)
+
+def _two_region_case(values_r0, values_r1):
+    """A 2x4 region map: left 2x2 block region 0, right 2x2 block region 1; CAM values row-major per block."""
+    region_map = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]])
+    cam = torch.zeros(2, 4)
+    cam[:, :2] = torch.tensor(values_r0, dtype=torch.float32).view(2, 2)
+    cam[:, 2:] = torch.tensor(values_r1, dtype=torch.float32).view(2, 2)
+    return cam[None, None], region_onehot(region_map[None], 2)
+
+
+def _ratio(values, t_hi):
+    return sum(v for v in values if v > t_hi) / sum(values)
+
+
+def test_target_region_follows_rho():
+    r0 = [0.9, 0.8, 0.3, 0.2]               # confident share 1.7 / 2.2
+    r1 = [0.6, 0.3, 0.3, 0.3]               # confident share 0.6 / 1.5
+    cam, regions = _two_region_case(r0, r1)
+    t_hi = 0.5
+    ratio0, ratio1 = _ratio(r0, t_hi), _ratio(r1, t_hi)
+    assert ratio1 < ratio0
+    eps = 1e-3
+    # Just below each region's ratio: the region is a target; just above: it is not.
+    assert target_regions(cam, regions, t_hi, ratio0 - eps, keep_best=False).tolist() == [[[True, False]]]
+    assert target_regions(cam, regions, t_hi, ratio0 + eps, keep_best=False).tolist() == [[[False, False]]]
+    assert target_regions(cam, regions, t_hi, ratio1 - eps, keep_best=False).tolist() == [[[True, True]]]
+    assert target_regions(cam, regions, t_hi, ratio1 + eps, keep_best=False).tolist() == [[[True, False]]]
+
+
+def test_t_hi_moves_a_pixel_in_and_out():
+    r0 = [0.9, 0.45, 0.2, 0.2]
+    r1 = [0.1, 0.1, 0.1, 0.1]
+    cam, regions = _two_region_case(r0, r1)
+    low, high = 0.44, 0.46                   # the 0.45 pixel is confident under `low` only
+    rho = (_ratio(r0, low) + _ratio(r0, high)) / 2
+    assert _ratio(r0, high) < rho < _ratio(r0, low)
+    assert target_regions(cam, regions, low, rho, keep_best=False)[0, 0, 0]
+    assert not target_regions(cam, regions, high, rho, keep_best=False)[0, 0, 0]
+
+
+def test_keep_best():
+    r0 = [0.9, 0.2, 0.2, 0.2]               # ratio 0.6
+    r1 = [0.6, 0.4, 0.4, 0.4]               # ratio 0.333
+    cam, regions = _two_region_case(r0, r1)
+    rho = 0.9                                # no region qualifies
+    assert not target_regions(cam, regions, 0.5, rho, keep_best=False).any()
+    assert target_regions(cam, regions, 0.5, rho, keep_best=True).tolist() == [[[True, False]]]
+    # Swapping the CAM between regions moves the kept region with it.
+    cam_swapped, _ = _two_region_case(r1, r0)
+    assert target_regions(cam_swapped, regions, 0.5, rho, keep_best=True).tolist() == [[[False, True]]]
+    # When one region qualifies, keep_best adds nothing.
+    assert target_regions(cam, regions, 0.5, 0.5, keep_best=True).tolist() == [[[True, False]]]
+    # No confident pixel anywhere: nothing to keep.
+    cold, _ = _two_region_case([0.3, 0.2, 0.1, 0.1], [0.4, 0.1, 0.1, 0.1])
+    assert not target_regions(cold, regions, 0.5, rho, keep_best=True).any()
+
+
+def test_column_mask_follows_patch_area():
+    # 4x4 region map, 2x2 patch grid (2x2 pixels per patch). Region 1 covers 3/4 of patch 0,
+    # 1/2 of patch 1, 1/4 of patch 2 and nothing of patch 3.
+    region_map = torch.tensor([
+        [1, 1, 1, 1],
+        [1, 0, 0, 0],
+        [1, 0, 0, 0],
+        [0, 0, 0, 0],
+    ])
+    regions = region_onehot(region_map[None], 2)
+    share = patch_region_share(regions, (2, 2))
+    assert torch.allclose(share[0, 1], torch.tensor([0.75, 0.5, 0.25, 0.0]))
+    assert torch.allclose(share.sum(dim=1), torch.ones(1, 4))
+    targets = torch.tensor([[[False, True]]])                   # class 0 targets region 1 only
+    assert column_mask(targets, share, 0.5).tolist() == [[[1.0, 0.0, 0.0, 0.0]]]   # 0.5 is not > 0.5
+    assert column_mask(targets, share, 0.2).tolist() == [[[1.0, 1.0, 1.0, 0.0]]]
+    assert column_mask(targets, share, 0.8).tolist() == [[[0.0, 0.0, 0.0, 0.0]]]
+    # Both regions targets: every patch is fully covered.
+    assert column_mask(torch.tensor([[[True, True]]]), share, 0.99).tolist() == [[[1.0, 1.0, 1.0, 1.0]]]
+
+
+def test_padding_region_ids_are_ignored():
+    region_map = torch.tensor([[[0, 1, 255, 255], [2, 1, 255, 255]]])
+    onehot = region_onehot(region_map, 3)
+    assert onehot.shape == (1, 3, 2, 4)
+    assert torch.equal(onehot.sum(dim=1)[0], (region_map[0] < 3).float())
+    assert onehot[0, 2, 1, 0] == 1 and onehot[0, 2, 0, 2:].sum() == 0   # 255 is not folded into the last region
+    # An id equal to num_regions is out of range too.
+    assert region_onehot(torch.tensor([[[3, 0]]]), 3)[0, :, 0, 0].sum() == 0
+
+    # A confident CAM on padding pixels counts for no region, and padded patches are never masked in.
+    cam = torch.tensor([[[[0.2, 0.2, 0.9, 0.9], [0.2, 0.2, 0.9, 0.9]]]])
+    regions = region_onehot(torch.tensor([[[0, 0, 255, 255], [0, 0, 255, 255]]]), 1)
+    assert not target_regions(cam, regions, 0.5, 0.5, keep_best=False).any()
+    cam_changed = cam.clone()
+    cam_changed[..., 2:] = 0.0
+    assert torch.equal(target_regions(cam, regions, 0.5, 0.1, keep_best=True),
+                       target_regions(cam_changed, regions, 0.5, 0.1, keep_best=True))
+    share = patch_region_share(regions, (1, 2))
+    assert column_mask(torch.tensor([[[True]]]), share, 0.5).tolist() == [[[1.0, 0.0]]]
+
+
+def test_sgc_mask_non_square_grid():
+    # Grid 2x3 patches, region map 4x6 (2x2 pixels per patch). Region 0 = left column of patches,
+    # region 1 = the rest. Class 0 is hot on the left column, class 1 on the right column.
+    grid = (2, 3)
+    region_map = torch.ones(1, 4, 6, dtype=torch.long)
+    region_map[:, :, :2] = 0
+    cam = torch.zeros(1, 2, 2, 3)
+    cam[0, 0, :, 0] = 1.0
+    cam[0, 1, :, 2] = 1.0
+    mask = sgc_mask(cam.flatten(2), region_map, 2, grid, t_hi=0.5, rho=0.5, patch_area=0.5)
+    assert mask.shape == (1, 2, 6)
+    # Row-major patch order of a 2x3 grid: the left column is patches 0 and 3.
+    assert mask[0, 0].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert mask[0, 1].tolist() == [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    # Batch of two, second image transposed layout (3x2 grid is a different shape): shapes hold.
+    mask2 = sgc_mask(torch.rand(2, 3, 6), torch.randint(0, 4, (2, 8, 12)), 4, grid, t_hi=0.5, rho=0.5, patch_area=0.5)
+    assert mask2.shape == (2, 3, 6)
+    assert set(mask2.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_sgc_mask_padding_ignored_end_to_end():
+    grid = (2, 2)
+    region_map = torch.zeros(1, 4, 4, dtype=torch.long)
+    region_map[:, 2:, 2:] = 255                               # bottom-right patch is padding
+    cam = torch.ones(1, 1, 4)
+    mask = sgc_mask(cam, region_map, 1, grid, t_hi=0.5, rho=0.5, patch_area=0.5)
+    assert mask.tolist() == [[[1.0, 1.0, 1.0, 0.0]]]
+
+
+# ---------------------------------------------------------------- CMPA (Eq. 1-6)
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_semantic_adapter_identity_at_init(num_layers):
+    torch.manual_seed(0)
+    adapter = SemanticAdapter(6, 10, num_layers=num_layers)
+    x = torch.randn(5, 6)
+    for mode in (adapter.train, adapter.eval):
+        mode()
+        assert torch.equal(adapter(x), x)
+    # Any leading shape (B, S, E) is kept.
+    x3 = torch.randn(2, 3, 6)
+    assert torch.equal(adapter(x3), x3)
+
+
+def test_semantic_adapter_moves_after_a_step():
+    torch.manual_seed(1)
+    adapter = SemanticAdapter(6, 10, num_layers=2)
+    x = torch.randn(8, 6)
+    target = torch.randn(8, 6)
+    opt = torch.optim.SGD(adapter.parameters(), lr=0.1)
+    adapter.train()
+    loss = ((adapter(x) - target) ** 2).mean()
+    loss.backward()
+    assert adapter.mlp[-1].weight.grad.abs().sum() > 0
+    opt.step()
+    for mode in (adapter.train, adapter.eval):
+        mode()
+        with torch.no_grad():
+            assert not torch.allclose(adapter(x), x, atol=1e-4)
+
+
+def test_masked_average_pool_hand_computation():
+    g = torch.Generator().manual_seed(12)
+    dense = torch.randn(2, 5, 3, generator=g)
+    cam = torch.rand(2, 2, 5, generator=g)
+    cam[1, 0] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0])      # a one-hot CAM picks one patch
+    out = masked_average_pool(dense, cam)
+    assert out.shape == (2, 2, 3)
+    for b in range(2):
+        for s in range(2):
+            num = sum(cam[b, s, n] * dense[b, n] for n in range(5))
+            assert torch.allclose(out[b, s], num / cam[b, s].sum(), atol=1e-5)
+    assert torch.allclose(out[1, 0], dense[1, 2], atol=1e-5)
+    # A zero CAM (padded slot) gives a zero feature, not NaN.
+    assert torch.equal(masked_average_pool(dense, torch.zeros(2, 1, 5)), torch.zeros(2, 1, 3))
+
+
+def _planted_clusters(seed=0, per_cluster=30, dim=16):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.linalg.qr(torch.randn(dim, 3, generator=g))[0].T          # 3 orthonormal directions
+    labels = torch.arange(3).repeat_interleave(per_cluster)
+    x = centres[labels] * 5 + 0.6 * torch.randn(len(labels), dim, generator=g)
+    perm = torch.randperm(len(labels), generator=g)
+    return x[perm], labels[perm], centres, g
+
+
+def test_kmeans_recovers_planted_clusters():
+    x, labels, centres, g = _planted_clusters()
+    init = torch.stack([x[labels == k].mean(0) for k in range(3)]) + 1.5 * torch.randn(3, x.shape[1], generator=g)
+    centroids, assignment = kmeans(x, init)
+    assert torch.equal(assignment, labels)
+    assert torch.allclose(centroids.norm(dim=-1), torch.ones(3), atol=1e-5)
+    cos = (centroids * centres).sum(-1)
+    assert (cos > 0.95).all()
+    # Cluster indices stay tied to their seeds: permuted seeds permute the assignment.
+    order = torch.tensor([2, 0, 1])
+    _, permuted = kmeans(x, init[order])
+    assert torch.equal(order[permuted], labels)
+
+
+def test_kmeans_empty_cluster_keeps_its_seed():
+    x, labels, centres, g = _planted_clusters(seed=1)
+    seeds = torch.stack([x[labels == k].mean(0) for k in range(3)])
+    far = -centres.sum(0)                                            # opposite every cluster
+    centroids, assignment = kmeans(x, torch.cat([seeds, far[None]]))
+    assert torch.equal(assignment, labels)
+    assert torch.allclose(centroids[3], F.normalize(far, dim=0), atol=1e-6)
+
+
+def test_prototype_bank_push_is_fifo():
+    bank = PrototypeBank(num_classes=3, dim=4, size=5)
+    feats = torch.randn(7, 4, generator=torch.Generator().manual_seed(13)) * 3
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    bank.push(feats[:3], labels[:3])
+    assert int(bank.pointer) == 3
+    assert bank.labels.tolist() == [0, 1, 2, -1, -1]
+    assert torch.allclose(bank.features[:3], feats[:3] / feats[:3].norm(dim=-1, keepdim=True), atol=1e-6)
+    bank.push(feats[3:], labels[3:])                                   # wraps: 7 pushed into 5 slots
+    assert int(bank.pointer) == 7 % 5
+    # Slots 0,1 hold items 5,6; slots 2,3,4 hold items 2,3,4: the most recent 5.
+    held = [5, 6, 2, 3, 4]
+    assert bank.labels.tolist() == labels[held].tolist()
+    assert torch.allclose(bank.features, F.normalize(feats[held], dim=-1), atol=1e-6)
+    # A single push larger than the bank keeps its last `size` items.
+    big = PrototypeBank(num_classes=3, dim=4, size=5)
+    big.push(feats, labels)
+    assert sorted(big.labels.tolist()) == sorted(labels[2:].tolist())
+    kept = {tuple(f.round(decimals=5).tolist()) for f in big.features}
+    assert kept == {tuple(f.round(decimals=5).tolist()) for f in F.normalize(feats[2:], dim=-1)}
+
+
+def test_prototype_bank_refresh_and_assign():
+    x, labels, centres, g = _planted_clusters(seed=2)
+    text = centres + 0.3 * torch.randn(3, centres.shape[1], generator=g)
+    bank = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
+    bank.refresh(text)                                                 # empty bank: nothing happens
+    assert not bool(bank.ready) and torch.equal(bank.image_prototypes, torch.zeros(3, x.shape[1]))
+
+    bank.push(x, labels)
+    bank.refresh(text)
+    assert bool(bank.ready)
+    # Image prototypes: k-means seeded with per-class means -> the normalised class directions.
+    class_means = F.normalize(torch.stack([F.normalize(x[labels == k], dim=-1).mean(0) for k in range(3)]), dim=-1)
+    assert torch.allclose(bank.image_prototypes, class_means, atol=1e-4)
+    assert torch.equal(bank.assign(x), labels)
+    expected = (F.normalize(x, dim=-1) @ class_means.T).argmax(1)
+    assert torch.equal(bank.assign(x), expected)
+    # Distinct text features: each class its own cluster; P_T = normalised live text features.
+    assert torch.equal(bank.text_members, torch.eye(3))
+    live = text.clone().requires_grad_(True)
+    protos = bank.text_prototypes(live)
+    assert torch.allclose(protos, F.normalize(text, dim=-1), atol=1e-6)
+    protos.sum().backward()
+    assert live.grad is not None and live.grad.abs().sum() > 0          # TSA keeps receiving gradient
+
+    # State is in buffers: a fresh bank loaded from the state dict assigns identically.
+    clone = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
+    clone.load_state_dict(bank.state_dict())
+    assert torch.equal(clone.assign(x), bank.assign(x)) and bool(clone.ready)
+
+
+def test_prototype_bank_coincident_text_classes_share_a_cluster():
+    text = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    bank = PrototypeBank(num_classes=3, dim=3, size=10)
+    bank.push(torch.eye(3), torch.arange(3))
+    bank.refresh(text)
+    # Classes 0 and 1 fall into one cluster; class 2 keeps its own.
+    members = bank.text_members
+    assert members.sum(dim=0).tolist() == [1.0, 1.0, 1.0]               # every class in exactly one cluster
+    cluster_of = members.argmax(dim=0)
+    assert cluster_of[0] == cluster_of[1] != cluster_of[2]
+    protos = bank.text_prototypes(text)
+    # The empty cluster falls back to its seed class; all prototypes are unit vectors.
+    assert torch.allclose(protos.norm(dim=-1), torch.ones(3), atol=1e-6)
+    assert torch.allclose(protos[2], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
+
+
+def _hand_ce(features, prototypes, pos, tau):
+    f = features / features.norm(dim=-1, keepdim=True)
+    p = prototypes / prototypes.norm(dim=-1, keepdim=True)
+    total = 0.0
+    for i in range(len(f)):
+        logits = [float(f[i] @ p[k]) / tau for k in range(len(p))]
+        total += -(logits[int(pos[i])] - math.log(sum(math.exp(z) for z in logits)))
+    return total / len(f)
+
+
+def test_prototype_loss_hand_computation():
+    g = torch.Generator().manual_seed(14)
+    image = torch.randn(6, 5, generator=g)
+    text_protos = torch.randn(3, 5, generator=g)
+    text = torch.randn(6, 5, generator=g)
+    image_protos = torch.randn(3, 5, generator=g)
+    pos = torch.tensor([0, 2, 1, 1, 0, 2])
+    tau = 0.07
+    loss = prototype_loss(image, text_protos, pos, torch.tensor(tau))
+    # Eq. 3-6: L = -1/M sum_i log( exp(cos(f_i, P_T[pos_i]) / tau) / sum_k exp(cos(f_i, P_T[k]) / tau) ).
+    assert loss.item() == pytest.approx(_hand_ce(image, text_protos, pos, tau), rel=1e-5)
+    sym = prototype_loss(image, text_protos, pos, torch.tensor(tau), text_features=text, image_prototypes=image_protos)
+    expected = (_hand_ce(image, text_protos, pos, tau) + _hand_ce(text, image_protos, pos, tau)) / 2
+    assert sym.item() == pytest.approx(expected, rel=1e-5)
+    assert sym.item() != pytest.approx(loss.item(), rel=1e-3)
+    # The symmetric term needs both of its inputs; with only one it is off.
+    assert prototype_loss(image, text_protos, pos, torch.tensor(tau), text_features=text).item() == pytest.approx(loss.item())
+
+
+def test_prototype_loss_pulls_towards_positive():
+    protos = torch.eye(3)
+    image = torch.tensor([[1.0, 0.1, 0.0]])
+    right = prototype_loss(image, protos, torch.tensor([0]), torch.tensor(0.05))
+    wrong = prototype_loss(image, protos, torch.tensor([1]), torch.tensor(0.05))
+    assert right < wrong
+
+
+def test_temperature_init_and_learnable():
+    temp = Temperature(0.05)
+    assert temp().item() == pytest.approx(0.05, rel=1e-6)
+    params = list(temp.parameters())
+    assert len(params) == 1 and params[0].requires_grad
+    g = torch.Generator().manual_seed(15)
+    image, protos = torch.randn(4, 3, generator=g), torch.randn(2, 3, generator=g)
+    pos = torch.tensor([0, 1, 1, 0])
+    opt = torch.optim.SGD(temp.parameters(), lr=0.5)
+    loss = prototype_loss(image, protos, pos, temp())
+    loss.backward()
+    assert params[0].grad is not None and params[0].grad.abs() > 0
+    opt.step()
+    assert temp().item() != pytest.approx(0.05, rel=1e-4)
+    assert temp().item() > 0
