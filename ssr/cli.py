@@ -115,7 +115,7 @@ def cmd_pseudo_labels(args, params: Params) -> None:
     write_json(Path(params.results_root) / f"{args.dataset}_seeds.json", metrics)
 
 
-def cmd_evaluate(args, params: Params) -> None:
+def cmd_evaluate(args, params: Params | None) -> None:
     if args.pred or args.gt:
         from ssr.metrics import evaluate_label_dirs, format_table
 
@@ -181,7 +181,9 @@ def cmd_retrain(args, params: Params) -> None:
     out = results_dir(params, args.dataset)
     stats = retrain(root, out / "pseudo_labels", layout.split(ds.train_split), out / "retrain" / "model.pt",
                     model_name=r.model, num_classes=len(layout.classes()), iterations=r.iterations, batch_size=r.batch_size,
-                    lr=r.lr, crop_size=r.crop_size, device=str(_device(args.device)), progress=not args.quiet)
+                    lr=r.lr, crop_size=r.crop_size, scale_range=(r.scale_min, r.scale_max), momentum=r.momentum,
+                    weight_decay=r.weight_decay, weights_backbone=r.weights_backbone or None,
+                    device=str(_device(args.device)), progress=not args.quiet)
     write_json(out_json, {"retrain_enabled": 1, **stats})
 
 
@@ -229,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stage = f"ssr {args.stage}"
     try:
-        params = load_params(args.params)
-        if getattr(args, "dataset", None):
+        # Scoring two label folders needs no params file.
+        folders_only = args.stage == "evaluate" and (args.pred or args.gt)
+        params = None if folders_only else load_params(args.params)
+        if params is not None and getattr(args, "dataset", None):
             params.dataset(args.dataset)
         args.func(args, params)
     except (ConfigError, DatasetError, FileNotFoundError, NotImplementedError, ValueError) as err:

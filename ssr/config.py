@@ -55,6 +55,7 @@ class DemoClipParams:
     context_length: int = _f(16, 4)
     steps: int = _f(5000, 1)
     batch_size: int = _f(64, 2)
+    single_object_fraction: float = _f(0.5, 0.0, 1.0)
     lr: float = _f(1e-3, 0.0, lo_open=True)
     weight_decay: float = _f(0.05, 0.0)
     warmup: int = _f(300, 0)
@@ -99,12 +100,6 @@ class SuperpixelParams:
 
 
 @dataclass(frozen=True)
-class CamParams:
-    crop_size: int = _f(320, 16)
-    cam_block: int = _f(-1)
-
-
-@dataclass(frozen=True)
 class AffinityParams:
     use_clip: bool = True
     use_dino: bool = True
@@ -131,7 +126,6 @@ class CmpaParams:
     num_layers: int = _f(2, 1)
     tau_init: float = _f(0.05, 0.0, lo_open=True)
     bank_size: int = _f(4096, 1)
-    refresh_every: int = _f(5000, 1)
     kmeans_iters: int = _f(20, 1)
     symmetric: bool = False
 
@@ -141,7 +135,6 @@ class PseudoLabelParams:
     bg_power: float = _f(1.0, 0.0, lo_open=True)
     ignore_low: float = _f(0.0, 0.0, 1.0)
     ignore_high: float = _f(0.0, 0.0, 1.0)
-    export_row: str = _f("sgc", choices=("cam", "clip", "dino", "sgc"))
     figures: int = _f(4, 0)
 
 
@@ -192,6 +185,11 @@ class RetrainParams:
     batch_size: int = _f(16, 1)
     lr: float = _f(0.01, 0.0, lo_open=True)
     crop_size: int = _f(512, 16)
+    scale_min: float = _f(0.5, 0.0, lo_open=True)
+    scale_max: float = _f(2.0, 0.0, lo_open=True)
+    momentum: float = _f(0.9, 0.0, 1.0)
+    weight_decay: float = _f(1e-4, 0.0)
+    weights_backbone: str = ""
 
 
 @dataclass(frozen=True)
@@ -203,7 +201,6 @@ class Params:
     datasets: dict[str, DatasetParams]
     download: DownloadParams
     superpixels: SuperpixelParams
-    cam: CamParams
     affinity: AffinityParams
     sgc: SgcParams
     cmpa: CmpaParams
@@ -299,6 +296,8 @@ def _validate(params: Params) -> Params:
             raise ConfigError(f"datasets.{name}.preset: unknown preset {ds.preset!r}")
         if "{}" not in ds.prompt_template:
             raise ConfigError(f"datasets.{name}.prompt_template: must contain '{{}}'")
+    if params.retrain.scale_min > params.retrain.scale_max:
+        raise ConfigError("retrain.scale_min: exceeds retrain.scale_max")
     pl = params.pseudo_labels
     if pl.ignore_low > pl.ignore_high:
         raise ConfigError("pseudo_labels.ignore_low: exceeds pseudo_labels.ignore_high")

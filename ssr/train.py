@@ -15,13 +15,14 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
@@ -64,6 +65,7 @@ class TrainState:
     iteration: int = 0
     images_seen: int = 0
     seconds: float = 0.0
+    last_losses: dict = field(default_factory=dict)  # the last iteration's losses, for the summary after a resume
 
 
 def lr_at(iteration: int, preset: PresetParams) -> float:
@@ -141,6 +143,14 @@ def train_step(backbones: FrozenBackbones, model: SSR, batch: dict, params: Para
         loss = loss + loss_proto
         parts.update(loss_proto=loss_proto.detach(), tau=model.tau().detach(), _bank=(pooled.detach(), labels, text.detach()))
     return loss, parts
+
+
+def non_finite_gradients(model: nn.Module) -> list[str]:
+    """Names of the parameters whose gradient holds NaN or inf (one device sync when all are finite)."""
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
+        return []
+    return [n for n, g in named if not bool(torch.isfinite(g).all())]
 
 
 def _all_gather(x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +243,9 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
         raise ValueError(f"{root}: split {ds.train_split!r} has {len(data)} images, fewer than one micro-batch of {micro}")
 
     stop = {"signal": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True)) if rank == 0 or world == 1 else None
+    # Every rank stops at the same iteration boundary (the flag is all-reduced below), so none is
+    # left waiting in a collective while another exits.
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
 
     live = None
     if rank == 0:
@@ -252,7 +264,6 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
     bar = tqdm(total=preset.iterations, initial=first, desc=f"train {dataset}", disable=not progress or rank != 0)
     model.train()
     tic = run_start = time.time()
-    last = {}
     try:
         while state.iteration < end:
             lr = lr_at(state.iteration, preset)
@@ -276,6 +287,13 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
                     totals[k] = totals.get(k, 0.0) + float(v) / preset.accumulation
                 totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / preset.accumulation
             _sync_gradients(model)
+            bad = non_finite_gradients(model)
+            if bad:
+                # Checked before the step: a finite loss can still back-propagate NaN/inf (overflow),
+                # and once the optimiser writes it into the weights the next checkpoint would save it.
+                raise NonFiniteLoss(
+                    f"non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at iteration {state.iteration} "
+                    f"(loss {totals['loss']:.4g}); the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}")
             optimiser.step()
             if bank_items:
                 feats = _all_gather(torch.cat([b[0] for b in bank_items]))
@@ -285,7 +303,7 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
                     model.bank.refresh(bank_items[-1][2], iters=params.cmpa.kmeans_iters)
             state.iteration += 1
             state.images_seen += preset.batch_size
-            last = totals
+            state.last_losses = totals
             bar.update(1)
             done = state.iteration - first
             bar.set_postfix(loss=f"{totals['loss']:.3f}", img_s=f"{done * preset.batch_size / max(time.time() - run_start, 1e-6):.1f}")
@@ -295,6 +313,10 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
                     live.log_metric(f"train/{k}", v)
                 live.log_metric("train/lr", lr)
                 live.next_step()
+            if world > 1:
+                flag = torch.tensor([float(stop["signal"])], device=device)
+                dist.all_reduce(flag)
+                stop["signal"] = bool(flag.item())
             if rank == 0 and (state.iteration % params.train.checkpoint_every == 0 or stop["signal"]):
                 state.seconds += time.time() - tic
                 tic = time.time()
@@ -311,7 +333,7 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
     state.seconds += time.time() - tic
     summary = {"iterations": state.iteration, "images_seen": state.images_seen, "train_seconds": round(state.seconds, 1),
                "images_per_second": round(state.images_seen / max(state.seconds, 1e-6), 2),
-               **{f"final_{k}": round(v, 5) for k, v in last.items()}}
+               **{f"final_{k}": round(v, 5) for k, v in state.last_losses.items()}}
     if rank == 0:
         save_checkpoint(ckpt_path, model, optimiser, state, meta)
         if state.iteration >= preset.iterations:

@@ -291,7 +291,7 @@ def test_sgc_mask_non_square_grid():
     # Row-major patch order of a 2x3 grid: the left column is patches 0 and 3.
     assert mask[0, 0].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
     assert mask[0, 1].tolist() == [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
-    # Batch of two, second image transposed layout (3x2 grid is a different shape): shapes hold.
+    # A batch of two, three classes, region map at 4x the grid: shapes hold and values are binary.
     mask2 = sgc_mask(torch.rand(2, 3, 6), torch.randint(0, 4, (2, 8, 12)), 4, grid, t_hi=0.5, rho=0.5, patch_area=0.5)
     assert mask2.shape == (2, 3, 6)
     assert set(mask2.unique().tolist()) <= {0.0, 1.0}

@@ -102,20 +102,26 @@ def _texture(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     return out + rng.normal(0, 4, out.shape)
 
 
-def render_sample(params: DemoParams, stream: str, index: int) -> DemoSample:
-    """Draw sample `index` of `stream` ('train', 'val', 'clip_train', 'clip_eval')."""
+def render_sample(params: DemoParams, stream: str, index: int, max_objects: int | None = None) -> DemoSample:
+    """Draw sample `index` of `stream` ('train', 'val', 'clip_train', 'clip_eval').
+
+    `max_objects` caps the object count below `params.max_objects` (CLIP pretraining
+    mixes in single-object images).
+    """
     rng = np.random.default_rng([params.seed, STREAMS[stream], index])
     size = params.image_size
     texture = TEXTURES[rng.integers(len(TEXTURES))]
     image = _texture(rng, texture, size)
     label = np.zeros((size, size), np.uint8)
-    n_objects = int(rng.integers(params.min_objects, params.max_objects + 1))
+    top = params.max_objects if max_objects is None else max(params.min_objects, min(max_objects, params.max_objects))
+    n_objects = int(rng.integers(params.min_objects, top + 1))
     phrases = []
     for _ in range(n_objects):
         class_index = int(rng.integers(len(params.classes)))
         shape = params.classes[class_index]
         colour_name = list(OBJECT_COLOURS)[rng.integers(len(OBJECT_COLOURS))]
-        side = rng.uniform(params.min_object_size, params.max_object_size) * size
+        # at least 3 px, so a tiny configuration never draws an empty object
+        side = max(3.0, rng.uniform(params.min_object_size, params.max_object_size) * size)
         cx, cy = rng.uniform(side / 2, size - side / 2, 2)
         mask = _shape_mask(shape, size, size, cx, cy, side, rng.uniform(0, 2 * math.pi))
         colour = np.array(OBJECT_COLOURS[colour_name], np.float32) + rng.normal(0, 6, 3)

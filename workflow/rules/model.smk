@@ -20,7 +20,7 @@ rule train:
         metrics=f"{RESULTS}/{{ds}}_train.json",
         dvclive=directory(f"{RESULTS}/{{ds}}/dvclive"),
     params:
-        tracked=tracked("datasets.{ds}", "train", "train_presets.{preset}", "cam", "affinity", "sgc", "cmpa", "pseudo_labels"),
+        tracked=tracked("datasets.{ds}", "train", "train_presets.{preset}", "affinity", "sgc", "cmpa", "pseudo_labels"),
     threads: config["train"]["num_workers"] + 1
     resources:
         gpu=gpus,
@@ -41,7 +41,7 @@ rule pseudo_labels:
         metrics=f"{RESULTS}/{{ds}}_seeds.json",
         figures=directory(f"{RESULTS}/{{ds}}/figures"),
     params:
-        tracked=tracked("datasets.{ds}", "cam", "affinity", "sgc", "cmpa", "pseudo_labels"),
+        tracked=tracked("datasets.{ds}", "affinity", "sgc", "cmpa", "pseudo_labels"),
     threads: 2
     resources:
         gpu=gpus,

@@ -1,0 +1,275 @@
+"""The tiny demo DAG end to end through the `ssr` command line: prepare -> superpixels ->
+train -> pseudo-labels -> evaluate, its metrics files, the label-folder scorer, the
+ablation switches and a corrupt input.
+
+One pipeline run (module fixture, ~2 s of work on the tiny random-init CLIP) is shared
+by the tests; the heavy stages run in-process through `ssr.cli.main`, the light ones
+through the installed `ssr` console script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ssr.cli import main as ssr_main
+from ssr.config import load_params
+from ssr.data.layout import DatasetLayout, read_label_png, write_label_png
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SCORES = ("miou", "precision", "recall", "confusion_ratio")
+
+
+def write_params(directory: Path, data_root: Path, clip_dir: Path, **overrides) -> tuple[Path, object]:
+    """The conftest `tiny_params_file` shrink, with a chosen data root; dotted-key overrides."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data_root"] = str(data_root)
+    raw["results_root"] = str(directory / "results")
+    raw["demo"].update(image_size=32, num_train=12, num_val=6)
+    raw["demo_clip"]["checkpoint"] = str(clip_dir / "open_clip_model.safetensors")
+    raw["train_presets"]["demo"].update(iterations=4, batch_size=4, crop_size=32, warmup=1, refresh_every=2)
+    raw["datasets"]["demo"]["long_side"] = 32
+    raw["superpixels"]["workers"] = 1
+    raw["train"]["num_workers"] = 0
+    raw["infer"]["scales"] = [1.0]
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path, load_params(path)
+
+
+def ssr_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed console script, as Snakemake and DVC call it."""
+    script = BIN / "ssr"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "ssr"]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
+    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_clip_dir):
+    """prepare -> superpixels -> train -> pseudo-labels -> evaluate on the tiny demo, once."""
+    base = tmp_path_factory.mktemp("pipeline")
+    path, params = write_params(base, base / "data", tiny_clip_dir)
+    for stage in ("prepare", "superpixels", "train", "pseudo-labels", "evaluate"):
+        assert ssr_main([stage, "--dataset", "demo", "--params", str(path), "--quiet"]) == 0, stage
+    results = Path(params.results_root)
+
+    class Run:
+        pass
+
+    run = Run()
+    run.base, run.path, run.params, run.results = base, path, params, results
+    run.layout = DatasetLayout(params.dataset_root("demo"))
+    run.classes = run.layout.classes()
+    run.clip_dir = tiny_clip_dir
+    run.seeds = json.loads((results / "demo_seeds.json").read_text())
+    run.miou = json.loads((results / "demo_miou.json").read_text())
+    return run
+
+
+def numpy_miou(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int, ignore: int = 255) -> float:
+    """mIoU by per-class masks, a computation independent of ssr.metrics: IoU = |P & G| / |P | G|
+    over pixels whose ground truth is not `ignore`; classes absent from both are skipped."""
+    inter = np.zeros(num_classes)
+    union = np.zeros(num_classes)
+    for pred, gt in pairs:
+        keep = gt != ignore
+        for c in range(num_classes):
+            p, g = (pred == c) & keep, (gt == c) & keep
+            inter[c] += np.logical_and(p, g).sum()
+            union[c] += np.logical_or(p, g).sum()
+    return float(np.mean([i / u for i, u in zip(inter, union) if u > 0]))
+
+
+def in_unit_interval(metrics: dict, skip=("seconds",)) -> list[str]:
+    """Keys whose value is neither None nor a number in [0, 1]."""
+    return [k for k, v in metrics.items() if k not in skip and v is not None and not (isinstance(v, (int, float)) and 0 <= v <= 1)]
+
+
+# ---------------------------------------------------------------- the DAG's products
+
+
+def test_seeds_json_has_every_table3_row(pipeline):
+    seeds = pipeline.seeds
+    # Table 3: CAM only, + CLIP attention, + DINO attention, + SGC mask; the demo has no DINO weights
+    for row in ("cam", "clip", "sgc", "method"):
+        for key in SCORES:
+            assert f"{row}_{key}" in seeds, f"{row}_{key} missing from demo_seeds.json: {sorted(seeds)}"
+    assert seeds["dino_available"] == 0
+    assert not any(k.startswith("dino_") and k != "dino_available" for k in seeds)
+    assert in_unit_interval(seeds) == []
+    assert all(seeds[f"{row}_miou"] is not None for row in ("cam", "clip", "sgc"))
+    # default switches (use_clip, use_dino, use_sgc all on; no DINO here): the method is the SGC row
+    assert {k: seeds[f"method_{k}"] for k in SCORES} == {k: seeds[f"sgc_{k}"] for k in SCORES}
+
+
+def test_pseudo_labels_cover_the_train_split_and_score_as_reported(pipeline):
+    out = pipeline.results / "demo" / "pseudo_labels"
+    ids = pipeline.layout.split(pipeline.params.dataset("demo").train_split)
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(ids)
+    pairs = []
+    for image_id in ids:
+        label = read_label_png(out / f"{image_id}.png")
+        gt = read_label_png(pipeline.layout.label_path(image_id))
+        assert label.shape == gt.shape
+        assert set(np.unique(label)) <= set(range(len(pipeline.classes))) | {255}
+        # labels only name classes the image-level label allows
+        allowed = {0, 255} | set(pipeline.layout.image_labels()[image_id])
+        assert set(np.unique(label)) <= allowed, image_id
+        pairs.append((label, gt))
+    assert pipeline.seeds["method_miou"] == pytest.approx(numpy_miou(pairs, len(pipeline.classes)), abs=1e-12)
+
+    figures = sorted((pipeline.results / "demo" / "figures").glob("*.png"))
+    assert len(figures) == min(pipeline.params.pseudo_labels.figures, len(ids))
+    assert all(f.stat().st_size > 0 for f in figures)
+
+
+def test_miou_json_reports_plain_and_crf_scores(pipeline):
+    metrics = pipeline.miou
+    for key in ("miou", "precision", "recall", "pixel_accuracy", "confusion_ratio"):
+        assert key in metrics and f"crf_{key}" in metrics, key
+    for name in pipeline.classes:
+        assert f"iou_{name}" in metrics and f"crf_iou_{name}" in metrics
+    assert in_unit_interval(metrics) == []
+    assert metrics["miou"] is not None and metrics["crf_miou"] is not None
+    # the saved predictions are the CRF ones (infer.crf is on): they score as crf_miou
+    assert pipeline.params.infer.crf
+    val = pipeline.layout.split(pipeline.params.dataset("demo").val_split)
+    pred_dir = pipeline.results / "demo" / "predictions"
+    assert sorted(p.stem for p in pred_dir.glob("*.png")) == sorted(val)
+    pairs = [(read_label_png(pred_dir / f"{i}.png"), read_label_png(pipeline.layout.label_path(i))) for i in val]
+    assert metrics["crf_miou"] == pytest.approx(numpy_miou(pairs, len(pipeline.classes)), abs=1e-12)
+
+    train = json.loads((pipeline.results / "demo_train.json").read_text())
+    assert train["iterations"] == pipeline.params.preset("demo").iterations
+    assert (pipeline.results / "demo" / "model.pt").is_file()
+
+
+# ---------------------------------------------------------------- ssr evaluate on label folders
+
+
+def test_evaluate_label_folders_matches_numpy_and_ignores_255(tmp_path):
+    rng = np.random.default_rng(0)
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    pairs = []
+    for k in range(3):
+        gt = rng.integers(0, 3, (12, 10)).astype(np.uint8)
+        gt[rng.random(gt.shape) < 0.2] = 255                 # ignored pixels
+        pred = np.where(rng.random(gt.shape) < 0.7, gt, rng.integers(0, 3, gt.shape)).astype(np.uint8)
+        pred[gt == 255] = 1
+        pred[0, 0] = 255 if gt[0, 0] != 255 else pred[0, 0]  # a "no decision" prediction counts as wrong
+        write_label_png(gt_dir / f"im{k}.png", gt)
+        write_label_png(pred_dir / f"im{k}.png", pred)
+        pairs.append((pred, gt))
+
+    out = tmp_path / "scores.json"
+    # run from the project root, as a user would (the CLI reads ./params.yaml before any stage)
+    proc = ssr_cli("evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--num-classes", "3", "--out", str(out), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads(out.read_text())
+    assert scores["miou"] == pytest.approx(numpy_miou(pairs, 3), abs=1e-12)
+    # per-class IoU and the printed table
+    for c in range(3):
+        p, g = pairs_mask(pairs, c)
+        assert scores[f"iou_{c}"] == pytest.approx(p, abs=1e-12)
+        assert g
+    lines = proc.stdout.splitlines()
+    assert any(line.split()[:1] == ["class"] and "IoU" in line for line in lines), proc.stdout
+    for c in range(3):
+        row = next(line for line in lines if line.split()[:1] == [str(c)])
+        assert float(row.split()[1]) == pytest.approx(100 * scores[f"iou_{c}"], abs=0.006)
+    assert any(line.startswith("mIoU") for line in lines)
+
+    # predictions under ignored ground truth do not count: change them all, same scores
+    for k in range(3):
+        gt, pred = read_label_png(gt_dir / f"im{k}.png"), read_label_png(pred_dir / f"im{k}.png")
+        write_label_png(pred_dir / f"im{k}.png", np.where(gt == 255, 2, pred).astype(np.uint8))
+    out2 = tmp_path / "scores2.json"
+    proc = ssr_cli("evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--num-classes", "3", "--out", str(out2), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out2.read_text()) == scores
+
+
+def pairs_mask(pairs, c: int) -> tuple[float, bool]:
+    """IoU of class c over the pairs (ignore 255), and whether the class occurs at all."""
+    inter = union = 0
+    for pred, gt in pairs:
+        keep = gt != 255
+        inter += np.sum((pred == c) & (gt == c) & keep)
+        union += np.sum(((pred == c) | (gt == c)) & keep)
+    return inter / union, union > 0
+
+
+def test_evaluate_label_folders_needs_all_its_arguments(tmp_path):
+    proc = ssr_cli("evaluate", "--pred", str(tmp_path), "--out", str(tmp_path / "x.json"), cwd=REPO)
+    assert proc.returncode != 0
+    assert "--pred, --gt, --num-classes and --out go together" in proc.stderr
+
+
+def test_evaluate_label_folders_runs_without_a_params_file(tmp_path):
+    write_label_png(tmp_path / "gt" / "a.png", np.array([[0, 1], [1, 255]], np.uint8))
+    write_label_png(tmp_path / "pred" / "a.png", np.array([[0, 1], [0, 0]], np.uint8))
+    out = tmp_path / "scores.json"
+    proc = ssr_cli("evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--num-classes", "2",
+                   "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["miou"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+
+
+# ---------------------------------------------------------------- ablation switches
+
+
+@pytest.mark.parametrize("switches, row", [
+    ({"affinity.use_sgc": False}, "clip"),
+    ({"affinity.use_clip": False, "affinity.use_dino": False, "affinity.use_sgc": False}, "cam"),
+], ids=["no-sgc-is-clip-row", "all-off-is-cam-row"])
+def test_ablation_switches_choose_the_method_row(pipeline, switches, row):
+    """The method (exported labels, method_* scores) follows affinity.use_*: without the SGC
+    mask it is the "+ CLIP attention" row, with every switch off it is the plain CAM."""
+    path, params = write_params(pipeline.base / f"ablation_{row}", Path(pipeline.params.data_root), pipeline.clip_dir, **switches)
+    model = pipeline.results / "demo" / "model.pt"
+    assert ssr_main(["pseudo-labels", "--dataset", "demo", "--params", str(path), "--model", str(model), "--quiet"]) == 0
+    seeds = json.loads((Path(params.results_root) / "demo_seeds.json").read_text())
+    # the Table 3 rows do not depend on the switches: same model, same data
+    for r in ("cam", "clip", "sgc"):
+        for key in SCORES:
+            assert seeds[f"{r}_{key}"] == pytest.approx(pipeline.seeds[f"{r}_{key}"], abs=1e-12), f"{r}_{key}"
+    for key in SCORES:
+        assert seeds[f"method_{key}"] == pytest.approx(seeds[f"{row}_{key}"], abs=1e-9), key
+    assert seeds["method_miou"] != pytest.approx(pipeline.seeds["method_miou"], abs=1e-9), "the switch changed nothing"
+    # and the exported PNGs changed with it
+    new, old = Path(params.results_root) / "demo" / "pseudo_labels", pipeline.results / "demo" / "pseudo_labels"
+    assert any(not np.array_equal(read_label_png(p), read_label_png(old / p.name)) for p in sorted(new.glob("*.png")))
+
+
+# ---------------------------------------------------------------- corrupt input
+
+
+def test_corrupt_image_stops_superpixels_naming_the_file(pipeline, tmp_path):
+    data_root = tmp_path / "data"
+    shutil.copytree(Path(pipeline.params.data_root) / "demo", data_root / "demo", ignore=shutil.ignore_patterns("superpixels*"))
+    path, params = write_params(tmp_path, data_root, pipeline.clip_dir)
+    layout = DatasetLayout(params.dataset_root("demo"))
+    victim = layout.image_path("train_00003")
+    victim.write_bytes(victim.read_bytes()[:60])  # a truncated PNG
+    proc = ssr_cli("superpixels", "--dataset", "demo", "--params", str(path), "--quiet", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert victim.name in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not layout.superpixels_path.exists()

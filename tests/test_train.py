@@ -1,0 +1,441 @@
+"""SSR training (ssr/train.py): exact resume, checkpoint contents, non-finite losses,
+the lr schedule, gradient accumulation and SIGTERM.
+
+All runs use the tiny random-init CLIP of conftest on a 12-image demo dataset
+prepared once per module; a run of a few iterations takes well under a second.
+Nothing from a library is mocked: the only monkeypatches wrap `ssr` functions
+(`train_step`, `build_optimiser`) to observe the run or inject a fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import ssr.train as ssr_train
+from ssr.cli import main as ssr_main
+from ssr.config import load_params
+from ssr.model import SSR
+from ssr.train import NonFiniteLoss, lr_at, rng_state, train
+
+REPO = Path(__file__).resolve().parents[1]
+# Wall-clock figures differ between any two runs; everything else in the summary must not.
+TIMING_KEYS = {"train_seconds", "images_per_second"}
+
+
+def write_params(directory: Path, data_root: Path, clip_dir: Path, **overrides) -> tuple[Path, object]:
+    """The conftest `tiny_params_file` shrink, with a shared data root; dotted-key overrides."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data_root"] = str(data_root)
+    raw["results_root"] = str(directory / "results")
+    raw["demo"].update(image_size=32, num_train=12, num_val=6)
+    raw["demo_clip"]["checkpoint"] = str(clip_dir / "open_clip_model.safetensors")
+    raw["train_presets"]["demo"].update(iterations=6, batch_size=4, crop_size=32, warmup=2, refresh_every=2)
+    raw["datasets"]["demo"]["long_side"] = 32
+    raw["superpixels"]["workers"] = 1
+    raw["train"].update(num_workers=0, checkpoint_every=2, log_every=1)
+    raw["infer"]["scales"] = [1.0]
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path, load_params(path)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tiny_clip_dir):
+    """A prepared demo dataset with superpixels, shared by the module; returns a params maker.
+
+    make(name, **overrides) -> (params path, Params) whose results go to their own folder.
+    """
+    base = tmp_path_factory.mktemp("train")
+    data_root = base / "data"
+    path, _ = write_params(base / "prep", data_root, tiny_clip_dir)
+    for stage in ("prepare", "superpixels"):
+        assert ssr_main([stage, "--dataset", "demo", "--params", str(path), "--quiet"]) == 0
+
+    def make(name: str, **overrides):
+        return write_params(base / name, data_root, tiny_clip_dir, **overrides)
+
+    make.clip_dir = tiny_clip_dir
+    make.base = base
+    return make
+
+
+def run(params, out: Path, demo, **kwargs) -> dict:
+    return train(params, "demo", out, progress=False, demo_clip_dir=demo.clip_dir, **kwargs)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_tensors_equal(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{what}: {key} differs (max |diff| {(a[key].double() - b[key].double()).abs().max()})"
+
+
+def assert_optimisers_equal(a: dict, b: dict) -> None:
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for index in a["state"]:
+        assert_tensors_equal(a["state"][index], b["state"][index], f"optimiser state of parameter {index}")
+
+
+def assert_rng_equal(a: dict, b: dict) -> None:
+    assert torch.equal(a["torch"], b["torch"]), "torch RNG state differs"
+    assert a["python"] == b["python"], "python RNG state differs"
+    na, nb = a["numpy"], b["numpy"]
+    assert na[0] == nb[0] and np.array_equal(na[1], nb[1]) and tuple(na[2:]) == tuple(nb[2:]), "numpy RNG state differs"
+
+
+def tsv(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+class StepRecorder:
+    """Wraps `ssr.train.build_optimiser` to see every optimiser step: lrs and cloned gradients."""
+
+    def __init__(self, monkeypatch, *, keep_grads: bool = False):
+        self.lrs: list[list[float]] = []
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.model: SSR | None = None
+        real = ssr_train.build_optimiser
+
+        def build(model, preset):
+            optimiser = real(model, preset)
+            self.model, self.optimiser = model, optimiser
+            names = {id(p): n for n, p in model.named_parameters()}
+
+            def pre_step(opt, args, kwargs):
+                self.lrs.append([g["lr"] for g in opt.param_groups])
+                if keep_grads:
+                    self.grads.append({names[id(p)]: p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None})
+
+            optimiser.register_step_pre_hook(pre_step)
+            return optimiser
+
+        monkeypatch.setattr(ssr_train, "build_optimiser", build)
+
+
+class BatchRecorder:
+    """Wraps `ssr.train.train_step` to record the image ids of every micro-batch."""
+
+    def __init__(self, monkeypatch):
+        self.ids: list[list[str]] = []
+        real = ssr_train.train_step
+
+        def step(backbones, model, batch, *args, **kwargs):
+            self.ids.append(list(batch["id"]))
+            return real(backbones, model, batch, *args, **kwargs)
+
+        monkeypatch.setattr(ssr_train, "train_step", step)
+
+
+# ---------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("num_workers, accumulation", [(0, 1), (1, 2)], ids=["workers0", "workers1-accum2"])
+def test_resume_matches_an_uninterrupted_run(demo, num_workers, accumulation):
+    """Stop at iteration 3 (between the periodic checkpoints at 2 and 4), resume, finish:
+    every weight, buffer (prototype bank, BatchNorm statistics), tau, the optimiser,
+    the RNG, the training curves and the summary equal those of a straight run."""
+    path, params = demo(f"resume_{num_workers}_{accumulation}", **{
+        "train.num_workers": num_workers, "train_presets.demo.accumulation": accumulation})
+    straight, resumed = path.parent / "straight", path.parent / "resumed"
+
+    summary_a = run(params, straight, demo)
+    partial = run(params, resumed, demo, stop_after=3)
+    assert partial["iterations"] == 3
+    assert not (resumed / "model.pt").exists(), "an interrupted run must not publish model.pt"
+    assert load(resumed / "checkpoint.pt")["state"]["iteration"] == 3
+    summary_b = run(params, resumed, demo, resume=True)
+
+    assert summary_a["iterations"] == summary_b["iterations"] == 6
+    assert {k: v for k, v in summary_a.items() if k not in TIMING_KEYS} == {k: v for k, v in summary_b.items() if k not in TIMING_KEYS}
+    a, b = load(straight / "checkpoint.pt"), load(resumed / "checkpoint.pt")
+    for key in ("bank.features", "bank.labels", "bank.pointer", "bank.image_prototypes", "bank.text_members", "bank.ready", "tau.log_tau"):
+        assert key in a["model"], key
+    assert bool(a["model"]["bank.ready"]), "the prototype bank was never refreshed: the test would not cover it"
+    assert_tensors_equal(a["model"], b["model"], "model")
+    assert_optimisers_equal(a["optimiser"], b["optimiser"])
+    assert_rng_equal(a["rng"], b["rng"])
+    assert a["state"]["iteration"] == b["state"]["iteration"] and a["state"]["images_seen"] == b["state"]["images_seen"]
+    assert_tensors_equal(load(straight / "model.pt")["model"], load(resumed / "model.pt")["model"], "model.pt")
+
+    # dvclive curves: one row per iteration 1..6, identical across the interruption
+    for metric in ("loss", "loss_ce", "loss_proto", "tau", "lr"):
+        rows_a = tsv(straight / "dvclive" / "plots" / "metrics" / "train" / f"{metric}.tsv")
+        rows_b = tsv(resumed / "dvclive" / "plots" / "metrics" / "train" / f"{metric}.tsv")
+        assert rows_a == rows_b, metric
+        assert [r[0] for r in rows_a[1:]] == [str(i) for i in range(1, 7)], metric
+    lrs = [float(r[1]) for r in tsv(straight / "dvclive" / "plots" / "metrics" / "train" / "lr.tsv")[1:]]
+    assert lrs == pytest.approx([lr_at(i, params.preset("demo")) for i in range(6)], rel=1e-12)
+
+
+def test_checkpoint_holds_what_resume_restores(demo):
+    path, params = demo("contents")
+    out = path.parent / "run"
+    preset = params.preset("demo")
+    run(params, out, demo, stop_after=3)
+    ckpt = load(out / "checkpoint.pt")
+
+    # iteration counters
+    assert ckpt["state"]["iteration"] == 3
+    assert ckpt["state"]["images_seen"] == 3 * preset.batch_size
+    # the model: every trained tensor and buffer, the prototype bank and tau included
+    assert set(ckpt["model"]) >= {"tau.log_tau", "bank.features", "bank.image_prototypes", "bank.ready"}
+    assert any(k.startswith("isa.") for k in ckpt["model"]) and any(k.startswith("decoder.") for k in ckpt["model"])
+    # the optimiser: AdamW moments after 3 steps, and the lr of the last step (the schedule is lr_at(iteration))
+    steps = {float(s["step"]) for s in ckpt["optimiser"]["state"].values()}
+    assert steps == {3.0}
+    assert [g["lr"] for g in ckpt["optimiser"]["param_groups"]] == pytest.approx(
+        [lr_at(2, preset) * g["lr_mult"] for g in ckpt["optimiser"]["param_groups"]], rel=1e-12)
+    assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
+    assert ckpt["meta"]["dataset"] == "demo" and ckpt["meta"]["num_classes"] == 5
+
+    # Give the checkpoint distinctive RNG states, then resume with nothing left to do: the
+    # checkpoint written at the end must hold what was loaded, and the process RNGs too.
+    torch.manual_seed(1234), random.seed(1234), np.random.seed(1234)
+    ckpt["rng"] = rng_state()
+    torch.save(ckpt, out / "checkpoint.pt")
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    summary = run(params, out, demo, resume=True, stop_after=3)
+    assert summary["iterations"] == 3
+    after = load(out / "checkpoint.pt")
+    assert after["state"]["iteration"] == 3 and after["state"]["images_seen"] == 3 * preset.batch_size
+    assert_tensors_equal(ckpt["model"], after["model"], "model after a no-op resume")
+    assert_optimisers_equal(ckpt["optimiser"], after["optimiser"])
+    assert_rng_equal(ckpt["rng"], after["rng"])
+    assert_rng_equal(ckpt["rng"], rng_state())
+
+    # resuming into the next iteration starts at 3: three more steps reach the end
+    summary = run(params, out, demo, resume=True)
+    assert summary["iterations"] == 6 and load(out / "checkpoint.pt")["state"]["images_seen"] == 6 * preset.batch_size
+
+
+def test_resume_without_a_checkpoint_starts_from_zero(demo, capsys):
+    path, params = demo("fresh", **{"train_presets.demo.iterations": 2})
+    summary = train(params, "demo", path.parent / "run", resume=True, progress=True, demo_clip_dir=demo.clip_dir)
+    assert summary["iterations"] == 2
+    assert "starting from iteration 0" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- non-finite values
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo, monkeypatch):
+    path, params = demo("nan_loss")
+    out, reference = path.parent / "run", path.parent / "reference"
+    run(params, out, demo, stop_after=2)
+    first = (out / "checkpoint.pt").read_bytes()
+
+    calls = {"n": 0}
+    real = ssr_train.train_step
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), parts) if calls["n"] == poison_at else (loss, parts)
+
+    monkeypatch.setattr(ssr_train, "train_step", poisoned)
+    # a NaN at the first resumed iteration: nothing is written, the checkpoint is byte-identical
+    poison_at = 1
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss \(nan\) at iteration 2 .*last good checkpoint is .*checkpoint\.pt"):
+        run(params, out, demo, resume=True)
+    assert (out / "checkpoint.pt").read_bytes() == first
+    assert not (out / "model.pt").exists()
+
+    # a NaN at iteration 4 (0-based) after the periodic checkpoint at 4 iterations: that checkpoint
+    # stays, and it is exactly what a clean run stopped at 4 iterations writes
+    calls["n"], poison_at = 0, 3
+    with pytest.raises(NonFiniteLoss, match="at iteration 4"):
+        run(params, out, demo, resume=True)
+    assert not (out / "model.pt").exists()
+    monkeypatch.setattr(ssr_train, "train_step", real)
+    run(params, reference, demo, stop_after=4)
+    kept, clean = load(out / "checkpoint.pt"), load(reference / "checkpoint.pt")
+    assert kept["state"]["iteration"] == 4
+    assert_tensors_equal(clean["model"], kept["model"], "checkpoint kept after the NaN")
+    assert_optimisers_equal(clean["optimiser"], kept["optimiser"])
+
+
+def test_non_finite_gradient_never_reaches_a_checkpoint(demo, monkeypatch):
+    """A finite loss whose backward yields NaN (overflow, a hook, bf16) must stop the run
+    before the optimiser writes NaN into the weights and a checkpoint saves them."""
+    path, params = demo("nan_grad", **{"train.checkpoint_every": 1})
+    out = path.parent / "run"
+    real = ssr_train.build_optimiser
+    calls = {"n": 0}
+
+    def build(model, preset):
+        def corrupt(grad):
+            calls["n"] += 1
+            return grad * float("nan") if calls["n"] == 3 else grad
+
+        model.decoder.classify.bias.register_hook(corrupt)
+        return real(model, preset)
+
+    monkeypatch.setattr(ssr_train, "build_optimiser", build)
+    with pytest.raises(NonFiniteLoss, match=r"(?s)non-finite gradient.*decoder\.classify\.bias.*iteration 2"):
+        run(params, out, demo)
+    ckpt = load(out / "checkpoint.pt")
+    assert ckpt["state"]["iteration"] == 2
+    assert all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
+    assert not (out / "model.pt").exists()
+
+
+def test_cli_diverging_run_exits_non_zero_with_a_clear_message(demo, capsys):
+    path, params = demo("diverge", **{"train_presets.demo.lr": 1.0e30, "train.checkpoint_every": 1})
+    rc = ssr_main(["train", "--dataset", "demo", "--params", str(path), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "ssr train: error: non-finite" in err and "last good checkpoint" in err
+    results = Path(params.results_root)
+    ckpt = load(results / "demo" / "checkpoint.pt")
+    assert 1 <= ckpt["state"]["iteration"] < params.preset("demo").iterations
+    assert all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
+    assert not (results / "demo" / "model.pt").exists()
+    assert not (results / "demo_train.json").exists()
+
+
+# ---------------------------------------------------------------- lr schedule
+
+
+def test_lr_is_linear_warmup_then_poly_decay(demo):
+    preset = dataclasses.replace(demo("lr")[1].preset("demo"), lr=2e-3, warmup=5, iterations=50)
+    for i in range(5):
+        assert lr_at(i, preset) == pytest.approx(2e-3 * (i + 1) / 5, rel=1e-12)
+    for i in range(5, 51):
+        assert lr_at(i, preset) == pytest.approx(2e-3 * (1 - (i - 5) / 45) ** 0.9, rel=1e-12, abs=1e-18)
+    assert lr_at(4, preset) == lr_at(5, preset) == pytest.approx(2e-3)  # warmup ends at the base lr
+    assert lr_at(50, preset) == 0.0 and lr_at(80, preset) == 0.0
+    assert all(lr_at(i, preset) > 0 for i in range(50))
+    decay = [lr_at(i, preset) for i in range(5, 51)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    no_warmup = dataclasses.replace(preset, warmup=0)
+    assert lr_at(0, no_warmup) == pytest.approx(2e-3) and lr_at(25, no_warmup) == pytest.approx(2e-3 * 0.5 ** 0.9)
+
+
+def test_optimiser_steps_use_the_schedule_and_the_decoder_multiplier(demo, monkeypatch):
+    path, params = demo("lr_run", **{"train_presets.demo.decoder_lr_mult": 10.0})
+    steps = StepRecorder(monkeypatch)
+    run(params, path.parent / "run", demo)
+    preset = params.preset("demo")
+    assert steps.lrs == [pytest.approx([lr_at(i, preset), 10 * lr_at(i, preset)], rel=1e-12) for i in range(6)]
+    # the second group holds exactly the decoder's parameters, the first everything else that trains
+    heads, decoder = ({id(p) for p in g["params"]} for g in steps.optimiser.param_groups)
+    assert decoder == {id(p) for p in steps.model.decoder.parameters()}
+    assert heads | decoder == {id(p) for p in steps.model.parameters()} and not heads & decoder
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+def test_accumulation_gives_the_full_batch_gradient(demo, monkeypatch):
+    """Batch 4 in one micro-batch vs two micro-batches of 2: the same images, the same
+    gradient, the same update. CMPA (BatchNorm in ISA couples a micro-batch) and the
+    affinity loss (averaged over the pairs of a micro-batch) are off so the loss is an
+    exact mean over the pixels of the batch."""
+    results = {}
+    for accumulation in (1, 2):
+        path, params = demo(f"accum{accumulation}", **{
+            "train_presets.demo.iterations": 1, "train_presets.demo.accumulation": accumulation,
+            "cmpa.enabled": False, "train.affinity_loss": False})
+        with monkeypatch.context() as patch:
+            steps, batches = StepRecorder(patch, keep_grads=True), BatchRecorder(patch)
+            run(params, path.parent / "run", demo)
+        results[accumulation] = steps, batches, load(path.parent / "run" / "model.pt")["model"]
+
+    (steps1, batches1, model1), (steps2, batches2, model2) = results[1], results[2]
+    assert len(steps1.grads) == len(steps2.grads) == 1
+    assert [len(b) for b in batches1.ids] == [4] and [len(b) for b in batches2.ids] == [2, 2]
+    assert batches1.ids[0] == batches2.ids[0] + batches2.ids[1]
+    g1, g2 = steps1.grads[0], steps2.grads[0]
+    assert g1.keys() == g2.keys() and g1 and all(k.startswith("decoder.") for k in g1)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"gradient of {name}: {m}")
+
+
+def test_accumulation_steps_make_one_optimiser_step(demo, monkeypatch):
+    path, params = demo("accum_steps", **{"train_presets.demo.iterations": 3, "train_presets.demo.accumulation": 4})
+    steps, batches = StepRecorder(monkeypatch), BatchRecorder(monkeypatch)
+    summary = run(params, path.parent / "run", demo)
+    assert len(steps.lrs) == 3
+    assert [len(b) for b in batches.ids] == [1] * 12
+    assert summary["images_seen"] == 12
+    ckpt = load(path.parent / "run" / "checkpoint.pt")
+    assert {float(s["step"]) for s in ckpt["optimiser"]["state"].values()} == {3.0}
+    # 12 micro-batches of one image over a 12-image split: one epoch, each image once
+    assert sorted(i for b in batches.ids for i in b) == sorted(f"train_{k:05d}" for k in range(12))
+
+
+# ---------------------------------------------------------------- SIGTERM
+
+# `ssr train` with each step slowed down, so that the signal lands mid-run on any machine.
+SLOW_TRAIN = """
+import sys, time
+import ssr.train
+real = ssr.train.train_step
+def slow(*args, **kwargs):
+    time.sleep(0.15)
+    return real(*args, **kwargs)
+ssr.train.train_step = slow
+from ssr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(demo):
+    iterations = 40  # 0.15 s each in the subprocess: a window of 6 s for the signal; it lands at ~1-2
+    path, params = demo("sigterm", **{"train_presets.demo.iterations": iterations, "train.checkpoint_every": 1000})
+    out = Path(params.results_root) / "demo"
+    curve = out / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, "train", "--dataset", "demo", "--params", str(path), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=path.parent)
+    try:
+        deadline = time.time() + 90
+        while not (curve.exists() and len(curve.read_text().splitlines()) >= 2):  # header + iteration 1: handler installed
+            assert proc.poll() is None, f"training ended before the signal:\n{proc.communicate()}"
+            assert time.time() < deadline, "training did not start within 90 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode == 130, stderr
+    ckpt = load(out / "checkpoint.pt")
+    stopped = ckpt["state"]["iteration"]
+    assert 1 <= stopped < iterations, stderr
+    assert f"SIGTERM: checkpoint written at iteration {stopped}" in stderr
+    assert not (out / "model.pt").exists()
+    assert not (Path(params.results_root) / "demo_train.json").exists()
+
+    summary = train(params, "demo", out, resume=True, progress=False, demo_clip_dir=demo.clip_dir)
+    assert summary["iterations"] == iterations and (out / "model.pt").exists()
+    # the interrupted-and-resumed run is the uninterrupted one
+    reference = path.parent / "reference"
+    run(params, reference, demo)
+    assert_tensors_equal(load(reference / "model.pt")["model"], load(out / "model.pt")["model"], "model after SIGTERM + resume")
+    assert tsv(curve) == tsv(reference / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv")
