@@ -169,7 +169,12 @@ def _evaluate_retrained(params: Params, dataset: str, device, quiet: bool) -> di
 def cmd_retrain(args, params: Params) -> None:
     out_json = Path(params.results_root) / f"{args.dataset}_retrain.json"
     if not params.retrain.enabled:
-        print("retrain.enabled is false in params.yaml: nothing trained (set it to true to run the multi-stage protocol)")
+        note = "retrain.enabled is false in params.yaml: nothing trained (set it to true to run the multi-stage protocol)"
+        print(note)
+        # DVC has no conditional stages, so its retrain stage always runs and needs its output folder.
+        out = results_dir(params, args.dataset) / "retrain"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "DISABLED.txt").write_text(note + "\n")
         write_json(out_json, {"retrain_enabled": 0})
         return
     from ssr.retrain import retrain

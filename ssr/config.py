@@ -38,6 +38,8 @@ class DemoParams:
     max_objects: int = _f(3, 1, 8)
     min_object_size: float = _f(0.28, 0.05, 1.0)
     max_object_size: float = _f(0.45, 0.05, 1.0)
+    max_overlap: float = _f(0.25, 0.0, 1.0)
+    texture_contrast: float = _f(60.0, 0.0, 255.0)
 
 
 @dataclass(frozen=True)

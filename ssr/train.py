@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -250,7 +251,11 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
     live = None
     if rank == 0:
         from dvclive import Live
-        live = Live(dir=str(out_dir / "dvclive"), resume=resume and state.iteration > 0, save_dvc_exp=False, dvcyaml=None, report=None)
+        try:
+            live = Live(dir=str(out_dir / "dvclive"), resume=resume and state.iteration > 0, save_dvc_exp=False, dvcyaml=None, report=None)
+        except Exception as err:  # dvclive fails inside a git repo that has no commit yet (scmrepo "Empty git repo")
+            print(f"warning: dvclive disabled ({type(err).__name__}: {err}); commit once to get training curves", file=sys.stderr)
+            (out_dir / "dvclive").mkdir(exist_ok=True)
 
     sampler = ResumableSampler(len(data), micro, seed, state.iteration * preset.accumulation, rank, world)
     # The loader draws its workers' base seed from its own generator, not the global torch RNG: a draw

@@ -34,6 +34,7 @@ TEXTURES = ("stripes", "checks", "dots", "noise", "plain")
 # Streams keep the dataset splits, the CLIP pretraining data and the CLIP's
 # held-out evaluation images disjoint for one seed.
 STREAMS = {"train": 0, "val": 1, "clip_train": 2, "clip_eval": 3}
+PLACEMENT_TRIES = 20
 
 
 @dataclass
@@ -72,9 +73,10 @@ def _shape_mask(shape: str, height: int, width: int, cx: float, cy: float, size:
     return np.array(canvas, dtype=bool)
 
 
-def _texture(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
-    """(size, size, 3) float background in [0, 255] of two random muted colours."""
-    a, b = rng.uniform(30, 200, size=(2, 3))
+def _texture(rng: np.random.Generator, kind: str, size: int, contrast: float) -> np.ndarray:
+    """(size, size, 3) float background in [0, 255] of two random muted colours at most `contrast` apart per channel."""
+    a = rng.uniform(30, 200, size=3)
+    b = np.clip(a + rng.uniform(-contrast, contrast, size=3), 0, 255)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     if kind == "stripes":
         theta = rng.uniform(0, math.pi)
@@ -111,19 +113,27 @@ def render_sample(params: DemoParams, stream: str, index: int, max_objects: int 
     rng = np.random.default_rng([params.seed, STREAMS[stream], index])
     size = params.image_size
     texture = TEXTURES[rng.integers(len(TEXTURES))]
-    image = _texture(rng, texture, size)
+    image = _texture(rng, texture, size, params.texture_contrast)
     label = np.zeros((size, size), np.uint8)
     top = params.max_objects if max_objects is None else max(params.min_objects, min(max_objects, params.max_objects))
     n_objects = int(rng.integers(params.min_objects, top + 1))
     phrases = []
-    for _ in range(n_objects):
+    # Distinct colours within an image, so two touching objects never merge into one blob.
+    colour_names = [list(OBJECT_COLOURS)[i] for i in rng.permutation(len(OBJECT_COLOURS))]
+    for k in range(n_objects):
         class_index = int(rng.integers(len(params.classes)))
         shape = params.classes[class_index]
-        colour_name = list(OBJECT_COLOURS)[rng.integers(len(OBJECT_COLOURS))]
+        colour_name = colour_names[k % len(colour_names)]
         # at least 3 px, so a tiny configuration never draws an empty object
         side = max(3.0, rng.uniform(params.min_object_size, params.max_object_size) * size)
-        cx, cy = rng.uniform(side / 2, size - side / 2, 2)
-        mask = _shape_mask(shape, size, size, cx, cy, side, rng.uniform(0, 2 * math.pi))
+        angle = rng.uniform(0, 2 * math.pi)
+        # Overlaps are allowed but bounded: resample the position while the new object
+        # would cover more than `max_overlap` of its area with earlier ones.
+        for _ in range(PLACEMENT_TRIES):
+            cx, cy = rng.uniform(side / 2, size - side / 2, 2)
+            mask = _shape_mask(shape, size, size, cx, cy, side, angle)
+            if (label[mask] > 0).sum() <= params.max_overlap * mask.sum():
+                break
         colour = np.array(OBJECT_COLOURS[colour_name], np.float32) + rng.normal(0, 6, 3)
         image[mask] = colour + rng.normal(0, 5, (int(mask.sum()), 3))
         label[mask] = class_index + 1
