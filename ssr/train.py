@@ -168,14 +168,34 @@ def _all_gather(x: torch.Tensor) -> torch.Tensor:
 
 def _sync_gradients(model: SSR) -> None:
     """Average gradients across ranks (the DDP reduction, done explicitly because the
-    training step calls the model's parts rather than one forward)."""
+    training step calls the model's parts rather than one forward).
+
+    One flat all-reduce over every trainable parameter: a parameter without a gradient on
+    one rank (an absent class, say) contributes zeros rather than leaving the ranks'
+    collectives out of step.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    world = dist.get_world_size()
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def _check_ranks_agree(model: SSR) -> None:
+    """Every rank must hold the same weights after training; a difference means the gradient sync failed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError("DDP ranks ended with different weights; gradient synchronisation failed")
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -335,6 +355,7 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
         if live is not None:
             live.end()
 
+    _check_ranks_agree(model)
     state.seconds += time.time() - tic
     summary = {"iterations": state.iteration, "images_seen": state.images_seen, "train_seconds": round(state.seconds, 1),
                "images_per_second": round(state.images_seen / max(state.seconds, 1e-6), 2),

@@ -439,3 +439,20 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(demo):
     run(params, reference, demo)
     assert_tensors_equal(load(reference / "model.pt")["model"], load(out / "model.pt")["model"], "model after SIGTERM + resume")
     assert tsv(curve) == tsv(reference / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv")
+
+
+# ---------------------------------------------------------------- DDP
+
+def test_ddp_under_torchrun_on_cpu(demo):
+    """Two gloo ranks on CPU: the run finishes, ranks end with equal weights (checked inside
+    `train`), every rank saw its own half of each batch, and rank 0 alone writes the outputs."""
+    path, params = demo("ddp", **{"train_presets.demo.iterations": 3})
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "ssr", "train", "--dataset", "demo",
+                           "--params", str(path), "--quiet"], capture_output=True, text=True, env=env, cwd=path.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = yaml.safe_load((Path(params.results_root) / "demo_train.json").read_text())
+    assert summary["iterations"] == 3 and summary["images_seen"] == 3 * params.preset("demo").batch_size
+    saved = load(Path(params.results_root) / "demo" / "model.pt")
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
