@@ -8,7 +8,6 @@ message naming the key (`train_presets.demo.lr: must be > 0, got -1.0`).
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,7 +286,7 @@ def _validate(params: Params) -> Params:
     if d.min_objects > d.max_objects:
         raise ConfigError(f"demo.min_objects: {d.min_objects} exceeds demo.max_objects {d.max_objects}")
     if d.min_object_size > d.max_object_size:
-        raise ConfigError(f"demo.min_object_size: exceeds demo.max_object_size")
+        raise ConfigError("demo.min_object_size: exceeds demo.max_object_size")
     for name, preset in params.train_presets.items():
         if preset.scale_min > preset.scale_max:
             raise ConfigError(f"train_presets.{name}.scale_min: exceeds scale_max")

@@ -9,8 +9,6 @@ an uninterrupted one would have seen.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
 import signal
@@ -31,7 +29,7 @@ from ssr.cam import class_slots
 from ssr.cmpa import masked_average_pool, prototype_loss
 from ssr.config import Params, PresetParams
 from ssr.data.dataset import TrainCrops, collate
-from ssr.data.layout import IGNORE_INDEX, atomic_path, write_json
+from ssr.data.layout import IGNORE_INDEX, atomic_path
 from ssr.decoder import affinity_loss
 from ssr.model import SSR, FrozenBackbones, build_backbones, cams_to_labels, refined_cams
 

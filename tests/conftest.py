@@ -45,32 +45,44 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return out
 
 
+def tiny_params(raw: dict, clip_dir: Path, *, data_root: Path | None = None, results_root: Path | None = None,
+                **overrides) -> dict:
+    """Shrink a params dict for a seconds-long demo run on the tiny CLIP; dotted-key overrides last."""
+    if data_root is not None:
+        raw["data_root"] = str(data_root)
+    if results_root is not None:
+        raw["results_root"] = str(results_root)
+    raw["demo"].update(image_size=32, num_train=12, num_val=6)
+    raw["demo_clip"]["checkpoint"] = str(clip_dir / "open_clip_model.safetensors")
+    raw["train_presets"]["demo"].update(iterations=4, batch_size=4, crop_size=32, warmup=1, refresh_every=2)
+    raw["datasets"]["demo"]["long_side"] = 32
+    raw["superpixels"]["workers"] = 1
+    raw["train"]["num_workers"] = 0
+    raw["infer"]["scales"] = [1.0]
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return raw
+
+
+def write_tiny_params(directory: Path, data_root: Path, clip_dir: Path, **overrides):
+    """params.yaml in `directory` (results in directory/results) from the repo's, shrunk; -> (path, Params)."""
+    raw = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()), clip_dir, data_root=data_root,
+                      results_root=directory / "results", **overrides)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path, load_params(path)
+
+
 @pytest.fixture
 def tiny_params_file(tmp_path, tiny_clip_dir):
-    """Write a params.yaml for a tiny demo run under tmp_path; returns (path, Params).
-
-    Call with keyword overrides as dotted keys, e.g. make(**{"train_presets.demo.iterations": 4}).
-    """
+    """make(**dotted_overrides) -> (path, Params): a shrunk params.yaml with data and results under tmp_path."""
 
     def make(**overrides):
-        raw = yaml.safe_load((REPO / "params.yaml").read_text())
-        raw["data_root"] = str(tmp_path / "data")
-        raw["results_root"] = str(tmp_path / "results")
-        raw["demo"].update(image_size=32, num_train=12, num_val=6)
-        raw["demo_clip"]["checkpoint"] = str(tiny_clip_dir / "open_clip_model.safetensors")
-        raw["train_presets"]["demo"].update(iterations=4, batch_size=4, crop_size=32, warmup=1, refresh_every=2)
-        raw["datasets"]["demo"]["long_side"] = 32
-        raw["superpixels"]["workers"] = 1
-        raw["train"]["num_workers"] = 0
-        raw["infer"]["scales"] = [1.0]
-        for dotted, value in overrides.items():
-            node = raw
-            *parents, leaf = dotted.split(".")
-            for key in parents:
-                node = node[key]
-            node[leaf] = value
-        path = tmp_path / "params.yaml"
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        return path, load_params(path)
+        return write_tiny_params(tmp_path, tmp_path / "data", tiny_clip_dir, **overrides)
 
     return make

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -297,14 +298,8 @@ def test_demo_dag_runs_for_real_and_dvc_metrics_diff_sees_a_param_edit(tmp_path,
     for name in (*WORKFLOW_FILES, ".gitignore"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, work / name)
-    raw = yaml.safe_load((work / "params.yaml").read_text())
-    raw["demo"].update(image_size=32, num_train=12, num_val=6)
-    raw["demo_clip"]["checkpoint"] = str(tiny_clip_dir / "open_clip_model.safetensors")
-    raw["train_presets"]["demo"].update(iterations=3, batch_size=4, crop_size=32, warmup=1, refresh_every=2)
-    raw["datasets"]["demo"]["long_side"] = 32
-    raw["superpixels"]["workers"] = 1
-    raw["train"]["num_workers"] = 0
-    raw["infer"].update(scales=[1.0], crf=False)
+    raw = tiny_params(yaml.safe_load((work / "params.yaml").read_text()), tiny_clip_dir,
+                      **{"train_presets.demo.iterations": 3, "infer.crf": False})
     (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

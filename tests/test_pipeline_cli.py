@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from conftest import write_tiny_params
 
 from ssr.cli import main as ssr_main
-from ssr.config import load_params
 from ssr.data.layout import DatasetLayout, read_label_png, write_label_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,27 +29,7 @@ SCORES = ("miou", "precision", "recall", "confusion_ratio")
 
 
 def write_params(directory: Path, data_root: Path, clip_dir: Path, **overrides) -> tuple[Path, object]:
-    """The conftest `tiny_params_file` shrink, with a chosen data root; dotted-key overrides."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["data_root"] = str(data_root)
-    raw["results_root"] = str(directory / "results")
-    raw["demo"].update(image_size=32, num_train=12, num_val=6)
-    raw["demo_clip"]["checkpoint"] = str(clip_dir / "open_clip_model.safetensors")
-    raw["train_presets"]["demo"].update(iterations=4, batch_size=4, crop_size=32, warmup=1, refresh_every=2)
-    raw["datasets"]["demo"]["long_side"] = 32
-    raw["superpixels"]["workers"] = 1
-    raw["train"]["num_workers"] = 0
-    raw["infer"]["scales"] = [1.0]
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path, load_params(path)
+    return write_tiny_params(directory, data_root, clip_dir, **overrides)
 
 
 def ssr_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

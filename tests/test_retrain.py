@@ -9,16 +9,6 @@ MODEL = "lraspp_mobilenet_v3_large"  # the fastest torchvision segmenter on CPU
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core machine, two OpenMP threads spin against other
-    # processes and a step gets 10-50x slower; one thread is stable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _make_data(tmp_path, n=4, size=64):
     """n images in tmp_path/images: a red (class 1) or green (class 2) square on
     grey, with the true mask written as the pseudo-label in tmp_path/pseudo."""

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import write_tiny_params
 
 import ssr.train as ssr_train
 from ssr.cli import main as ssr_main
-from ssr.config import load_params
 from ssr.model import SSR
 from ssr.train import NonFiniteLoss, lr_at, rng_state, train
 
@@ -35,27 +35,9 @@ TIMING_KEYS = {"train_seconds", "images_per_second"}
 
 
 def write_params(directory: Path, data_root: Path, clip_dir: Path, **overrides) -> tuple[Path, object]:
-    """The conftest `tiny_params_file` shrink, with a shared data root; dotted-key overrides."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["data_root"] = str(data_root)
-    raw["results_root"] = str(directory / "results")
-    raw["demo"].update(image_size=32, num_train=12, num_val=6)
-    raw["demo_clip"]["checkpoint"] = str(clip_dir / "open_clip_model.safetensors")
-    raw["train_presets"]["demo"].update(iterations=6, batch_size=4, crop_size=32, warmup=2, refresh_every=2)
-    raw["datasets"]["demo"]["long_side"] = 32
-    raw["superpixels"]["workers"] = 1
-    raw["train"].update(num_workers=0, checkpoint_every=2, log_every=1)
-    raw["infer"]["scales"] = [1.0]
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path, load_params(path)
+    """The shared tiny params, with checkpoints and log points every few iterations."""
+    defaults = {"train_presets.demo.iterations": 6, "train_presets.demo.warmup": 2, "train.checkpoint_every": 2, "train.log_every": 1}
+    return write_tiny_params(directory, data_root, clip_dir, **{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +346,7 @@ def test_accumulation_gives_the_full_batch_gradient(demo, monkeypatch):
             run(params, path.parent / "run", demo)
         results[accumulation] = steps, batches, load(path.parent / "run" / "model.pt")["model"]
 
-    (steps1, batches1, model1), (steps2, batches2, model2) = results[1], results[2]
+    (steps1, batches1, _), (steps2, batches2, _) = results[1], results[2]
     assert len(steps1.grads) == len(steps2.grads) == 1
     assert [len(b) for b in batches1.ids] == [4] and [len(b) for b in batches2.ids] == [2, 2]
     assert batches1.ids[0] == batches2.ids[0] + batches2.ids[1]

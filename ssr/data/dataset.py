@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, read_image, read_label_png
+from ssr.data.layout import DatasetError, DatasetLayout, read_image, read_label_png
 from ssr.superpixels import RegionMaps
 
 # Region id used for padding; `sgc.region_onehot` drops ids >= the region count.

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ssr.config import DemoParams
-from ssr.data.layout import DatasetLayout, atomic_path, image_labels_from_mask, write_image, write_json, write_label_png
+from ssr.data.layout import DatasetLayout, image_labels_from_mask, write_image, write_json, write_label_png
 
 OBJECT_COLOURS = {
     "red": (220, 40, 40),
