@@ -13,6 +13,7 @@ import json
 import math
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from ssr.data.layout import atomic_path, write_json
 # every consumer reads them back from the model's preprocess config.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
+# Written at every evaluation and removed at the end: an interrupted `ssr demo-clip` resumes from it.
+RESUME_FILE = "resume.pt"
 
 
 def model_config(p: DemoClipParams, image_size: int) -> dict:
@@ -104,10 +107,24 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
     token_cache: dict[str, torch.Tensor] = {}
     start = time.time()
     history = []
-    bar = tqdm(range(p.steps), desc="demo CLIP", disable=not progress)
+    out_dir = Path(out_dir)
+    resume_path = out_dir / RESUME_FILE
+    run_id = {"config": cfg, "params": asdict(p), "demo_params": asdict(demo)}
+    first = 0
+    if resume_path.is_file():
+        saved = torch.load(resume_path, map_location="cpu", weights_only=False)
+        if saved["run"] == run_id:
+            model.load_state_dict(saved["model"])
+            optimiser.load_state_dict(saved["optimiser"])
+            first, history = saved["step"], saved["history"]
+            start -= saved["seconds"]
+            print(f"demo CLIP: resuming from {resume_path} at step {first}", flush=True)
     # Single-object images give captions as clean as the zero-shot prompts; from
     # scratch on 2 CPU cores, multi-object captions alone learn far slower.
     single_rng = np.random.default_rng([p.seed, 7])
+    for _ in range(first):  # replay the draws of the steps already done, so a resumed run is the same run
+        single_rng.random(p.batch_size)
+    bar = tqdm(range(first, p.steps), initial=first, total=p.steps, desc="demo CLIP", disable=not progress)
     for step in bar:
         model.train()
         single = single_rng.random(p.batch_size) < p.single_object_fraction
@@ -132,11 +149,15 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
             ev = zero_shot_map(model, tokenizer, demo, p.eval_images)
             history.append({"step": step + 1, "loss": float(loss.item()), "map": ev["map"], "seconds": round(time.time() - start, 1)})
             print(json.dumps(history[-1]), flush=True)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(resume_path) as tmp:
+                torch.save({"run": run_id, "model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step + 1,
+                            "history": history, "seconds": time.time() - start}, tmp)
     final = zero_shot_map(model, tokenizer, demo, p.eval_images)
     provenance = {
         "config": cfg,
-        "params": {k: getattr(p, k) for k in p.__dataclass_fields__},
-        "demo_params": {k: getattr(demo, k) for k in demo.__dataclass_fields__},
+        "params": asdict(p),
+        "demo_params": asdict(demo),
         "seed": p.seed,
         "steps": p.steps,
         "device": f"cpu ({platform.processor() or platform.machine()}, {p.threads} threads)",
@@ -149,6 +170,7 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
         "open_clip": open_clip.__version__,
     }
     save(out_dir, model, cfg, provenance)
+    resume_path.unlink(missing_ok=True)
     return provenance
 
 

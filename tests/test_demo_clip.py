@@ -1,0 +1,115 @@
+"""The demo CLIP stage: open_clip's own classes and loss, a folder open_clip's loader
+reads back, provenance, an evaluation that can tell a good model from chance, and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ssr.demo_clip as demo_clip
+from ssr.backbones import load_clip
+from ssr.config import DemoClipParams, DemoParams
+
+TINY = DemoClipParams(embed_dim=16, vision_width=24, vision_layers=2, vision_heads=2, patch_size=8, text_width=16,
+                      text_layers=1, text_heads=2, context_length=16, steps=4, batch_size=8, lr=1e-3, warmup=1,
+                      eval_images=8, threads=1)
+DEMO = DemoParams(image_size=32)
+
+
+def test_pretrain_writes_a_folder_open_clip_loads_with_provenance(tmp_path):
+    prov = demo_clip.pretrain(tmp_path, TINY, DEMO, progress=False, eval_every=2)
+    model, tokenizer = load_clip("demo", demo_dir=tmp_path)
+    assert model.visual.conv1.kernel_size == (8, 8) and model.visual.transformer.width == 24
+    saved = json.loads((tmp_path / "provenance.json").read_text())
+    assert saved["steps"] == 4 and saved["seed"] == TINY.seed and [h["step"] for h in saved["history"]] == [2, 4]
+    assert saved["held_out_zero_shot_map"] == pytest.approx(prov["held_out_zero_shot_map"])
+    assert {"device", "wall_seconds", "config", "held_out_ap"} <= saved.keys()
+    assert not (tmp_path / demo_clip.RESUME_FILE).exists()
+    # the fp16 file round-trips into the fp32 model open_clip builds
+    image = torch.rand(2, 3, 32, 32)
+    assert torch.isfinite(model.encode_image(image)).all()
+    assert tokenizer(["a photo of a circle."]).shape == (1, 16)
+
+
+def test_average_precision_against_a_direct_computation():
+    rng = np.random.default_rng(0)
+    scores, positives = rng.random(50), rng.random(50) < 0.3
+    order = np.argsort(-scores)
+    hits = positives[order]
+    expected = np.mean([hits[: k + 1].mean() for k in np.flatnonzero(hits)])
+    assert demo_clip.average_precision(scores, positives) == pytest.approx(expected)
+    assert demo_clip.average_precision(positives.astype(float), positives) == 1.0
+
+
+def test_zero_shot_map_rewards_a_model_that_knows_the_classes(tmp_path):
+    """A model whose image embedding *is* the class indicator scores mAP 1; a random one does not."""
+    demo = DemoParams(image_size=32)
+
+    class Oracle(torch.nn.Module):
+        def encode_text(self, tokens, normalize=True):
+            return torch.eye(len(demo.classes), 8)[: len(tokens)]
+
+        def encode_image(self, images, normalize=True):
+            # recover the samples from their rendering order: the oracle reads the true labels
+            return torch.nn.functional.normalize(self.truth[: len(images)] + 1e-3, dim=-1)
+
+    oracle = Oracle()
+    samples = [demo_clip.render_sample(demo, "clip_eval", i) for i in range(40)]
+    oracle.truth = torch.tensor(np.array([[(s.label == c + 1).any() for c in range(4)] + [0] * 4 for s in samples]), dtype=torch.float32)
+    tokenizer = lambda texts: torch.zeros(len(texts), 4)  # noqa: E731
+    assert demo_clip.zero_shot_map(oracle, tokenizer, demo, 40)["map"] == pytest.approx(1.0)
+    oracle.truth = torch.rand(40, 8)
+    assert demo_clip.zero_shot_map(oracle, tokenizer, demo, 40)["map"] < 0.9
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    demo_clip.pretrain(straight, TINY, DEMO, progress=False, eval_every=2)
+
+    interrupted = tmp_path / "interrupted"
+    real = demo_clip.zero_shot_map
+    calls = {"n": 0}
+
+    def stop_at_second_evaluation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated interruption at step 4")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo_clip, "zero_shot_map", stop_at_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        demo_clip.pretrain(interrupted, TINY, DEMO, progress=False, eval_every=2)
+    assert torch.load(interrupted / demo_clip.RESUME_FILE, weights_only=False)["step"] == 2
+    monkeypatch.setattr(demo_clip, "zero_shot_map", real)
+
+    demo_clip.pretrain(interrupted, TINY, DEMO, progress=False, eval_every=2)
+    a = load_clip("demo", demo_dir=straight)[0].state_dict()
+    b = load_clip("demo", demo_dir=interrupted)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_file_from_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys):
+    real = demo_clip.zero_shot_map
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt("simulated interruption")
+
+    # leave a resume file at step 2 from the TINY settings
+    calls = {"n": 0}
+
+    def stop_at_second(*args, **kwargs):
+        calls["n"] += 1
+        return stop() if calls["n"] == 2 else real(*args, **kwargs)
+
+    monkeypatch.setattr(demo_clip, "zero_shot_map", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        demo_clip.pretrain(tmp_path, TINY, DEMO, progress=False, eval_every=2)
+    monkeypatch.setattr(demo_clip, "zero_shot_map", real)
+    capsys.readouterr()
+    prov = demo_clip.pretrain(tmp_path, dataclasses.replace(TINY, lr=5e-4), DEMO, progress=False, eval_every=2)
+    assert "resuming" not in capsys.readouterr().out
+    assert prov["params"]["lr"] == 5e-4 and [h["step"] for h in prov["history"]] == [2, 4]
