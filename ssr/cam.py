@@ -49,25 +49,38 @@ def present_class_probs(
     return probs.gather(1, classes) * valid
 
 
-def minmax_normalise(cam: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Min-max normalise over the last dimension: (..., N) -> (..., N) in [0, 1]."""
+def minmax_normalise(cam: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Min-max normalise over the last dimension: (..., N) -> (..., N) in [0, 1]; a constant row gives 0.
+
+    The guard is a floor on the range, not an added constant, so CAMs of any scale (HiResCAM's
+    are ~1e-6 on the demo CLIP) still reach 1 at their maximum.
+    """
     low = cam.amin(dim=-1, keepdim=True)
     high = cam.amax(dim=-1, keepdim=True)
-    return (cam - low) / (high - low + eps)
+    return (cam - low) / (high - low).clamp_min(eps)
 
 
-def gradcam(activations: torch.Tensor, slot_scores: torch.Tensor, valid: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+CAM_WEIGHTINGS = ("gradcam", "hirescam")
+
+
+def gradcam(activations: torch.Tensor, slot_scores: torch.Tensor, valid: torch.Tensor, num_prefix: int = 1,
+            weighting: str = "gradcam") -> torch.Tensor:
     """GradCAM of every image and slot with one backward pass per slot.
 
     activations (B, T, D): a tensor that requires grad and from which `slot_scores` (B, S)
     were computed; its first `num_prefix` tokens (CLS) are not patches.
+    weighting "gradcam": channel weights = gradient averaged over patches (CLIP-ES);
+    "hirescam": each patch's own gradient times its activation (HiResCAM, Draelos and
+    Carin 2020), for models whose gradient lands on a few attended patches.
     -> CAMs (B, S, N) in [0, 1], zero for invalid slots. The graph is released after the last slot.
     """
+    if weighting not in CAM_WEIGHTINGS:
+        raise ValueError(f"unknown CAM weighting {weighting!r}; expected one of {CAM_WEIGHTINGS}")
     cams = []
     slots = slot_scores.shape[1]
     for s in range(slots):
         (grad,) = torch.autograd.grad(slot_scores[:, s].sum(), activations, retain_graph=s < slots - 1)
         feats, grad = activations[:, num_prefix:].detach(), grad[:, num_prefix:]
-        weights = grad.mean(dim=1, keepdim=True)                          # (B, 1, D)
-        cams.append(F.relu((weights * feats).sum(dim=-1)))               # (B, N)
+        weights = grad.mean(dim=1, keepdim=True) if weighting == "gradcam" else grad   # (B, 1 or N, D)
+        cams.append(F.relu((weights * feats).sum(dim=-1)))                            # (B, N)
     return minmax_normalise(torch.stack(cams, dim=1).float()) * valid[..., None]

@@ -76,6 +76,7 @@ class DatasetParams:
     clip_pretrained: str
     dino_model: str
     long_side: int = _f(512, 16)
+    cam_weighting: str = _f("gradcam", choices=("gradcam", "hirescam"))
 
 
 @dataclass(frozen=True)

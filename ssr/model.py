@@ -47,6 +47,7 @@ class FrozenBackbones:
     clip_std: torch.Tensor
     dino_mean: torch.Tensor | None
     dino_std: torch.Tensor | None
+    cam_weighting: str = "gradcam"     # see ssr.cam.gradcam
 
     @property
     def depth(self) -> int:
@@ -90,6 +91,7 @@ def build_backbones(ds: DatasetParams, class_names: list[str], *, demo_clip_dir:
         clip_mean=_stats(mean, device), clip_std=_stats(std, device),
         dino_mean=_stats(dmean, device) if dino is not None else None,
         dino_std=_stats(dstd, device) if dino is not None else None,
+        cam_weighting=ds.cam_weighting,
     )
 
 
@@ -170,7 +172,7 @@ def refined_cams(
             image_emb = model.adapt_image(visual.pooled.float())
             text_emb = model.adapt_text(backbones.text)
             probs = present_class_probs(image_emb, text_emb, backbones.clip.logit_scale.exp(), classes, valid, backbones.num_foreground)
-        cam = gradcam(visual.cam_input, probs, valid)
+        cam = gradcam(visual.cam_input, probs, valid, weighting=backbones.cam_weighting)
         grid = visual.grid
         with torch.no_grad():
             depth = backbones.depth

@@ -101,7 +101,7 @@ def reference_cams(backbones, model, images, labels, pos_embed=None):
                     (grad,) = torch.autograd.grad(prob, captured["leaf"])
                 feats = captured["leaf"][0, 1:].detach()
                 cam = F.relu(feats @ grad[0, 1:].mean(dim=0))
-                rows.append((cam - cam.min()) / (cam.max() - cam.min() + 1e-5))
+                rows.append((cam - cam.min()) / (cam.max() - cam.min()).clamp_min(1e-12))
             out.append(torch.stack(rows))
     finally:
         handle.remove()
@@ -273,8 +273,39 @@ def test_gradcam_matches_analytic_gradients():
                 assert torch.equal(got[i, s], torch.zeros(n))
                 continue
             cam = F.relu(acts[i, 1:].detach() @ (v[:, classes[i, s]] / n))
-            expected = (cam - cam.min()) / (cam.max() - cam.min() + 1e-5)
+            expected = (cam - cam.min()) / (cam.max() - cam.min())
             torch.testing.assert_close(got[i, s], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_hirescam_weights_each_patch_by_its_own_gradient():
+    """scores[b, s] = sum_p A[b, p] . W[p, :, class]: patch p's gradient is W[p, :, class] exactly."""
+    torch.manual_seed(7)
+    b, n, d = 2, 5, 3
+    acts = torch.randn(b, 1 + n, d, requires_grad=True)
+    w = torch.randn(n, d, 4)
+    classes = torch.tensor([[1, 3], [0, 2]])
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    def scores():
+        return torch.einsum("bpd,pdc->bc", acts[:, 1:], w).gather(1, classes)
+
+    got = gradcam(acts, scores(), valid, weighting="hirescam")
+    for i in range(b):
+        for s in range(2):
+            cam = F.relu((acts[i, 1:].detach() * w[:, :, classes[i, s]]).sum(-1))
+            torch.testing.assert_close(got[i, s], (cam - cam.min()) / (cam.max() - cam.min()), atol=1e-6, rtol=1e-5)
+    # the channel-mean weighting differs on the same scores (the weights vary over patches)
+    assert not torch.allclose(got, gradcam(acts, scores(), valid))
+    with pytest.raises(ValueError, match="unknown CAM weighting"):
+        gradcam(acts, scores(), valid, weighting="bogus")
+
+
+def test_minmax_keeps_tiny_cams_on_the_full_range():
+    from ssr.cam import minmax_normalise
+
+    cam = torch.tensor([[0.0, 1e-7, 3e-7], [2.0, 2.0, 2.0]])
+    out = minmax_normalise(cam)
+    torch.testing.assert_close(out[0], torch.tensor([0.0, 1 / 3, 1.0]))
+    assert torch.equal(out[1], torch.zeros(3))
 
 
 LABELS = [[1, 3], [2], [1, 2, 4]]
@@ -300,9 +331,9 @@ def test_batched_cams_equal_per_image_cams(batch_setup):
         alone = run_cams(backbones, model, images[b:b + 1], [present], regions[b:b + 1])
         n = len(present)
         for row in ABLATION_ROWS:
-            torch.testing.assert_close(batched.cams[row][b, :n], alone.cams[row][0, :n], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(batched.cams[row][b, :n], alone.cams[row][0, :n], atol=1e-4, rtol=1e-4)
             assert torch.equal(batched.cams[row][b, n:], torch.zeros_like(batched.cams[row][b, n:]))
-        torch.testing.assert_close(batched.method[b, :n], alone.method[0, :n], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched.method[b, :n], alone.method[0, :n], atol=1e-4, rtol=1e-4)
 
 
 def test_batched_cam_equals_reference_loop(batch_setup):

