@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssr.config import CAM_WEIGHTINGS
+
 
 def class_slots(labels: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad per-image foreground classes (1-based) to slots.
@@ -58,9 +60,6 @@ def minmax_normalise(cam: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     low = cam.amin(dim=-1, keepdim=True)
     high = cam.amax(dim=-1, keepdim=True)
     return (cam - low) / (high - low).clamp_min(eps)
-
-
-CAM_WEIGHTINGS = ("gradcam", "hirescam")
 
 
 def gradcam(activations: torch.Tensor, slot_scores: torch.Tensor, valid: torch.Tensor, num_prefix: int = 1,

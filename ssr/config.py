@@ -26,6 +26,10 @@ def _f(default=dataclasses.MISSING, lo=None, hi=None, *, lo_open=False, choices=
     return field(default=default, metadata=meta)
 
 
+# ssr.cam.gradcam's ways of weighting activations by gradients.
+CAM_WEIGHTINGS = ("gradcam", "hirescam")
+
+
 @dataclass(frozen=True)
 class DemoParams:
     seed: int = _f(0, 0)
@@ -76,7 +80,7 @@ class DatasetParams:
     clip_pretrained: str
     dino_model: str
     long_side: int = _f(512, 16)
-    cam_weighting: str = _f("gradcam", choices=("gradcam", "hirescam"))
+    cam_weighting: str = _f("gradcam", choices=CAM_WEIGHTINGS)
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,8 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
     for step in bar:
         model.train()
         single = single_rng.random(p.batch_size) < p.single_object_fraction
-        indices = range(step * p.batch_size, (step + 1) * p.batch_size)
-        samples = [render_sample(demo, "clip_train", i, max_objects=1 if single[i - step * p.batch_size] else None) for i in indices]
+        samples = [render_sample(demo, "clip_train", step * p.batch_size + i, max_objects=1 if single[i] else None)
+                   for i in range(p.batch_size)]
         images = normalise(torch.from_numpy(np.stack([s.image for s in samples])))
         for s in samples:
             if s.caption not in token_cache:

@@ -152,6 +152,10 @@ def non_finite_gradients(model: nn.Module) -> list[str]:
     return [n for n, g in named if not bool(torch.isfinite(g).all())]
 
 
+def _last_good(ckpt_path: Path) -> str:
+    return f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
+
+
 def _all_gather(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()):
         return x
@@ -302,7 +306,7 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
                     raise NonFiniteLoss(
                         f"non-finite loss ({loss.item()}) at iteration {state.iteration} "
                         f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items() if not k.startswith('_'))}); "
-                        f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}")
+                        f"{_last_good(ckpt_path)}")
                 (loss / preset.accumulation).backward()
                 if "_bank" in parts:
                     bank_items.append(parts.pop("_bank"))
@@ -316,7 +320,7 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
                 # and once the optimiser writes it into the weights the next checkpoint would save it.
                 raise NonFiniteLoss(
                     f"non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at iteration {state.iteration} "
-                    f"(loss {totals['loss']:.4g}); the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}")
+                    f"(loss {totals['loss']:.4g}); {_last_good(ckpt_path)}")
             optimiser.step()
             if bank_items:
                 feats = _all_gather(torch.cat([b[0] for b in bank_items]))
