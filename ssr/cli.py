@@ -72,6 +72,7 @@ def cmd_demo_clip(args, params: Params) -> None:
     out = Path(args.out) if args.out else Path(params.demo_clip.checkpoint).parent
     provenance = pretrain(out, params.demo_clip, params.demo, progress=not args.quiet)
     print(f"demo CLIP written to {out}: held-out zero-shot mAP {provenance['held_out_zero_shot_map']:.3f} "
+          f"(raw cosine {provenance['held_out_zero_shot_map_cosine']:.3f}) "
           f"after {provenance['steps']} steps in {provenance['wall_seconds']:.0f} s")
 
 

@@ -43,7 +43,7 @@ class DemoParams:
     max_object_size: float = _f(0.45, 0.05, 1.0)
     max_overlap: float = _f(0.25, 0.0, 1.0)
     texture_contrast: float = _f(60.0, 0.0, 255.0)
-    max_rotation: float = _f(180.0, 0.0, 180.0)
+    max_rotation: float = _f(0.0, 0.0, 180.0)
 
 
 @dataclass(frozen=True)

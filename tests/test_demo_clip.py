@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 import ssr.demo_clip as demo_clip
 from ssr.backbones import load_clip
-from ssr.config import DemoClipParams, DemoParams
+from ssr.config import DemoClipParams, DemoParams, load_params
 
 TINY = DemoClipParams(embed_dim=16, vision_width=24, vision_layers=2, vision_heads=2, patch_size=8, text_width=16,
                       text_layers=1, text_heads=2, context_length=16, steps=4, batch_size=8, lr=1e-3, warmup=1,
@@ -58,6 +60,7 @@ def test_zero_shot_map_rewards_a_model_that_knows_the_classes(tmp_path):
             return torch.nn.functional.normalize(self.truth[: len(images)] + 1e-3, dim=-1)
 
     oracle = Oracle()
+    oracle.logit_scale = torch.tensor(math.log(100.0))
     samples = [demo_clip.render_sample(demo, "clip_eval", i) for i in range(40)]
     oracle.truth = torch.tensor(np.array([[(s.label == c + 1).any() for c in range(4)] + [0] * 4 for s in samples]), dtype=torch.float32)
     tokenizer = lambda texts: torch.zeros(len(texts), 4)  # noqa: E731
@@ -66,25 +69,60 @@ def test_zero_shot_map_rewards_a_model_that_knows_the_classes(tmp_path):
     assert demo_clip.zero_shot_map(oracle, tokenizer, demo, 40)["map"] < 0.9
 
 
+def test_zero_shot_map_compares_classes_within_an_image():
+    """Prompts sharing a direction and clutter growing with the object count make an
+    image's raw cosines fall below other images' negatives, while each image still
+    ranks its own classes first: the softmax protocol scores 1, the raw cosine less."""
+    demo = DemoParams(image_size=32)
+    samples = [demo_clip.render_sample(demo, "clip_eval", i) for i in range(60)]
+    truth = torch.tensor(np.array([[(s.label == c + 1).any() for c in range(4)] for s in samples]), dtype=torch.float32)
+
+    class Cluttered(torch.nn.Module):
+        logit_scale = torch.tensor(math.log(100.0))
+
+        def encode_text(self, tokens, normalize=True):
+            shared = torch.zeros(4, 8)
+            shared[:, 4] = 1.0
+            return torch.nn.functional.normalize(torch.eye(4, 8) + shared, dim=-1)
+
+        def encode_image(self, images, normalize=True):
+            n = len(images)
+            extra = torch.zeros(n, 4)
+            extra[:, 0] = 1.0
+            extra[:, 1] = 3 * (truth[:n].sum(1) - 1)
+            return torch.nn.functional.normalize(torch.cat([truth[:n], extra], dim=1), dim=-1)
+
+    tokenizer = lambda texts: torch.zeros(len(texts), 4)  # noqa: E731
+    assert sorted(set(truth.sum(1).tolist())) == [1.0, 2.0, 3.0]
+    result = demo_clip.zero_shot_map(Cluttered(), tokenizer, demo, 60)
+    assert result["map"] == pytest.approx(1.0)
+    assert result["map_cosine"] < 0.95
+
+
+def _interrupt_at_second_evaluation(out_dir, params, monkeypatch):
+    """Leave a resume file at step 2 of a 4-step run."""
+    real = demo_clip.zero_shot_map
+    calls = {"n": 0}
+
+    def stop_at_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo_clip, "zero_shot_map", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        demo_clip.pretrain(out_dir, params, DEMO, progress=False, eval_every=2)
+    monkeypatch.setattr(demo_clip, "zero_shot_map", real)
+
+
 def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     demo_clip.pretrain(straight, TINY, DEMO, progress=False, eval_every=2)
 
     interrupted = tmp_path / "interrupted"
-    real = demo_clip.zero_shot_map
-    calls = {"n": 0}
-
-    def stop_at_second_evaluation(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated interruption at step 4")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(demo_clip, "zero_shot_map", stop_at_second_evaluation)
-    with pytest.raises(KeyboardInterrupt):
-        demo_clip.pretrain(interrupted, TINY, DEMO, progress=False, eval_every=2)
+    _interrupt_at_second_evaluation(interrupted, TINY, monkeypatch)
     assert torch.load(interrupted / demo_clip.RESUME_FILE, weights_only=False)["step"] == 2
-    monkeypatch.setattr(demo_clip, "zero_shot_map", real)
 
     demo_clip.pretrain(interrupted, TINY, DEMO, progress=False, eval_every=2)
     a = load_clip("demo", demo_dir=straight)[0].state_dict()
@@ -93,23 +131,28 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
 
 
 def test_a_resume_file_from_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys):
-    real = demo_clip.zero_shot_map
-
-    def stop(*args, **kwargs):
-        raise KeyboardInterrupt("simulated interruption")
-
-    # leave a resume file at step 2 from the TINY settings
-    calls = {"n": 0}
-
-    def stop_at_second(*args, **kwargs):
-        calls["n"] += 1
-        return stop() if calls["n"] == 2 else real(*args, **kwargs)
-
-    monkeypatch.setattr(demo_clip, "zero_shot_map", stop_at_second)
-    with pytest.raises(KeyboardInterrupt):
-        demo_clip.pretrain(tmp_path, TINY, DEMO, progress=False, eval_every=2)
-    monkeypatch.setattr(demo_clip, "zero_shot_map", real)
+    _interrupt_at_second_evaluation(tmp_path, TINY, monkeypatch)
     capsys.readouterr()
     prov = demo_clip.pretrain(tmp_path, dataclasses.replace(TINY, lr=5e-4), DEMO, progress=False, eval_every=2)
     assert "resuming" not in capsys.readouterr().out
     assert prov["params"]["lr"] == 5e-4 and [h["step"] for h in prov["history"]] == [2, 4]
+
+
+def test_a_resume_file_is_resumed_with_another_thread_count(tmp_path, monkeypatch, capsys):
+    _interrupt_at_second_evaluation(tmp_path, TINY, monkeypatch)
+    capsys.readouterr()
+    demo_clip.pretrain(tmp_path, dataclasses.replace(TINY, threads=2), DEMO, progress=False, eval_every=2)
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_the_committed_demo_clip_matches_params_yaml():
+    """Editing how the demo is drawn or how its CLIP is trained, without re-running
+    `ssr demo-clip`, would leave `make demo` on a CLIP trained for another domain."""
+    repo = Path(__file__).resolve().parents[1]
+    params = load_params(repo / "params.yaml")
+    saved = json.loads((repo / "ssr" / "assets" / "demo_clip" / "provenance.json").read_text())
+    # Split sizes only say how many dataset images to draw; threads only change speed.
+    drawn = {k: v for k, v in dataclasses.asdict(params.demo).items() if k not in ("num_train", "num_val")}
+    assert drawn == {k: saved["demo_params"][k] for k in drawn}
+    trained = {k: v for k, v in dataclasses.asdict(params.demo_clip).items() if k != "threads"}
+    assert trained == {k: saved["params"][k] for k in trained}

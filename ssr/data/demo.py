@@ -126,9 +126,7 @@ def render_sample(params: DemoParams, stream: str, index: int, max_objects: int 
         colour_name = colour_names[k % len(colour_names)]
         # at least 3 px, so a tiny configuration never draws an empty object
         side = max(3.0, rng.uniform(params.min_object_size, params.max_object_size) * size)
-        u = rng.random()
-        # Full turns keep the first parameterisation bit for bit (the committed demo CLIP was trained on it).
-        angle = 2 * math.pi * u if params.max_rotation >= 180 else math.radians(params.max_rotation * (2 * u - 1))
+        angle = math.radians(params.max_rotation * (2 * rng.random() - 1))
         # Overlaps are allowed but bounded: resample the position while the new object
         # would cover more than `max_overlap` of its area with earlier ones.
         for _ in range(PLACEMENT_TRIES):
