@@ -120,7 +120,7 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
     resume_path = out_dir / RESUME_FILE
     # Thread count changes speed, not the run, so a run may resume with more or fewer threads.
     run_id = {"config": cfg, "params": {k: v for k, v in asdict(p).items() if k != "threads"}, "demo_params": asdict(demo)}
-    first = 0
+    first, ev = 0, None
     if resume_path.is_file():
         saved = torch.load(resume_path, map_location="cpu", weights_only=False)
         if saved["run"] == run_id:
@@ -164,7 +164,8 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
             with atomic_path(resume_path) as tmp:
                 torch.save({"run": run_id, "model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step + 1,
                             "history": history, "seconds": time.time() - start}, tmp)
-    final = zero_shot_map(model, tokenizer, demo, p.eval_images)
+    # The loop always evaluates its last step; only a run resumed at its end has no result yet.
+    final = ev if ev is not None else zero_shot_map(model, tokenizer, demo, p.eval_images)
     provenance = {
         "config": cfg,
         "params": asdict(p),
