@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def demo_asset_dir(name: str) -> Path:
+    """The folder of a committed demo model (`demo_clip`, `demo_dino`) installed with ssr."""
+    return Path(__file__).parent / "assets" / name
+
+
 def load_clip(model_name: str, pretrained: str = "", *, demo_dir: str | Path | None = None, device="cpu"):
     """Load a frozen open_clip model and its tokenizer through open_clip's own loaders.
 
@@ -54,22 +59,57 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_pr
     return torch.cat([prefix, patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
 
 
+def check_supported(visual: nn.Module) -> None:
+    """Refuse an open_clip vision tower whose forward `clip_visual_forward` would not reproduce.
+
+    The re-implemented forward covers open_clip's plain ViT: class-token pooling, `ln_post` on
+    every token, nn.MultiheadAttention blocks, no attentional pooler, no patch dropout at
+    inference. Anything else raises NotImplementedError naming the feature.
+    """
+    unsupported = []
+    if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+        unsupported.append(f"{type(visual).__name__} (only open_clip's VisionTransformer is supported)")
+    else:
+        if getattr(visual, "attn_pool", None) is not None:
+            unsupported.append("attn_pool (attentional pooling)")
+        if getattr(visual, "pool_type", "tok") != "tok":
+            unsupported.append(f"pool_type={visual.pool_type!r} (only 'tok', class-token pooling)")
+        if getattr(visual, "final_ln_after_pool", False):
+            unsupported.append("final_ln_after_pool")
+        if not isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity):
+            unsupported.append("patch_dropout")
+        if any(not isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in visual.transformer.resblocks):
+            unsupported.append("blocks without nn.MultiheadAttention (e.g. custom attention)")
+        if getattr(visual, "proj", None) is None:
+            unsupported.append("no output projection (proj is None)")
+    if unsupported:
+        raise NotImplementedError("this open_clip vision tower is not supported by ssr.backbones.clip_visual_forward: "
+                                  + "; ".join(unsupported))
+
+
 @dataclass
 class ClipVisualOutput:
     tokens: list[torch.Tensor]       # per block output, (B, 1 + N, D); index i = block i + 1
     attentions: dict[int, torch.Tensor]  # block index -> head-averaged attention (B, 1 + N, 1 + N)
-    cam_input: torch.Tensor          # (B, 1 + N, D) residual stream entering the CAM block (its ln_1 input)
-    pooled: torch.Tensor             # (B, E) image embedding (ln_post(cls) @ proj)
+    cam_activations: torch.Tensor | None  # (B, 1 + N, D) output of the CAM block's ln_1 (the GradCAM layer), a grad leaf
+    pooled: torch.Tensor             # (B, E) open_clip's image embedding (ln_post(cls) @ proj)
     dense: torch.Tensor              # (B, N, E) patch embeddings (ln_post(patch) @ proj)
     grid: tuple[int, int]            # (h, w) patch grid, N = h * w
 
 
-def _block_forward(block: nn.Module, x: torch.Tensor, need_weights: bool):
+def _block_forward(block: nn.Module, x: torch.Tensor, need_weights: bool, cam_leaf: bool):
+    """One open_clip residual block; with `cam_leaf`, ln_1's output becomes a grad leaf.
+
+    That output is what a forward hook on `block.ln_1` sees (CLIP-ES's GradCAM layer): the
+    gradient reaching it is the one through the attention alone, not through the residual.
+    """
     y = block.ln_1(x)
+    if cam_leaf:
+        y = y.detach().requires_grad_(True)
     out, weights = block.attn(y, y, y, need_weights=need_weights, average_attn_weights=True)
     x = x + block.ls_1(out)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    return x, weights
+    return x, weights, y
 
 
 def clip_visual_forward(
@@ -84,10 +124,12 @@ def clip_visual_forward(
 
     images: (B, 3, H, W) normalised. `attn_blocks` = how many of the last blocks
     return attention weights (others keep the fused attention path).
-    With `cam_grad`, the stream entering block `cam_block` becomes a leaf that
-    requires grad, so GradCAM can differentiate any score with respect to it;
-    the blocks before it run without building a graph.
+    With `cam_grad`, the output of block `cam_block`'s ln_1 becomes a leaf that requires
+    grad (`cam_activations`), so GradCAM can differentiate any score computed from the
+    outputs with respect to it; everything before it runs without building a graph, and
+    everything from it on builds one even inside torch.no_grad().
     """
+    check_supported(visual)
     blocks = visual.transformer.resblocks
     depth = len(blocks)
     cam_block = cam_block % depth
@@ -95,29 +137,30 @@ def clip_visual_forward(
     if images.shape[-2] % patch[0] or images.shape[-1] % patch[1]:
         raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {patch}")
     grid = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])
+    grad = torch.is_grad_enabled() and not cam_grad
 
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not cam_grad):
+    with torch.set_grad_enabled(grad):
         x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
         x = x + interpolate_pos_embed(visual.positional_embedding, grid).to(x.dtype)
         x = visual.ln_pre(x)
 
-    tokens, attentions, cam_input = [], {}, None
+    tokens, attentions, cam_activations = [], {}, None
     for i, block in enumerate(blocks):
-        if i == cam_block:
-            if cam_grad:
-                x = x.detach().requires_grad_(True)
-            cam_input = x
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (not cam_grad or i >= cam_block)):
-            x, weights = _block_forward(block, x, need_weights=i >= depth - attn_blocks)
+        leaf = cam_grad and i == cam_block
+        with torch.set_grad_enabled(grad or (cam_grad and i >= cam_block)):
+            x, weights, y = _block_forward(block, x, need_weights=i >= depth - attn_blocks, cam_leaf=leaf)
+        if leaf:
+            cam_activations = y
         if weights is not None:
-            attentions[i] = weights
+            attentions[i] = weights.detach() if cam_grad else weights
         tokens.append(x)
 
-    pooled = visual.ln_post(x[:, 0]) @ visual.proj
-    dense = visual.ln_post(x[:, 1:]) @ visual.proj
-    return ClipVisualOutput(tokens, attentions, cam_input, pooled, dense, grid)
+    with torch.set_grad_enabled(grad or cam_grad):
+        pooled = visual.ln_post(x[:, 0]) @ visual.proj
+        dense = visual.ln_post(x[:, 1:]) @ visual.proj
+    return ClipVisualOutput(tokens, attentions, cam_activations, pooled, dense, grid)
 
 
 @torch.no_grad()
@@ -147,20 +190,21 @@ def dino_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def dino_last_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Head-averaged patch-to-patch attention of the last block: (B, 3, H, W) -> (B, N, N).
 
-    timm's attention uses the fused kernel, which returns no weights, so the
-    last block's softmax(q k^T * scale) is recomputed from its own qkv layer.
+    timm's attention uses the fused kernel, which returns no weights, so a forward hook on
+    the last block's `norm1` (timm's public module API) captures the attention input, and
+    softmax(q k^T * scale) is recomputed from that block's own qkv layer.
     """
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
-    for block in model.blocks[:-1]:
-        x = block(x)
     attn = model.blocks[-1].attn
-    y = model.blocks[-1].norm1(x)
+    captured = {}
+    handle = model.blocks[-1].norm1.register_forward_hook(lambda _m, _i, out: captured.setdefault("y", out))
+    try:
+        model.forward_features(images)
+    finally:
+        handle.remove()
+    y = captured["y"]
     b, t, d = y.shape
     qkv = attn.qkv(y).reshape(b, t, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1).mean(dim=1)
     prefix = model.num_prefix_tokens
     return weights[:, prefix:, prefix:]

@@ -19,11 +19,18 @@ def demo_clip_dir(params: Params) -> Path:
     configured = Path(params.demo_clip.checkpoint).parent
     if (configured / "open_clip_config.json").is_file():
         return configured
-    return Path(__file__).parent / "assets" / "demo_clip"
+    from ssr.backbones import demo_asset_dir
+
+    return demo_asset_dir("demo_clip")
 
 
 def results_dir(params: Params, dataset: str) -> Path:
     return Path(params.results_root) / dataset
+
+
+def run_dir(params: Params, dataset: str, run: str, seed: int) -> Path:
+    """Where one training run of one seed lives: results/{ds}/{run}/seed{seed}/."""
+    return results_dir(params, dataset) / run / f"seed{seed}"
 
 
 def _device(arg: str | None):
@@ -45,6 +52,43 @@ def _autocast(params: Params, device):
     import torch
 
     return torch.bfloat16 if device.type == "cuda" and params.train.amp_bf16 else None
+
+
+def _seeds(args, params: Params) -> list[int]:
+    return list(args.seeds) if getattr(args, "seeds", None) else list(params.dataset(args.dataset).seeds)
+
+
+def _load_run(params: Params, dataset: str, run: str, seed: int, device):
+    """The trained model of one run and seed, refused if trained under other params."""
+    from ssr.checkpoint import check_identity, read_model
+
+    path = run_dir(params, dataset, run, seed)
+    model, config = read_model(path, device)
+    check_identity(config, params.for_run(dataset, run), dataset, path / "model.json")
+    return model
+
+
+def _write_timings(params: Params, dataset: str, stage: str, timings: dict) -> None:
+    """Wall times go beside the results, never into a DVC metrics file: they differ on every run."""
+    write_json(results_dir(params, dataset) / "timings" / f"{stage}.json", timings)
+
+
+def _prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def _limit_threads(threads: int, params: Params | None) -> Params | None:
+    """Hold the stage to `threads` CPU threads: torch's pool, and the superpixel processes."""
+    if threads < 1:
+        raise ConfigError(f"--threads: must be >= 1, got {threads}")
+    import dataclasses
+
+    import torch
+
+    torch.set_num_threads(threads)
+    if params is None or params.superpixels.workers <= threads:
+        return params
+    return dataclasses.replace(params, superpixels=dataclasses.replace(params.superpixels, workers=threads))
 
 
 # ------------------------------------------------------------------ stages
@@ -82,38 +126,75 @@ def cmd_superpixels(args, params: Params) -> None:
     layout = DatasetLayout(params.dataset_root(args.dataset))
     ds = params.dataset(args.dataset)
     ids = list(dict.fromkeys(layout.split(ds.train_split) + layout.split(ds.val_split)))
+    tic = time.time()
     build_superpixels([(i, layout.image_path(i)) for i in ids], layout.superpixels_path, params.superpixels, progress=not args.quiet)
+    _write_timings(params, args.dataset, "superpixels", {"seconds": round(time.time() - tic, 1), "images": len(ids)})
     print(f"wrote {len(ids)} region maps to {layout.superpixels_path}")
 
 
-def cmd_train(args, params: Params) -> None:
-    from ssr.train import train
+TIMING_KEYS = ("train_seconds", "images_per_second")
 
-    out = results_dir(params, args.dataset)
-    summary = train(params, args.dataset, out, resume=args.resume, device=args.device,
-                    progress=not args.quiet, demo_clip_dir=demo_clip_dir(params))
+
+def cmd_train(args, params: Params) -> None:
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        write_json(Path(params.results_root) / f"{args.dataset}_train.json", summary)
-        print(json.dumps(summary, indent=1))
+    from ssr.metrics import aggregate_seeds
+    from ssr.train import setup_distributed, train
+
+    _, _, device = setup_distributed()
+    device = _device(args.device) if args.device else device
+    backbones = _backbones(params, args.dataset, device)
+    summaries: dict[str, list[dict]] = {}
+    for run in params.runs(args.dataset):
+        for seed in _seeds(args, params):
+            summary = train(params.for_run(args.dataset, run), args.dataset, run_dir(params, args.dataset, run, seed), seed=seed,
+                            run=run, resume=args.resume, device=device, backbones=backbones, progress=not args.quiet)
+            summaries.setdefault(run, []).append(summary)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    metrics = {}
+    for run, runs in summaries.items():
+        quality = aggregate_seeds([{k: v for k, v in s.items() if k not in TIMING_KEYS} for s in runs])
+        metrics.update(quality if run == "method" else _prefixed(run, quality))
+    _write_timings(params, args.dataset, "train", {run: [{k: s[k] for k in TIMING_KEYS} for s in runs] for run, runs in summaries.items()})
+    write_json(Path(params.results_root) / f"{args.dataset}_train.json", metrics)
+    if not args.quiet:
+        print(json.dumps(metrics, indent=1))
 
 
 def cmd_pseudo_labels(args, params: Params) -> None:
-    from ssr.pseudo_labels import export_pseudo_labels
-    from ssr.train import load_trained
+    from ssr.metrics import aggregate_seeds
+    from ssr.pseudo_labels import seed_metrics
 
     device = _device(args.device)
     backbones = _backbones(params, args.dataset, device)
-    out = results_dir(params, args.dataset)
-    model = load_trained(Path(args.model) if args.model else out / "model.pt", backbones, params, device)
     ds = params.dataset(args.dataset)
+    root = params.dataset_root(args.dataset)
+    layout = DatasetLayout(root)
     split = args.split or ds.train_split
-    tic = time.time()
-    metrics = export_pseudo_labels(backbones, model, params, params.dataset_root(args.dataset), split, ds.long_side,
-                                   out / "pseudo_labels", device=device, figures_dir=out / "figures", progress=not args.quiet)
-    metrics["seconds"] = round(time.time() - tic, 1)
-    write_json(Path(params.results_root) / f"{args.dataset}_seeds.json", metrics)
+    score_ids = set(layout.split(ds.seed_split))
+    outside = score_ids - set(layout.split(split))
+    if outside:
+        raise ConfigError(f"datasets.{args.dataset}.seed_split: {len(outside)} of its images are not in split {split!r} "
+                          f"(e.g. {sorted(outside)[0]!r}); seeds are scored on the labels exported for {split!r}")
+    per_seed, timings = [], {}
+    for k, seed in enumerate(_seeds(args, params)):
+        tic = time.time()
+        out = run_dir(params, args.dataset, "method", seed)
+        metrics = seed_metrics(backbones, _load_run(params, args.dataset, "method", seed, device), params, root, split,
+                               ds.long_side, device=device, score_ids=score_ids, export_dir=out / "pseudo_labels",
+                               figures_dir=results_dir(params, args.dataset) / "figures" if k == 0 else None,
+                               progress=not args.quiet)
+        for run in params.runs(args.dataset)[1:]:
+            variant = params.for_run(args.dataset, run)
+            metrics.update(_prefixed(run, seed_metrics(backbones, _load_run(params, args.dataset, run, seed, device), variant, root,
+                                                       split, ds.long_side, device=device, score_ids=score_ids, rows=("cam", "method"),
+                                                       progress=False)))
+        per_seed.append(metrics)
+        timings[f"seed{seed}"] = round(time.time() - tic, 1)
+    _write_timings(params, args.dataset, "pseudo_labels", timings)
+    write_json(Path(params.results_root) / f"{args.dataset}_seeds.json",
+               {"split": ds.seed_split, "images": len(score_ids), **aggregate_seeds(per_seed)})
 
 
 def cmd_evaluate(args, params: Params | None) -> None:
@@ -130,20 +211,38 @@ def cmd_evaluate(args, params: Params | None) -> None:
     if not args.dataset:
         raise ConfigError("evaluate: give --dataset, or --pred/--gt/--num-classes/--out")
     from ssr.infer import evaluate_model
-    from ssr.train import load_trained
+    from ssr.metrics import aggregate_seeds
 
     device = _device(args.device)
     backbones = _backbones(params, args.dataset, device)
-    out = results_dir(params, args.dataset)
-    model = load_trained(Path(args.model) if args.model else out / "model.pt", backbones, params, device)
     ds = params.dataset(args.dataset)
-    tic = time.time()
-    metrics = evaluate_model(backbones, model, params.dataset_root(args.dataset), ds.val_split, ds.long_side, params.infer,
-                             device=device, pred_dir=out / "predictions", progress=not args.quiet, autocast_dtype=_autocast(params, device))
-    metrics["seconds"] = round(time.time() - tic, 1)
+    root = params.dataset_root(args.dataset)
+    summary_keys = ("miou", "precision", "recall", "confusion_ratio", "class_swap_ratio")
+    per_seed, timings = [], {}
+    for k, seed in enumerate(_seeds(args, params)):
+        tic = time.time()
+        metrics = {}
+        for run in params.runs(args.dataset):
+            scores = evaluate_model(backbones, _load_run(params, args.dataset, run, seed, device), root, ds.val_split, ds.long_side,
+                                    params.infer, device=device, progress=not args.quiet and run == "method",
+                                    pred_dir=results_dir(params, args.dataset) / "predictions" if k == 0 and run == "method" else None,
+                                    autocast_dtype=_autocast(params, device))
+            if run == "method":
+                metrics.update(scores)
+                continue
+            metrics.update(_prefixed(run, {key: scores.get(key) for key in (*summary_keys, *(f"crf_{s}" for s in summary_keys))
+                                           if key in scores}))
+            if params.for_run(args.dataset, run).train.supervision == "gt":
+                for crf in ("", "crf_"):
+                    if scores.get(f"{crf}miou") and metrics.get(f"{crf}miou") is not None:
+                        metrics[f"{crf}ratio_to_{run}"] = metrics[f"{crf}miou"] / scores[f"{crf}miou"]
+        per_seed.append(metrics)
+        timings[f"seed{seed}"] = round(time.time() - tic, 1)
+    out = aggregate_seeds(per_seed)
     if params.retrain.enabled:
-        metrics.update(_evaluate_retrained(params, args.dataset, device, quiet=args.quiet))
-    write_json(args.out or Path(params.results_root) / f"{args.dataset}_miou.json", metrics)
+        out.update(_evaluate_retrained(params, args.dataset, device, quiet=args.quiet))
+    _write_timings(params, args.dataset, "evaluate", timings)
+    write_json(args.out or Path(params.results_root) / f"{args.dataset}_miou.json", out)
 
 
 def _evaluate_retrained(params: Params, dataset: str, device, quiet: bool) -> dict:
@@ -157,13 +256,10 @@ def _evaluate_retrained(params: Params, dataset: str, device, quiet: bool) -> di
     model = load_segmenter(path, device)
     data = WholeImages(params.dataset_root(dataset), params.dataset(dataset).val_split, long_side=10**6, patch_size=1)
     conf = np.zeros((len(data.classes), len(data.classes) + 1), np.int64)
-    for i in range(len(data)):
-        image_id = data.ids[i]
-        gt_path = data.layout.label_path(image_id)
-        if gt_path.exists():
-            from ssr.data.layout import read_image, read_label_png
-
-            conf += confusion_matrix(predict(model, read_image(data.layout.image_path(image_id))), read_label_png(gt_path), len(data.classes))
+    for image_id in data.ids:
+        original, gt = data.original(image_id)
+        if gt is not None:
+            conf += confusion_matrix(predict(model, original), gt, len(data.classes))
     return {f"retrain_{k}": v for k, v in segmentation_scores(conf, data.classes).items()}
 
 
@@ -185,7 +281,8 @@ def cmd_retrain(args, params: Params) -> None:
     root = params.dataset_root(args.dataset)
     layout = DatasetLayout(root)
     out = results_dir(params, args.dataset)
-    stats = retrain(root, out / "pseudo_labels", layout.split(ds.train_split), out / "retrain" / "model.pt",
+    labels = run_dir(params, args.dataset, "method", ds.seeds[0]) / "pseudo_labels"
+    stats = retrain(root, labels, layout.split(ds.train_split), out / "retrain" / "model.pt",
                     model_name=r.model, num_classes=len(layout.classes()), iterations=r.iterations, batch_size=r.batch_size,
                     lr=r.lr, crop_size=r.crop_size, scale_range=(r.scale_min, r.scale_max), momentum=r.momentum,
                     weight_decay=r.weight_decay, weights_backbone=r.weights_backbone or None,
@@ -203,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+        p.add_argument("--threads", type=int, metavar="N",
+                       help="CPU threads this stage may use: torch's intra-op threads, and at most N superpixel processes "
+                            "(default: torch's own choice and superpixels.workers); Snakemake passes its {threads}")
         if dataset:
             p.add_argument("--dataset", choices=DATASETS, required=dataset_required)
         p.set_defaults(func=func)
@@ -214,14 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the params' demo_clip.checkpoint folder)")
     stage("superpixels", cmd_superpixels, "offline SLIC + colour k-means region maps to HDF5")
     p = stage("train", cmd_train, "single-stage SSR training")
-    p.add_argument("--resume", action="store_true", help="continue from results/{dataset}/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue each run from its results/{dataset}/{run}/seed{N}/checkpoint.pt")
+    p.add_argument("--seeds", type=int, nargs="+", help="train these seeds (default: datasets.{dataset}.seeds)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available); torchrun sets it per rank")
     p = stage("pseudo-labels", cmd_pseudo_labels, "export refined-CAM pseudo-labels and the seed ablation")
-    p.add_argument("--model", help="trained model (default: results/{dataset}/model.pt)")
     p.add_argument("--split", help="split to label (default: the dataset's train split)")
+    p.add_argument("--seeds", type=int, nargs="+", help="score these seeds (default: datasets.{dataset}.seeds)")
     p.add_argument("--device")
     p = stage("evaluate", cmd_evaluate, "score the trained model on val, or score label PNG folders", dataset_required=False)
-    p.add_argument("--model")
+    p.add_argument("--seeds", type=int, nargs="+", help="evaluate these seeds (default: datasets.{dataset}.seeds)")
     p.add_argument("--device")
     p.add_argument("--pred", help="folder of predicted label PNGs")
     p.add_argument("--gt", help="folder of ground-truth label PNGs")
@@ -242,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         params = None if folders_only else load_params(args.params)
         if params is not None and getattr(args, "dataset", None):
             params.dataset(args.dataset)
+        if args.threads is not None:
+            params = _limit_threads(args.threads, params)
         args.func(args, params)
     except (ConfigError, DatasetError, FileNotFoundError, NotImplementedError, ValueError) as err:
         print(f"{stage}: error: {err}", file=sys.stderr)

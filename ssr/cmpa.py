@@ -1,9 +1,13 @@
-"""Cross-Modal Prototype Alignment (paper Eq. 1-6, DESIGN 4.4).
+"""Cross-Modal Prototype Alignment (paper Eq. 1-6).
 
-ISA and TSA adapt CLIP's image and text embeddings. Both are residual MLPs
-whose last layer starts at zero, so at step 0 they are the identity and the
-CAM equals plain CLIP's. Training pulls each (image, class) feature towards
-the text prototype of its cluster and away from the other prototypes.
+ISA and TSA project CLIP's image and text embeddings (Eq. 1). Per (image, present class),
+f_image pools the projected patch embeddings with the class's GradCAM (Eq. 2) and f_text is
+the projected prompt of the class. k-means over the collected f_image gives the image
+prototypes P_I, whose nearest member is each sample's cluster pseudo-label pos_idx; the
+text prototypes P_T are the projected prompts (k-means over the dataset's f_text, which take
+one value per class, returns exactly those values when there are as many clusters as classes).
+L_proto (Eq. 3-6) then pulls each f_image to the text prototype of its cluster and away from
+the others, and each text prototype to the image prototype of its class.
 """
 
 from __future__ import annotations
@@ -15,28 +19,51 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class SemanticAdapter(nn.Module):
-    """x + MLP(x), MLP = (Linear, BatchNorm, ReLU) x (num_layers - 1) then a zero-initialised Linear.
+class ProjectionHead(nn.Module):
+    """The paper's ISA / TSA (Eq. 1): (Linear, BatchNorm, ReLU) x (num_layers - 1), then Linear d1 -> d2.
 
-    Used as ISA (image) and TSA (text); input (..., E) -> (..., E).
+    The output layer is a plain Linear (our reading): a final ReLU would leave every
+    feature non-negative and every cosine similarity >= 0. Input (..., d1) -> (..., d2).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, num_layers: int = 2):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(width, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            width = hidden_dim
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(self.mlp[-1].weight.dtype)
+        return self.mlp(flat).reshape(*x.shape[:-1], -1)
+
+
+class ResidualHead(nn.Module):
+    """x + MLP(x) with the MLP's last Linear zero-initialised: the identity at step 0 (our option).
+
+    Keeps d1 (no reduction), so that an untrained model's CAM is plain CLIP's. Input (..., d) -> (..., d).
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_layers: int = 2):
         super().__init__()
-        layers: list[nn.Module] = []
-        width = dim
-        for _ in range(num_layers - 1):
-            layers += [nn.Linear(width, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
-            width = hidden_dim
-        last = nn.Linear(width, dim)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        self.mlp = nn.Sequential(*layers, last)
+        self.mlp = ProjectionHead(dim, dim, hidden_dim, num_layers).mlp
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        return (flat + self.mlp(flat.to(self.mlp[-1].weight.dtype)).to(flat.dtype)).reshape(shape)
+        flat = x.reshape(-1, x.shape[-1])
+        return (flat + self.mlp(flat.to(self.mlp[-1].weight.dtype)).to(flat.dtype)).reshape(x.shape)
+
+
+def build_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int, num_layers: int) -> nn.Module:
+    """`cmpa.head`: "projection" (the paper's, d1 -> out_dim) or "residual" (identity at init, keeps d1)."""
+    if kind == "projection":
+        return ProjectionHead(in_dim, out_dim, hidden_dim, num_layers)
+    if kind == "residual":
+        return ResidualHead(in_dim, hidden_dim, num_layers)
+    raise ValueError(f"unknown CMPA head {kind!r}; expected 'projection' or 'residual'")
 
 
 def masked_average_pool(dense: torch.Tensor, cam: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -48,8 +75,8 @@ def masked_average_pool(dense: torch.Tensor, cam: torch.Tensor, eps: float = 1e-
     return torch.einsum("bsn,bne->bse", weights, dense)
 
 
-def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spherical k-means on L2-normalised rows, seeded with `init`.
+def spherical_kmeans(x: torch.Tensor, init: torch.Tensor, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means under cosine similarity on L2-normalised rows, seeded with `init`.
 
     x (M, E), init (K, E) -> centroids (K, E) normalised, assignment (M,) long.
     A cluster that loses all members keeps its previous centroid, so the
@@ -57,7 +84,6 @@ def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int = 20) -> tuple[torch.
     """
     x = F.normalize(x.float(), dim=-1)
     centroids = F.normalize(init.float(), dim=-1)
-    assignment = torch.zeros(len(x), dtype=torch.long, device=x.device)
     for _ in range(iters):
         assignment = (x @ centroids.T).argmax(dim=1)
         sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
@@ -70,12 +96,10 @@ def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int = 20) -> tuple[torch.
 
 
 class PrototypeBank(nn.Module):
-    """A FIFO memory of recent (image feature, class) pairs and the prototypes built from it.
+    """A FIFO memory of (f_image, class) pairs and the image prototypes P_I k-means builds from it.
 
-    State lives in buffers so it is saved in, and resumed from, checkpoints.
-    Image prototypes P_I come from k-means over the stored image features,
-    seeded with per-class means; text prototypes P_T are the members' mean
-    of the live TSA outputs, so TSA keeps receiving gradient.
+    State lives in buffers so it is saved in, and resumed from, checkpoints. Cluster k is
+    seeded with class k's mean feature, so index k stays the class-k prototype.
     """
 
     def __init__(self, num_classes: int, dim: int, size: int):
@@ -85,8 +109,6 @@ class PrototypeBank(nn.Module):
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("image_prototypes", torch.zeros(num_classes, dim))
-        # text_members[k, c] = 1 if class c's text feature belongs to cluster k.
-        self.register_buffer("text_members", torch.eye(num_classes))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
@@ -100,36 +122,33 @@ class PrototypeBank(nn.Module):
             self.labels[index] = chunk_l
             self.pointer.copy_((self.pointer + len(chunk_f)) % size)
 
+    def class_counts(self) -> torch.Tensor:
+        """(K,) long: stored features per class."""
+        filled = self.labels >= 0
+        return torch.bincount(self.labels[filled], minlength=self.num_classes)
+
     @torch.no_grad()
-    def refresh(self, text_features: torch.Tensor, iters: int = 20) -> None:
-        """Re-cluster the bank; text_features (C, E) are the current TSA(t_c)."""
+    def refresh(self, fallback: torch.Tensor, iters: int = 20) -> None:
+        """Re-cluster the stored features into P_I.
+
+        Seeds: each class's mean stored feature; a class with none keeps its previous
+        prototype, or before the first refresh `fallback` (K, E), its projected prompt.
+        """
         filled = self.labels >= 0
         feats, labels = self.features[filled], self.labels[filled]
         if len(feats) == 0:
             return
-        seeds = self.image_prototypes.clone() if self.ready else F.normalize(text_features.float(), dim=-1)
+        seeds = self.image_prototypes.clone() if bool(self.ready) else F.normalize(fallback.float(), dim=-1).clone()
         for c in range(self.num_classes):
             members = feats[labels == c]
             if len(members):
                 seeds[c] = members.mean(dim=0)
-        self.image_prototypes.copy_(kmeans(feats, seeds, iters)[0])
-        # With one feature per class, k-means over the text side, seeded with the class means, keeps
-        # each class in its own cluster unless two classes coincide; assign by nearest class seed.
-        text = F.normalize(text_features.float(), dim=-1)
-        centroids, assignment = kmeans(text, text, iters)
-        self.text_members.copy_(F.one_hot(assignment, self.num_classes).T.float())
+        self.image_prototypes.copy_(spherical_kmeans(feats, seeds, iters)[0])
         self.ready.fill_(True)
 
     def assign(self, features: torch.Tensor) -> torch.Tensor:
         """pos_idx: the image-prototype cluster of each feature (M, E) -> (M,) long."""
         return (F.normalize(features.float(), dim=-1) @ self.image_prototypes.T).argmax(dim=1)
-
-    def text_prototypes(self, text_features: torch.Tensor) -> torch.Tensor:
-        """P_T (K, E) from live text features (C, E); empty clusters fall back to their seed class."""
-        members = self.text_members + (self.text_members.sum(dim=1, keepdim=True) == 0) * torch.eye(
-            self.num_classes, device=text_features.device)
-        protos = members @ F.normalize(text_features, dim=-1)
-        return F.normalize(protos, dim=-1)
 
 
 class Temperature(nn.Module):
@@ -143,24 +162,50 @@ class Temperature(nn.Module):
         return self.log_tau.exp()
 
 
-def prototype_loss(
+def _cosine_logits(a: torch.Tensor, b: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / tau
+
+
+def sample_loss_sum(
+    kind: str,
     image_features: torch.Tensor,
+    text_features: torch.Tensor,
     text_prototypes: torch.Tensor,
+    image_prototypes: torch.Tensor,
     pos_idx: torch.Tensor,
     tau: torch.Tensor,
-    *,
-    text_features: torch.Tensor | None = None,
-    image_prototypes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L_proto (Eq. 3-6): cross-entropy of cos(f_image, P_T) / tau against pos_idx.
+    """The per-sample part of L_proto, SUMMED over the M samples (the caller divides by the step's count).
 
-    image_features (M, E), text_prototypes (K, E), pos_idx (M,).
-    With text_features (M, E) and image_prototypes (K, E), adds the symmetric
-    text -> image-prototype term and averages the two.
+    image_features / text_features (M, E): f_image and f_text of each (image, class) sample;
+    text_prototypes P_T / image_prototypes P_I (K, E); pos_idx (M,) each sample's cluster.
+    kind (Table 4):
+    - "cross_modal" (Eq. 3-6, the method): -log softmax(f_image . P_T / tau)[pos_idx];
+    - "in_modal": the same against the image's own prototypes P_I;
+    - "feature": 1 - cos(f_image, f_text), fitting the features directly, no prototypes.
     """
-    logits = F.normalize(image_features, dim=-1) @ F.normalize(text_prototypes, dim=-1).T / tau
-    loss = F.cross_entropy(logits, pos_idx)
-    if text_features is not None and image_prototypes is not None:
-        back = F.normalize(text_features, dim=-1) @ F.normalize(image_prototypes, dim=-1).T / tau
-        loss = (loss + F.cross_entropy(back, pos_idx)) / 2
-    return loss
+    if kind == "cross_modal":
+        return F.cross_entropy(_cosine_logits(image_features, text_prototypes, tau), pos_idx, reduction="sum")
+    if kind == "in_modal":
+        return F.cross_entropy(_cosine_logits(image_features, image_prototypes, tau), pos_idx, reduction="sum")
+    if kind == "feature":
+        return (1 - F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)).sum()
+    raise ValueError(f"unknown CMPA loss {kind!r}")
+
+
+def prototype_loss_term(kind: str, text_prototypes: torch.Tensor, image_prototypes: torch.Tensor,
+                        tau: torch.Tensor) -> torch.Tensor:
+    """The per-step part of L_proto, a mean over the K prototypes; zero for "feature".
+
+    "cross_modal": constraints (2) and (3): text prototype k gathers with image prototype k
+    and is pushed from the others. "in_modal": text prototypes contrasted with one another.
+    text_prototypes, image_prototypes (K, E) -> scalar.
+    """
+    target = torch.arange(len(text_prototypes), device=text_prototypes.device)
+    if kind == "cross_modal":
+        return F.cross_entropy(_cosine_logits(text_prototypes, image_prototypes, tau), target)
+    if kind == "in_modal":
+        return F.cross_entropy(_cosine_logits(text_prototypes, text_prototypes, tau), target)
+    if kind == "feature":
+        return text_prototypes.new_zeros(())
+    raise ValueError(f"unknown CMPA loss {kind!r}")

@@ -7,7 +7,9 @@ message naming the key (`train_presets.demo.lr: must be > 0, got -1.0`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,8 @@ def _f(default=dataclasses.MISSING, lo=None, hi=None, *, lo_open=False, choices=
 
 # ssr.cam.gradcam's ways of weighting activations by gradients.
 CAM_WEIGHTINGS = ("gradcam", "hirescam")
+# ssr.cmpa.prototype_loss's readings of Table 4.
+CMPA_LOSSES = ("cross_modal", "in_modal", "feature")
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,22 @@ class DatasetParams:
     clip_model: str
     clip_pretrained: str
     dino_model: str
+    prompt_names: list[str] = _f([])
     long_side: int = _f(512, 16)
     cam_weighting: str = _f("gradcam", choices=CAM_WEIGHTINGS)
+    par: bool = False
+    seed_split: str = "train"
+    seeds: list[int] = _f([0])
+    gpus: int = _f(1, 1)
+    variants: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    def prompt_name_list(self, class_names: list[str]) -> list[str]:
+        """The text each foreground class is prompted with: its synonyms, else its name."""
+        if not self.prompt_names:
+            return list(class_names)
+        if len(self.prompt_names) != len(class_names):
+            raise ConfigError(f"prompt_names: {len(self.prompt_names)} names for {len(class_names)} foreground classes")
+        return list(self.prompt_names)
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,7 @@ class AffinityParams:
     clip_blocks: int = _f(8, 1)
     sinkhorn_rounds: int = _f(3, 0)
     power: int = _f(2, 1)
+    fusion: str = _f("transform_then_fuse", choices=("transform_then_fuse", "fuse_then_transform"))
 
 
 @dataclass(frozen=True)
@@ -124,17 +143,22 @@ class SgcParams:
     rho: float = _f(0.5, 0.0, 1.0)
     patch_area: float = _f(0.5, 0.0, 1.0)
     keep_best: bool = True
+    denominator: str = _f("region", choices=("region", "image"))
 
 
 @dataclass(frozen=True)
 class CmpaParams:
     enabled: bool = True
+    head: str = _f("projection", choices=("projection", "residual"))
+    proj_dim: int = _f(256, 1)
     hidden_dim: int = _f(512, 1)
     num_layers: int = _f(2, 1)
     tau_init: float = _f(0.05, 0.0, lo_open=True)
+    loss: str = _f("cross_modal", choices=CMPA_LOSSES)
+    text_prototype_term: bool = True
     bank_size: int = _f(4096, 1)
+    warmup_per_class: int = _f(8, 1)
     kmeans_iters: int = _f(20, 1)
-    symmetric: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,6 +166,10 @@ class PseudoLabelParams:
     bg_power: float = _f(1.0, 0.0, lo_open=True)
     ignore_low: float = _f(0.0, 0.0, 1.0)
     ignore_high: float = _f(0.0, 0.0, 1.0)
+    par_iterations: int = _f(20, 1)
+    par_dilations: list[int] = _f([1, 2, 4, 8, 12, 24])
+    par_w_colour: float = _f(0.3, 0.0, lo_open=True)
+    par_w_position: float = _f(0.01, 0.0)
     figures: int = _f(4, 0)
 
 
@@ -152,6 +180,7 @@ class TrainParams:
     log_every: int = _f(10, 1)
     affinity_loss: bool = True
     num_workers: int = _f(2, 0)
+    supervision: str = _f("pseudo", choices=("pseudo", "gt"))
 
 
 @dataclass(frozen=True)
@@ -182,6 +211,7 @@ class InferParams:
     crf_bi_xy_std: float = _f(64.0, 0.0, lo_open=True)
     crf_bi_rgb_std: float = _f(5.0, 0.0, lo_open=True)
     crf_bi_w: float = _f(4.0, 0.0)
+    crf_reference_size: int = _f(500, 0)
 
 
 @dataclass(frozen=True)
@@ -231,6 +261,73 @@ class Params:
     def dataset_root(self, name: str) -> Path:
         self.dataset(name)
         return Path(self.data_root) / name
+
+    def runs(self, dataset: str) -> list[str]:
+        """The training runs of a dataset: the method, then its variants in params order."""
+        return [METHOD_RUN, *self.dataset(dataset).variants]
+
+    def for_run(self, dataset: str, run: str) -> Params:
+        """These params with the overrides of one of the dataset's variants applied."""
+        if run == METHOD_RUN:
+            return self
+        variants = self.dataset(dataset).variants
+        if run not in variants:
+            raise ConfigError(f"datasets.{dataset}.variants: no variant {run!r} (known: {', '.join(variants) or 'none'})")
+        return _validate(_build(Params, _override(dataclasses.asdict(self), variants[run], f"datasets.{dataset}.variants.{run}"), ""))
+
+
+# The run that trains the configured method; variants are named in datasets.{ds}.variants.
+METHOD_RUN = "method"
+
+
+def _override(raw: dict, overrides: dict, where: str) -> dict:
+    """A copy of `raw` with dotted-key `overrides` set; an unknown key names `where`."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node, parts = raw, dotted.split(".")
+        for key in parts[:-1]:
+            if not isinstance(node, dict) or key not in node:
+                raise ConfigError(f"{where}: {dotted}: unknown key")
+            node = node[key]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ConfigError(f"{where}: {dotted}: unknown key")
+        node[parts[-1]] = value
+    return raw
+
+
+def training_identity(params: Params, dataset: str) -> dict:
+    """Every setting that shapes a trained model, as flat dotted keys.
+
+    A checkpoint records it; resuming or loading under params whose identity differs is an
+    error naming the keys, since the weights would silently belong to another configuration.
+    Run-time choices (seeds list, workers, logging, inference, retraining) are not part of it.
+    """
+    ds = dataclasses.asdict(params.dataset(dataset))
+    for key in ("seeds", "gpus", "variants", "long_side", "seed_split", "train_split", "val_split"):
+        ds.pop(key)
+    train = dataclasses.asdict(params.train)
+    for key in ("checkpoint_every", "log_every", "num_workers"):
+        train.pop(key)
+    sections = {
+        f"datasets.{dataset}": ds, f"train_presets.{params.dataset(dataset).preset}": dataclasses.asdict(params.preset(dataset)),
+        "train": train, "superpixels": {k: v for k, v in dataclasses.asdict(params.superpixels).items() if k != "workers"},
+        "affinity": dataclasses.asdict(params.affinity), "sgc": dataclasses.asdict(params.sgc), "cmpa": dataclasses.asdict(params.cmpa),
+        "pseudo_labels": {k: v for k, v in dataclasses.asdict(params.pseudo_labels).items() if k != "figures"},
+    }
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+
+
+def identity_differences(recorded: dict, current: dict) -> list[str]:
+    """'key (recorded X, now Y)' for every key whose value differs between two identities."""
+    keys = sorted(set(recorded) | set(current))
+    missing = object()
+    return [f"{k} (recorded {recorded.get(k, 'absent')!r}, now {current.get(k, 'absent')!r})"
+            for k in keys if _jsonable(recorded.get(k, missing)) != _jsonable(current.get(k, missing))]
+
+
+def _jsonable(value):
+    """Lists and tuples compare equal once they have been through JSON."""
+    return list(map(_jsonable, value)) if isinstance(value, (list, tuple)) else value
 
 
 def _check_value(key: str, value, hint, meta):
@@ -303,6 +400,17 @@ def _validate(params: Params) -> Params:
             raise ConfigError(f"datasets.{name}.preset: unknown preset {ds.preset!r}")
         if "{}" not in ds.prompt_template:
             raise ConfigError(f"datasets.{name}.prompt_template: must contain '{{}}'")
+        if not ds.seeds or len(set(ds.seeds)) != len(ds.seeds) or any(s < 0 for s in ds.seeds):
+            raise ConfigError(f"datasets.{name}.seeds: must be a non-empty list of distinct non-negative ints, got {ds.seeds}")
+        for run, overrides in ds.variants.items():
+            where = f"datasets.{name}.variants.{run}"
+            if run == METHOD_RUN or not re.fullmatch(r"[a-z0-9_]+", run):
+                raise ConfigError(f"{where}: a variant name is lower-case letters, digits and '_', and not {METHOD_RUN!r}")
+            if not isinstance(overrides, dict) or not overrides:
+                raise ConfigError(f"{where}: expected a non-empty mapping of dotted params keys to values")
+            if any(key.startswith("datasets.") for key in overrides):
+                raise ConfigError(f"{where}: a variant may not change datasets.*")
+            _build(Params, _override(dataclasses.asdict(params), overrides, where), "")
     if params.retrain.scale_min > params.retrain.scale_max:
         raise ConfigError("retrain.scale_min: exceeds retrain.scale_max")
     pl = params.pseudo_labels

@@ -36,19 +36,28 @@ class SegDecoder(nn.Module):
         return logits, x
 
 
-def affinity_loss(features: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Pairwise affinity loss on decoder features (WeCLIP-style).
+def affinity_pairs(labels: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same-label and different-label pairs of patches: labels (B, N) -> two (B, N, N) bool masks.
 
-    features (B, N, d), labels (B, N) patch pseudo-labels. Pairs of the same label
-    are pulled together, pairs of different labels pushed apart; positive and
-    negative pairs are averaged separately so neither dominates.
+    Pairs touching an ignored patch are in neither.
     """
-    f = F.normalize(features.float(), dim=-1)
-    sim = torch.sigmoid(f @ f.transpose(1, 2) * 5.0)               # (B, N, N)
     valid = labels != ignore_index
     pair_valid = valid[:, :, None] & valid[:, None, :]
     same = (labels[:, :, None] == labels[:, None, :]) & pair_valid
-    diff = (~same) & pair_valid
-    pos = -(torch.log(sim.clamp_min(1e-6)) * same).sum() / same.sum().clamp_min(1)
-    neg = -(torch.log((1 - sim).clamp_min(1e-6)) * diff).sum() / diff.sum().clamp_min(1)
-    return (pos + neg) / 2
+    return same, pair_valid & ~same
+
+
+def affinity_loss_sums(features: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairwise affinity loss on decoder features (WeCLIP-style), as sums over pairs.
+
+    features (B, N, d), labels (B, N) patch pseudo-labels -> (sum over same-label pairs of
+    -log s, sum over different-label pairs of -log(1 - s)), s = sigmoid(5 cos). The loss is
+    (pos_sum / n_pos + neg_sum / n_neg) / 2 with the pair counts of the whole optimiser step,
+    so positive and negative pairs are averaged separately and neither dominates.
+    """
+    f = F.normalize(features.float(), dim=-1)
+    sim = torch.sigmoid(f @ f.transpose(1, 2) * 5.0)               # (B, N, N)
+    same, diff = affinity_pairs(labels, ignore_index)
+    pos = -(torch.log(sim.clamp_min(1e-6)) * same).sum()
+    neg = -(torch.log((1 - sim).clamp_min(1e-6)) * diff).sum()
+    return pos, neg

@@ -1,4 +1,4 @@
-"""Inference with the trained decoder: multi-scale + flip, optional DenseCRF, mIoU (DESIGN 4.5)."""
+"""Inference with the trained decoder: multi-scale + flip, optional DenseCRF, mIoU."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ssr.backbones import clip_visual_forward
 from ssr.config import InferParams
 from ssr.crf import dense_crf_from_params
 from ssr.data.dataset import WholeImages, snap_size
+from ssr.data.layout import write_label_png
 from ssr.metrics import confusion_matrix, format_table, segmentation_scores
 from ssr.model import SSR, FrozenBackbones, normalise
 
@@ -46,28 +47,54 @@ def decoder_probs(backbones: FrozenBackbones, model: SSR, image: torch.Tensor, s
     return total / count
 
 
+def image_probs(backbones: FrozenBackbones, model: SSR, original: np.ndarray, long_side: int, infer: InferParams, *,
+                device, autocast_dtype=None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (C + 1, H, W) float32 class probabilities at the image's own size."""
+    size = snap_size(*original.shape[:2], long_side, backbones.patch_size)
+    image = torch.from_numpy(np.ascontiguousarray(original)).permute(2, 0, 1).float().to(device)[None] / 255
+    image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)[0]
+    probs = decoder_probs(backbones, model, image, infer.scales, infer.flip, autocast_dtype)
+    return F.interpolate(probs[None], size=original.shape[:2], mode="bilinear", align_corners=False)[0].cpu().numpy()
+
+
+def predict(trained, image: np.ndarray, *, crf: bool | None = None) -> np.ndarray:
+    """Segment one image with a model from `ssr.load_model`.
+
+    image: (H, W, 3) uint8 RGB. Uses the model's recorded inference settings (long side,
+    scales, flip); `crf` overrides whether DenseCRF runs. Returns (H, W) uint8 class
+    indices into `trained.classes` (0 = background).
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"predict: expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+    infer = trained.infer
+    device = trained.backbones.text.device
+    probs = image_probs(trained.backbones, trained.model, image, trained.config["dataset_params"]["long_side"], infer, device=device)
+    if infer.crf if crf is None else crf:
+        probs = dense_crf_from_params(image, probs, infer)
+    return probs.argmax(0).astype(np.uint8)
+
+
 def evaluate_model(backbones: FrozenBackbones, model: SSR, root: Path, split: str, long_side: int, infer: InferParams,
                    *, device, pred_dir: Path | None = None, progress: bool = True, autocast_dtype=None) -> dict:
     """Decoder predictions on `split`, scored with and without DenseCRF -> flat metrics dict."""
-    from ssr.data.layout import write_label_png
-
     data = WholeImages(root, split, long_side=long_side, patch_size=backbones.patch_size)
     names = data.classes
     conf = np.zeros((len(names), len(names) + 1), np.int64)
     conf_crf = np.zeros_like(conf)
     model.eval()
-    for item in tqdm(data, desc=f"evaluate {split}", disable=not progress):
-        if item["gt"] is None:
+    for image_id in tqdm(data.ids, desc=f"evaluate {split}", disable=not progress):
+        original, gt = data.original(image_id)
+        if gt is None:
             continue
-        probs = decoder_probs(backbones, model, item["image"].to(device), infer.scales, infer.flip, autocast_dtype)
-        full = F.interpolate(probs[None], size=item["original"].shape[:2], mode="bilinear", align_corners=False)[0].cpu().numpy()
-        pred = full.argmax(0).astype(np.uint8)
-        conf += confusion_matrix(pred, item["gt"], len(names))
+        probs = image_probs(backbones, model, original, long_side, infer, device=device, autocast_dtype=autocast_dtype)
+        pred = probs.argmax(0).astype(np.uint8)
+        conf += confusion_matrix(pred, gt, len(names))
         if infer.crf:
-            pred_crf = dense_crf_from_params(item["original"], full, infer).argmax(0).astype(np.uint8)
-            conf_crf += confusion_matrix(pred_crf, item["gt"], len(names))
+            pred_crf = dense_crf_from_params(original, probs, infer).argmax(0).astype(np.uint8)
+            conf_crf += confusion_matrix(pred_crf, gt, len(names))
         if pred_dir is not None:
-            write_label_png(pred_dir / f"{item['id']}.png", pred_crf if infer.crf else pred)
+            write_label_png(pred_dir / f"{image_id}.png", pred_crf if infer.crf else pred)
     scores = segmentation_scores(conf, names)
     if progress:
         print(format_table(scores, names))

@@ -60,12 +60,16 @@ def segmentation_scores(conf: np.ndarray, class_names: list[str]) -> dict:
     """Flat dict of scores from a confusion matrix.
 
     conf: (C, C + 1) from `confusion_matrix`, or a plain (C, C).
-    Keys: miou, precision, recall, pixel_accuracy, confusion_ratio, and
-    iou_{name} per class (spaces in a name become '_').
+    Keys: miou, precision, recall, pixel_accuracy, confusion_ratio, class_swap_ratio,
+    and iou_{name} per class (spaces in a name become '_').
     - precision / recall: means over the scored classes (union > 0) of
       TP / (TP + FP) and TP / (TP + FN); a 0/0 inside them (a class only in
       the ground truth, or only in the prediction) counts as 0.
-    - confusion_ratio: share of ground-truth foreground pixels (classes 1..C-1)
+    - confusion_ratio: SeCo's (CVPR 2024) "m-ConfusionRatio", which SSR's Table 5
+      reports: the mean over classes of FP / TP (false positives per true positive,
+      background included). Classes with no true positive make FP / TP infinite and
+      are left out of the mean; the ratio is None when no class has one.
+    - class_swap_ratio: share of ground-truth foreground pixels (classes 1..C-1)
       predicted as a different foreground class.
     """
     conf = np.asarray(conf, dtype=np.int64)
@@ -89,13 +93,16 @@ def segmentation_scores(conf: np.ndarray, class_names: list[str]) -> dict:
     fg_total = fg_rows.sum()
     fg_confused = square[1:, 1:].sum() - np.trace(square[1:, 1:])
     total = conf.sum()
+    with_tp = tp > 0
+    fp_per_tp = (pred_total - tp)[with_tp] / tp[with_tp]
 
     scores = {
         "miou": float(iou[scored].mean()) if scored.any() else None,
         "precision": float(precision[scored].mean()) if scored.any() else None,
         "recall": float(recall[scored].mean()) if scored.any() else None,
         "pixel_accuracy": _ratio(tp.sum(), total),
-        "confusion_ratio": _ratio(fg_confused, fg_total),
+        "confusion_ratio": float(fp_per_tp.mean()) if with_tp.any() else None,
+        "class_swap_ratio": _ratio(fg_confused, fg_total),
     }
     for k, name in enumerate(class_names):
         scores[iou_key(name)] = float(iou[k]) if scored[k] else None
@@ -152,7 +159,8 @@ def _pct(value) -> str:
 def format_table(scores: dict, class_names: list[str]) -> str:
     """Per-class IoU table (in %) followed by the summary scores, for printing."""
     summary = [("mIoU", "miou"), ("precision", "precision"), ("recall", "recall"),
-               ("confusion ratio", "confusion_ratio"), ("pixel accuracy", "pixel_accuracy")]
+               ("confusion ratio", "confusion_ratio"), ("class swap ratio", "class_swap_ratio"),
+               ("pixel accuracy", "pixel_accuracy")]
     width = max(len(s) for s in [label for label, _ in summary] + [str(n) for n in class_names])
     lines = [f"{'class':<{width}}  IoU %", "-" * (width + 8)]
     for name in class_names:
@@ -161,3 +169,32 @@ def format_table(scores: dict, class_names: list[str]) -> str:
     for label, key in summary:
         lines.append(f"{label:<{width}}  {_pct(scores.get(key))}")
     return "\n".join(lines)
+
+
+def aggregate_seeds(per_seed: list[dict]) -> dict:
+    """Metrics of several training seeds -> their mean under each key, plus key_std, key_min, key_max.
+
+    The std is the sample standard deviation (ddof 1; 0 for a single seed). A seed whose value
+    is None (a class it never saw) is left out of that key; a key None in every seed stays
+    None. Non-numeric values must agree across seeds and are kept as they are. `seeds` counts them.
+    """
+    if not per_seed:
+        raise ValueError("no seeds to aggregate")
+    out: dict = {"seeds": len(per_seed)}
+    for key in per_seed[0]:
+        values = [m.get(key) for m in per_seed]
+        numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if any(isinstance(v, (str, bool)) for v in values):
+            if len(set(map(str, values))) != 1:
+                raise ValueError(f"{key}: seeds disagree ({values})")
+            out[key] = values[0]
+            continue
+        if not numbers:
+            out[key] = None
+            continue
+        array = np.array(numbers)
+        out[key] = float(array.mean())
+        out[f"{key}_std"] = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+        out[f"{key}_min"] = float(array.min())
+        out[f"{key}_max"] = float(array.max())
+    return out

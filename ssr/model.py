@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssr.affinity import clip_affinity, fuse_affinities, propagate
+from ssr.affinity import average_attention, fuse_attention, propagate
 from ssr.backbones import (
     clip_normalisation,
     clip_visual_forward,
@@ -27,10 +27,11 @@ from ssr.backbones import (
     load_dino,
 )
 from ssr.cam import gradcam, present_class_probs
-from ssr.cmpa import PrototypeBank, SemanticAdapter, Temperature
-from ssr.config import AffinityParams, CmpaParams, DatasetParams, SgcParams
+from ssr.cmpa import PrototypeBank, Temperature, build_head
+from ssr.config import AffinityParams, CmpaParams, DatasetParams, PseudoLabelParams, SgcParams
 from ssr.data.layout import IGNORE_INDEX
 from ssr.decoder import SegDecoder
+from ssr.par import par_refine
 from ssr.sgc import sgc_mask
 
 # Rows of the paper's Table 3, in order: CAM only, + CLIP attention, + DINO attention, + SGC mask.
@@ -71,18 +72,19 @@ def _stats(values, device) -> torch.Tensor:
 
 
 def build_backbones(ds: DatasetParams, class_names: list[str], *, demo_clip_dir: str | Path, device="cpu",
-                    clip=None, tokenizer=None, dino=None) -> FrozenBackbones:
+                    clip=None, tokenizer=None, dino=None, demo_dino_dir: str | Path | None = None) -> FrozenBackbones:
     """Load (or take) the frozen models and encode the prompts once.
 
-    class_names: foreground names (no "background"). `clip`/`tokenizer`/`dino` may be
-    given directly (tests pass tiny random-init models); otherwise they are loaded
-    from the dataset's params.
+    class_names: foreground names (no "background"); they are prompted with
+    `ds.prompt_names` where given (CLIP-ES synonyms). `clip`/`tokenizer`/`dino` may be
+    given directly (tests pass tiny random-init models); otherwise they are loaded from
+    the dataset's params.
     """
     if clip is None:
         clip, tokenizer = load_clip(ds.clip_model, ds.clip_pretrained, demo_dir=demo_clip_dir, device=device)
     if dino is None and ds.dino_model:
-        dino = load_dino(ds.dino_model, device=device)
-    names = list(class_names) + list(ds.background_prompts)
+        dino = load_dino(ds.dino_model, device=device, **({"demo_dir": demo_dino_dir} if ds.dino_model == "demo" else {}))
+    names = ds.prompt_name_list(class_names) + list(ds.background_prompts)
     text = encode_prompts(clip, tokenizer, names, ds.prompt_template)
     mean, std = clip_normalisation(clip)
     dmean, dstd = dino_normalisation(dino) if dino is not None else (None, None)
@@ -95,25 +97,49 @@ def build_backbones(ds: DatasetParams, class_names: list[str], *, demo_clip_dir:
     )
 
 
+@dataclass(frozen=True)
+class ModelDims:
+    """Everything that fixes the shapes of an SSR model; stored with its weights."""
+    embed_dim: int          # CLIP's joint embedding width (d1)
+    width: int              # CLIP ViT width (decoder input)
+    depth: int              # CLIP ViT blocks; the decoder reads the first depth - 1
+    num_foreground: int
+    decoder_width: int
+    decoder_layers: int
+    decoder_heads: int
+
+    @classmethod
+    def of(cls, backbones: FrozenBackbones) -> ModelDims:
+        """WeCLIP's 256-wide, 3-layer decoder for real CLIPs; 64 x 1 for a tiny demo CLIP."""
+        wide = backbones.width >= 256
+        return cls(backbones.embed_dim, backbones.width, backbones.depth, backbones.num_foreground,
+                   256 if wide else 64, 3 if wide else 1, 8 if wide else 4)
+
+
 class SSR(nn.Module):
     """Everything SSR trains: ISA, TSA, tau and the prototype bank (CMPA), and the decoder."""
 
-    def __init__(self, backbones: FrozenBackbones, cmpa: CmpaParams, *, decoder_width: int = 256, decoder_layers: int = 3, decoder_heads: int = 8):
+    def __init__(self, dims: ModelDims, cmpa: CmpaParams):
         super().__init__()
-        e = backbones.embed_dim
+        self.dims = dims
         self.use_cmpa = cmpa.enabled
-        self.isa = SemanticAdapter(e, cmpa.hidden_dim, cmpa.num_layers)
-        self.tsa = SemanticAdapter(e, cmpa.hidden_dim, cmpa.num_layers)
+        self.cmpa_loss = cmpa.loss
+        e = dims.embed_dim
+        proj = e if cmpa.head == "residual" else min(cmpa.proj_dim, e)
+        self.isa = build_head(cmpa.head, e, proj, cmpa.hidden_dim, cmpa.num_layers)
+        self.tsa = build_head(cmpa.head, e, proj, cmpa.hidden_dim, cmpa.num_layers)
         self.tau = Temperature(cmpa.tau_init)
-        self.bank = PrototypeBank(backbones.num_foreground, e, cmpa.bank_size)
-        self.decoder = SegDecoder(backbones.width, backbones.depth - 1, backbones.num_foreground + 1,
-                                  width=decoder_width, layers=decoder_layers, heads=decoder_heads)
+        self.bank = PrototypeBank(dims.num_foreground, proj, cmpa.bank_size)
+        self.decoder = SegDecoder(dims.width, dims.depth - 1, dims.num_foreground + 1,
+                                  width=dims.decoder_width, layers=dims.decoder_layers, heads=dims.decoder_heads)
 
-    def adapt_image(self, x: torch.Tensor) -> torch.Tensor:
-        return self.isa(x) if self.use_cmpa else x
+    def adapt_patches(self, dense: torch.Tensor) -> torch.Tensor:
+        """ISA on patch embeddings (B, N, E) -> (B, N, d2); the identity without CMPA."""
+        return self.isa(dense) if self.use_cmpa else dense
 
-    def adapt_text(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tsa(x) if self.use_cmpa else x
+    def adapt_text(self, text: torch.Tensor) -> torch.Tensor:
+        """TSA on prompt embeddings (C, E) -> (C, d2); the identity without CMPA."""
+        return self.tsa(text) if self.use_cmpa else text
 
 
 @contextlib.contextmanager
@@ -136,10 +162,33 @@ def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 @dataclass
 class CamPass:
-    cams: dict[str, torch.Tensor]      # row -> (B, S, N) in [0, 1]
+    cam: torch.Tensor                  # (B, S, N) GradCAM in [0, 1]: Table 3's first row, and Eq. 2's pooling weights
     method: torch.Tensor               # (B, S, N) the configured method's refined CAM
+    rows: dict[str, torch.Tensor]      # requested Table 3 rows -> (B, S, N) in [0, 1]
     visual: object                     # ClipVisualOutput (tokens for the decoder, dense embeddings)
     grid: tuple[int, int]
+
+
+def initial_cams(backbones: FrozenBackbones, model: SSR, images: torch.Tensor, classes: torch.Tensor, valid: torch.Tensor,
+                 *, attn_blocks: int, cmpa: bool = True):
+    """CLIP-ES GradCAM through the CMPA heads: -> (cams (B, S, N), ClipVisualOutput).
+
+    The scored image embedding is the mean over patches of ISA(ln_post(patch) @ proj), so
+    ISA sees the same per-patch features here as in Eq. 2's pooling; without CMPA (or with
+    `cmpa=False`, Table 4's CLIP row) it is CLIP-ES's mean patch embedding. Softmax over each
+    image's present classes and all background prompts; gradients at the last block's ln_1.
+    """
+    visual = clip_visual_forward(backbones.clip.visual, normalise(images, backbones.clip_mean, backbones.clip_std),
+                                 attn_blocks=attn_blocks, cam_block=-1, cam_grad=True)
+    use_heads = cmpa and model.use_cmpa
+    with eval_mode(model.isa, model.tsa), torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
+        dense = visual.dense.float()
+        image_emb = (model.isa(dense) if use_heads else dense).mean(dim=1)
+        text_emb = model.tsa(backbones.text) if use_heads else backbones.text
+        probs = present_class_probs(image_emb, text_emb, backbones.clip.logit_scale.exp().float(), classes, valid,
+                                    backbones.num_foreground)
+        cams = gradcam(visual.cam_activations, probs, valid, weighting=backbones.cam_weighting)
+    return cams, visual
 
 
 def refined_cams(
@@ -162,22 +211,13 @@ def refined_cams(
     region_maps (B, H, W) long or None (SGC rows then fall back to unmasked).
     Returns the CAMs of the requested Table 3 rows and of the configured method.
     """
-    device_type = images.device.type
-    amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    amp = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with amp:
-        visual = clip_visual_forward(
-            backbones.clip.visual, normalise(images, backbones.clip_mean, backbones.clip_std),
-            attn_blocks=affinity.clip_blocks, cam_block=-1, cam_grad=True)
-        with eval_mode(model.isa, model.tsa), torch.enable_grad():
-            image_emb = model.adapt_image(visual.pooled.float())
-            text_emb = model.adapt_text(backbones.text)
-            probs = present_class_probs(image_emb, text_emb, backbones.clip.logit_scale.exp(), classes, valid, backbones.num_foreground)
-        cam = gradcam(visual.cam_input, probs, valid, weighting=backbones.cam_weighting)
+        cam, visual = initial_cams(backbones, model, images, classes, valid, attn_blocks=affinity.clip_blocks)
         grid = visual.grid
         with torch.no_grad():
             depth = backbones.depth
-            attn = [visual.attentions[i] for i in range(max(0, depth - affinity.clip_blocks), depth)]
-            a_clip = clip_affinity(attn, rounds=affinity.sinkhorn_rounds, power=affinity.power)
+            a_clip = average_attention([visual.attentions[i] for i in range(max(0, depth - affinity.clip_blocks), depth)])
             a_dino = None
             if backbones.dino is not None:
                 a_dino = dino_last_attention(backbones.dino, normalise(images, backbones.dino_mean, backbones.dino_std)).float()
@@ -187,27 +227,31 @@ def refined_cams(
     with torch.no_grad():
         mask = None
         if region_maps is not None:
-            mask = sgc_mask(cam, region_maps, num_regions, grid, t_hi=sgc.t_hi, rho=sgc.rho, patch_area=sgc.patch_area, keep_best=sgc.keep_best)
-        fused = fuse_affinities(a_clip, a_dino, affinity.clip_weight, affinity.dino_weight)
+            mask = sgc_mask(cam, region_maps, num_regions, grid, t_hi=sgc.t_hi, rho=sgc.rho, patch_area=sgc.patch_area,
+                            keep_best=sgc.keep_best, denominator=sgc.denominator)
+
+        def fused(use_clip: bool, use_dino: bool) -> torch.Tensor:
+            return fuse_attention(a_clip if use_clip else None, a_dino if use_dino else None, affinity.clip_weight,
+                                  affinity.dino_weight, order=affinity.fusion, rounds=affinity.sinkhorn_rounds, power=affinity.power)
+
         out = {}
         for row in rows:
             if row == "cam":
                 out[row] = cam
             elif row == "clip":
-                out[row] = propagate(a_clip, cam)
+                out[row] = propagate(fused(True, False), cam)
             elif row == "dino" and a_dino is not None:
-                out[row] = propagate(fused, cam)
+                out[row] = propagate(fused(True, True), cam)
             elif row == "sgc" and mask is not None:
-                out[row] = propagate(fused, cam, mask)
-        chosen = [a for a, use in ((a_clip, affinity.use_clip), (a_dino, affinity.use_dino)) if use and a is not None]
-        if not chosen:
-            method = cam if not (affinity.use_sgc and mask is not None) else cam * mask
+                out[row] = propagate(fused(True, a_dino is not None), cam, mask)
+        use_dino = affinity.use_dino and a_dino is not None
+        use_mask = mask if affinity.use_sgc else None
+        if affinity.use_clip or use_dino:
+            method = propagate(fused(affinity.use_clip, use_dino), cam, use_mask)
         else:
-            a = fuse_affinities(a_clip if affinity.use_clip else None, a_dino if affinity.use_dino else None,
-                                affinity.clip_weight, affinity.dino_weight)
-            method = propagate(a, cam, mask if affinity.use_sgc else None)
+            method = cam if use_mask is None else cam * use_mask
         method = method * valid[..., None]
-    return CamPass({k: v * valid[..., None] for k, v in out.items()}, method, visual, grid)
+    return CamPass(cam, method, {k: v * valid[..., None] for k, v in out.items()}, visual, grid)
 
 
 def cams_to_labels(
@@ -216,23 +260,31 @@ def cams_to_labels(
     valid: torch.Tensor,
     grid: tuple[int, int],
     size: tuple[int, int],
+    pl: PseudoLabelParams,
     *,
-    bg_power: float = 1.0,
-    ignore_low: float = 0.0,
-    ignore_high: float = 0.0,
+    images: torch.Tensor | None = None,
+    par: bool = False,
 ) -> torch.Tensor:
     """Patch CAMs (B, S, N) -> label maps (B, H, W) long: 0 background, class + 1, 255 ignore.
 
-    Background score = (1 - max_c CAM) ** bg_power; pixels whose winning score
-    lies in [ignore_low, ignore_high) become ignore (off when the two are equal).
+    Background score = (1 - max_c CAM) ** bg_power; with `par`, the scores are refined by
+    PAR on `images` (B, 3, H, W) in [0, 1] at `size` before the argmax (WeCLIP's online
+    labels). Pixels whose winning score lies in [ignore_low, ignore_high) become ignore
+    (off when the two are equal).
     """
     b, s, _ = cams.shape
     up = F.interpolate(cams.reshape(b, s, *grid).float(), size=size, mode="bilinear", align_corners=False)
     up = up.masked_fill(~valid[..., None, None], -1.0)
-    background = (1 - up.clamp(0, 1).amax(dim=1, keepdim=True)) ** bg_power
+    background = (1 - up.clamp(0, 1).amax(dim=1, keepdim=True)) ** pl.bg_power
     scores = torch.cat([background, up], dim=1)
+    if par:
+        if images is None:
+            raise ValueError("PAR refinement needs the images")
+        refined = par_refine(images, scores.clamp_min(0), dilations=pl.par_dilations, iterations=pl.par_iterations,
+                             w_colour=pl.par_w_colour, w_position=pl.par_w_position)
+        scores = refined.masked_fill(torch.cat([torch.zeros_like(valid[:, :1]), ~valid], dim=1)[..., None, None], -1.0)
     best, index = scores.max(dim=1)
     labels = torch.where(index == 0, torch.zeros_like(index), classes.gather(1, (index - 1).clamp(min=0).flatten(1)).view_as(index) + 1)
-    if ignore_high > ignore_low:
-        labels = labels.masked_fill((best >= ignore_low) & (best < ignore_high), IGNORE_INDEX)
+    if pl.ignore_high > pl.ignore_low:
+        labels = labels.masked_fill((best >= pl.ignore_low) & (best < pl.ignore_high), IGNORE_INDEX)
     return labels

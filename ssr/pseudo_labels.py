@@ -1,9 +1,10 @@
-"""Pseudo-label export and the seed ablation (paper Table 3) over a split.
+"""Pseudo-label export and the seed ablation (paper Tables 3 and 4) over a split.
 
-Every image gets the CAM of each Table 3 row (CAM only, + CLIP attention,
-+ DINO attention, + SGC mask); each row is scored against ground truth where
-it exists ("seed mIoU"), and the configured method's labels are written as
-palette PNGs for the retraining stage.
+Every image gets the CAM of each Table 3 row (CAM only, + CLIP attention, + DINO
+attention, + SGC mask) and of the configured method; the method's labels are written as
+palette PNGs for the retraining stage, and each row is scored against ground truth on the
+images of the scoring split (the paper scores seeds on VOC `train`, a subset of the
+`train_aug` split the labels are exported for).
 """
 
 from __future__ import annotations
@@ -21,53 +22,61 @@ from ssr.data.dataset import WholeImages, collate
 from ssr.data.layout import write_label_png
 from ssr.figures import save_overlay
 from ssr.metrics import confusion_matrix, format_table, segmentation_scores
-from ssr.model import ABLATION_ROWS, SSR, FrozenBackbones, cams_to_labels, refined_cams
+from ssr.model import ABLATION_ROWS, SSR, FrozenBackbones, cams_to_labels, initial_cams, refined_cams
 
-ROW_TITLES = {"cam": "CAM only", "clip": "+ CLIP attention", "dino": "+ DINO attention", "sgc": "+ SGC mask", "method": "configured method"}
+ROW_TITLES = {"cam": "CAM only", "clip": "+ CLIP attention", "dino": "+ DINO attention", "sgc": "+ SGC mask",
+              "method": "configured method", "cam_without_cmpa": "CAM of plain CLIP (no CMPA heads)"}
+SCORE_KEYS = ("miou", "precision", "recall", "confusion_ratio", "class_swap_ratio")
 
 
-def export_pseudo_labels(backbones: FrozenBackbones, model: SSR, params: Params, root: Path, split: str, long_side: int,
-                         out_dir: Path, *, device, figures_dir: Path | None = None, batch_size: int = 8,
-                         progress: bool = True) -> dict:
-    """Write out_dir/{id}.png for every image of `split`; return flat seed metrics for every row."""
-    data = WholeImages(root, split, long_side=long_side, patch_size=backbones.patch_size,
-                       superpixels=root / "superpixels.h5")
+def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: Path, split: str, long_side: int, *,
+                 device, score_ids: set[str] | None = None, rows: tuple[str, ...] = (*ABLATION_ROWS, "method", "cam_without_cmpa"),
+                 export_dir: Path | None = None, figures_dir: Path | None = None, batch_size: int = 8,
+                 progress: bool = True) -> dict:
+    """Score the CAM `rows` of every image of `split` whose id is in `score_ids` (None = all).
+
+    With `export_dir`, the method's labels of every image of `split` are written there as
+    {id}.png. Returns flat seed metrics: {row}_{miou, precision, ...} per row that could run,
+    {row}_available: 0 for one that could not (DINO without DINO weights).
+    """
+    data = WholeImages(root, split, long_side=long_side, patch_size=backbones.patch_size, superpixels=root / "superpixels.h5")
     names = data.classes
-    rows = list(ABLATION_ROWS) + ["method"]
     conf = {row: np.zeros((len(names), len(names) + 1), np.int64) for row in rows}
     computed: set[str] = set()
     pl = params.pseudo_labels
     figures_left = pl.figures if figures_dir is not None else 0
     model.eval()
-    # Images of one size share a batch; VOC's mixed sizes fall back to batches of one.
-    order = sorted(range(len(data)), key=lambda i: data.ids[i])
-    bar = tqdm(total=len(data), desc=f"pseudo-labels {split}", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        items = [data[i] for i in order[start:start + batch_size]]
+    ids = [i for i in sorted(data.ids) if export_dir is not None or score_ids is None or i in score_ids]
+    index = {image_id: k for k, image_id in enumerate(data.ids)}
+    bar = tqdm(total=len(ids), desc=f"seeds {split}", disable=not progress)
+    for start in range(0, len(ids), batch_size):
+        items = [data[index[i]] for i in ids[start:start + batch_size]]
         groups: dict[tuple, list] = {}
-        for item in items:
+        for item in items:  # images of one size share a batch; VOC's mixed sizes fall back to batches of one
             groups.setdefault(tuple(item["image"].shape), []).append(item)
         for group in groups.values():
             batch = collate(group)
             images = batch["image"].to(device)
             classes, valid = class_slots(batch["labels"], device)
             cam = refined_cams(backbones, model, images, classes, valid, batch["regions"].to(device), params.affinity,
-                               params.sgc, num_regions=params.superpixels.n_clusters)
-            cams = dict(cam.cams, method=cam.method)
+                               params.sgc, num_regions=params.superpixels.n_clusters, rows=tuple(r for r in rows if r in ABLATION_ROWS))
+            cams = dict(cam.rows, method=cam.method)
+            if "cam_without_cmpa" in rows:
+                cams["cam_without_cmpa"] = initial_cams(backbones, model, images, classes, valid, attn_blocks=0, cmpa=False)[0].detach()
             for row, value in cams.items():
                 computed.add(row)
                 for b, item in enumerate(group):
                     size = item["original"].shape[:2]
-                    label = cams_to_labels(value[b:b + 1], classes[b:b + 1], valid[b:b + 1], cam.grid, size, bg_power=pl.bg_power,
-                                           ignore_low=pl.ignore_low, ignore_high=pl.ignore_high)[0].cpu().numpy().astype(np.uint8)
-                    if item["gt"] is not None:
+                    label = cams_to_labels(value[b:b + 1], classes[b:b + 1], valid[b:b + 1], cam.grid, size,
+                                           pl)[0].cpu().numpy().astype(np.uint8)
+                    if item["gt"] is not None and (score_ids is None or item["id"] in score_ids):
                         conf[row] += confusion_matrix(label, item["gt"], len(names))
-                    if row == "method":
-                        write_label_png(out_dir / f"{item['id']}.png", label)
-                        if figures_left > 0:
-                            figures_left -= 1
-                            save_overlay(figures_dir / f"{item['id']}.png", item["original"], item["gt"],
-                                         {r: _upsampled(cams[r][b], valid[b], cam.grid, size) for r in cams}, label)
+                    if row == "method" and export_dir is not None:
+                        write_label_png(export_dir / f"{item['id']}.png", label)
+                    if row == "method" and figures_left > 0:
+                        figures_left -= 1
+                        save_overlay(figures_dir / f"{item['id']}.png", item["original"], item["gt"],
+                                     {r: _upsampled(cams[r][b], valid[b], cam.grid, size) for r in cams}, label)
             bar.update(len(group))
     bar.close()
 
@@ -80,7 +89,7 @@ def export_pseudo_labels(backbones: FrozenBackbones, model: SSR, params: Params,
         if progress:
             print(f"[{ROW_TITLES[row]}]")
             print(format_table(scores, names))
-        for key in ("miou", "precision", "recall", "confusion_ratio"):
+        for key in SCORE_KEYS:
             metrics[f"{row}_{key}"] = scores[key]
     return metrics
 

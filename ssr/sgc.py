@@ -20,16 +20,27 @@ def region_onehot(region_map: torch.Tensor, num_regions: int) -> torch.Tensor:
     return onehot * valid[:, None]
 
 
-def target_regions(cam: torch.Tensor, regions: torch.Tensor, t_hi: float, rho: float, keep_best: bool = True) -> torch.Tensor:
+DENOMINATORS = ("region", "image")
+
+
+def target_regions(cam: torch.Tensor, regions: torch.Tensor, t_hi: float, rho: float, keep_best: bool = True,
+                   denominator: str = "region") -> torch.Tensor:
     """Which regions are targets for each class slot (Eq. 8).
 
     cam (B, S, H, W) in [0, 1] at region-map resolution, regions (B, R, H, W) one-hot
-    -> (B, S, R) bool: sum_{p in r, cam > t_hi} cam / sum_{p in r} cam > rho.
+    -> (B, S, R) bool: sum_{p in r, cam > t_hi} cam / total > rho, where "the total
+    activation" (the paper leaves it open) is the region's own, sum_{p in r} cam
+    (denominator "region"), or the whole image's, sum_p cam ("image").
     With `keep_best`, a class with no region over rho keeps its highest-ratio region,
     so a present class is never masked out entirely.
     """
-    total = torch.einsum("bshw,brhw->bsr", cam, regions)
+    if denominator not in DENOMINATORS:
+        raise ValueError(f"unknown SGC denominator {denominator!r}; expected one of {DENOMINATORS}")
     confident = torch.einsum("bshw,brhw->bsr", cam * (cam > t_hi), regions)
+    if denominator == "region":
+        total = torch.einsum("bshw,brhw->bsr", cam, regions)
+    else:
+        total = (cam * regions.sum(dim=1, keepdim=True)).sum(dim=(-2, -1))[..., None]
     ratio = confident / total.clamp_min(1e-8)
     targets = ratio > rho
     if keep_best:
@@ -54,9 +65,12 @@ def column_mask(targets: torch.Tensor, share: torch.Tensor, patch_area: float) -
 
 
 def sgc_mask(cam: torch.Tensor, region_map: torch.Tensor, num_regions: int, grid: tuple[int, int], *, t_hi: float, rho: float,
-             patch_area: float, keep_best: bool = True) -> torch.Tensor:
-    """CAM (B, S, N) on the patch grid + region map (B, H, W) -> column masks (B, S, N)."""
+             patch_area: float, keep_best: bool = True, denominator: str = "region") -> torch.Tensor:
+    """CAM (B, S, N) on the patch grid + region map (B, H, W) -> column masks (B, S, N).
+
+    The image total of the "image" denominator counts only pixels with a region (padding excluded).
+    """
     regions = region_onehot(region_map, num_regions)
     cam_full = F.interpolate(cam.reshape(cam.shape[0], cam.shape[1], *grid), size=region_map.shape[-2:], mode="bilinear", align_corners=False)
-    targets = target_regions(cam_full.clamp(0, 1), regions, t_hi, rho, keep_best)
+    targets = target_regions(cam_full.clamp(0, 1), regions, t_hi, rho, keep_best, denominator)
     return column_mask(targets, patch_region_share(regions, grid), patch_area)

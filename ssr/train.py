@@ -1,14 +1,22 @@
-"""Single-stage SSR training (DESIGN 4.5): online SSR pseudo-labels supervise the decoder,
-L_proto trains the CMPA heads; L = L_proto + gamma * (L_ce + w_aff * L_aff).
+"""Single-stage SSR training: online SSR pseudo-labels supervise the decoder, L_proto trains
+the CMPA heads; L = L_proto + gamma * (L_ce + w_aff * L_aff) (paper Eq. 12).
 
-Resumable: every `checkpoint_every` iterations and on SIGTERM the model,
-optimiser, RNG states and iteration go to `checkpoint.pt`; the data order is a
-pure function of (seed, epoch), so a resumed run replays exactly the batches
-an uninterrupted one would have seen.
+One optimiser step covers `accumulation` micro-batches on each of `world` processes and is
+exactly the full batch's step: every loss is normalised by the whole step's count (valid
+pixels for L_ce, same- and different-label pairs for L_aff, (image, class) samples for
+L_proto), taken over micro-batches and ranks. So a step first runs the CAM pass of all its
+micro-batches (which fixes the labels and so the counts), then the losses and backward passes.
+
+Resumable: every `checkpoint_every` iterations and on SIGTERM the model, optimiser, RNG
+states, iteration and training identity go to `checkpoint.pt` (tensors and plain Python
+values only, loaded with weights_only=True); the data order is a pure function of
+(seed, epoch), so a resumed run replays exactly the batches an uninterrupted one would
+have seen. A finished run writes `model.safetensors` + `model.json` (ssr.checkpoint).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -21,17 +29,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ssr.cam import class_slots
-from ssr.cmpa import masked_average_pool, prototype_loss
-from ssr.config import Params, PresetParams
+from ssr.checkpoint import save_model
+from ssr.cmpa import masked_average_pool, prototype_loss_term, sample_loss_sum
+from ssr.config import ConfigError, Params, PresetParams, identity_differences, training_identity
 from ssr.data.dataset import TrainCrops, collate
 from ssr.data.layout import IGNORE_INDEX, atomic_path
-from ssr.decoder import affinity_loss
-from ssr.model import SSR, FrozenBackbones, build_backbones, cams_to_labels, refined_cams
+from ssr.decoder import affinity_loss_sums, affinity_pairs
+from ssr.model import SSR, FrozenBackbones, ModelDims, cams_to_labels, eval_mode, initial_cams, refined_cams
 
 
 class NonFiniteLoss(RuntimeError):
@@ -83,25 +91,63 @@ def build_optimiser(model: SSR, preset: PresetParams) -> torch.optim.Optimizer:
         lr=preset.lr, weight_decay=preset.weight_decay)
 
 
+# ---------------------------------------------------------------- RNG and checkpoints
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a run draws from, as tensors and plain values (safe to load with weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model: SSR, optimiser, state: TrainState, meta: dict) -> None:
-    payload = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "state": asdict(state), "rng": rng_state(), "meta": meta}
+def save_checkpoint(path: Path, model: SSR, optimiser, state: TrainState, identity: dict) -> None:
+    payload = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "state": asdict(state), "rng": rng_state(),
+               "identity": identity}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, identity: dict, device) -> dict:
+    """The resume checkpoint, refused with the differing keys if written under other params."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a truncated or foreign file: torch raises several error types
+        raise ConfigError(f"{path}: not a readable ssr checkpoint ({type(err).__name__}: {err}); "
+                          f"delete it to start the run over") from err
+    differences = identity_differences(ckpt.get("identity", {}), identity)
+    if differences:
+        raise ConfigError(f"{path}: written under other params: {'; '.join(differences)}. "
+                          f"Restore them to resume, or delete the checkpoint to start over")
+    return ckpt
+
+
+# ---------------------------------------------------------------- one optimiser step
+
+@dataclass
+class MicroBatch:
+    """One micro-batch after its CAM pass: everything the losses need, nothing with a graph."""
+    tokens: list[torch.Tensor]   # depth - 1 blocks of (B, 1 + N, D), the decoder's input
+    grid: tuple[int, int]
+    labels: torch.Tensor         # (B, H, W) long: online pseudo-labels, or true masks (supervision "gt")
+    patch_labels: torch.Tensor   # (B, N) long, for the affinity loss
+    cam: torch.Tensor            # (B, S, N) GradCAM, Eq. 2's pooling weights
+    dense: torch.Tensor          # (B, N, E) CLIP patch embeddings
+    classes: torch.Tensor        # (B, S)
+    valid: torch.Tensor          # (B, S)
 
 
 def patch_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -109,55 +155,106 @@ def patch_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(labels[:, None].float(), size=grid, mode="nearest")[:, 0].long().flatten(1)
 
 
-def train_step(backbones: FrozenBackbones, model: SSR, batch: dict, params: Params, preset: PresetParams,
-               *, num_regions: int, autocast_dtype=None) -> tuple[torch.Tensor, dict]:
-    """One micro-batch: returns the loss (not yet backpropagated) and its parts."""
+def prepare_micro_batch(backbones: FrozenBackbones, model: SSR, batch: dict, params: Params, *, num_regions: int,
+                        par: bool, autocast_dtype=None) -> MicroBatch:
+    """The CAM pass of one micro-batch: refined CAMs -> the labels the decoder learns from."""
     device = backbones.text.device
     images = batch["image"].to(device, non_blocking=True)
-    regions = batch["regions"].to(device, non_blocking=True)
     classes, valid = class_slots(batch["labels"], device)
-    cam = refined_cams(backbones, model, images, classes, valid, regions, params.affinity, params.sgc,
-                       num_regions=num_regions, rows=(), autocast_dtype=autocast_dtype)
-    pseudo = cams_to_labels(cam.method, classes, valid, cam.grid, images.shape[-2:], bg_power=params.pseudo_labels.bg_power,
-                            ignore_low=params.pseudo_labels.ignore_low, ignore_high=params.pseudo_labels.ignore_high)
+    cam = refined_cams(backbones, model, images, classes, valid, batch["regions"].to(device, non_blocking=True), params.affinity,
+                       params.sgc, num_regions=num_regions, rows=(), autocast_dtype=autocast_dtype)
+    if params.train.supervision == "gt":
+        labels = batch["gt"].to(device, non_blocking=True)
+    else:
+        labels = cams_to_labels(cam.method, classes, valid, cam.grid, images.shape[-2:], params.pseudo_labels,
+                                images=images, par=par)
+    return MicroBatch([t.detach() for t in cam.visual.tokens[: backbones.depth - 1]], cam.grid, labels,
+                      patch_labels(labels, cam.grid), cam.cam.detach(), cam.visual.dense.detach().float(), classes, valid)
 
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(device.type, enabled=False)
-    tokens = [t.detach() for t in cam.visual.tokens[: backbones.depth - 1]]
+
+def step_counts(micro: list[MicroBatch], device) -> torch.Tensor:
+    """(4,) float64: valid pixels, same-label pairs, different-label pairs, (image, class) samples of this rank's step."""
+    counts = torch.zeros(4, dtype=torch.float64, device=device)
+    for m in micro:
+        same, diff = affinity_pairs(m.patch_labels)
+        counts += torch.stack([(m.labels != IGNORE_INDEX).sum(), same.sum(), diff.sum(), m.valid.sum()]).double()
+    return counts
+
+
+def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, params: Params, preset: PresetParams,
+                     counts: torch.Tensor, *, autocast_dtype=None) -> tuple[torch.Tensor, dict]:
+    """This micro-batch's share of the step loss: its sums divided by the whole step's counts.
+
+    Returns the loss (not yet backpropagated), its parts, and the (f_image, class) pairs for the bank.
+    """
+    n_pixels, n_same, n_diff, n_samples = (c.clamp_min(1).float() for c in counts)
+    device_type = m.labels.device.type
+    amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(device_type, enabled=False)
     with amp:
-        logits, feats = model.decoder(tokens, cam.grid)
-    logits = F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
-    loss_ce = F.cross_entropy(logits, pseudo, ignore_index=IGNORE_INDEX)
-    loss_aff = affinity_loss(feats, patch_labels(pseudo, cam.grid)) if params.train.affinity_loss else logits.new_zeros(())
+        logits, feats = model.decoder(m.tokens, m.grid)
+    logits = F.interpolate(logits.float(), size=m.labels.shape[-2:], mode="bilinear", align_corners=False)
+    loss_ce = F.cross_entropy(logits, m.labels, ignore_index=IGNORE_INDEX, reduction="sum") / n_pixels
+    loss_aff = logits.new_zeros(())
+    if params.train.affinity_loss:
+        pos, neg = affinity_loss_sums(feats, m.patch_labels)
+        loss_aff = (pos / n_same + neg / n_diff) / 2
     loss = preset.gamma * (loss_ce + preset.affinity_weight * loss_aff)
     parts = {"loss_ce": loss_ce.detach(), "loss_aff": loss_aff.detach()}
-
     if model.use_cmpa:
-        dense = model.isa(cam.visual.dense.detach().float())                       # (B, N, E)
-        pooled = masked_average_pool(dense, cam.method)[valid]                    # (M, E)
-        labels = classes[valid]
-        text = model.tsa(backbones.text[: backbones.num_foreground])              # (C, E)
-        pos_idx = model.bank.assign(pooled.detach()) if bool(model.bank.ready) else labels
-        symmetric = {"text_features": text[labels], "image_prototypes": model.bank.image_prototypes} if params.cmpa.symmetric and bool(model.bank.ready) else {}
-        loss_proto = prototype_loss(pooled, model.bank.text_prototypes(text), pos_idx, model.tau(), **symmetric)
+        f_image = masked_average_pool(model.isa(m.dense), m.cam)[m.valid]           # (M, d2), Eq. 2
+        labels = m.classes[m.valid]
+        text = model.tsa(backbones.text[: backbones.num_foreground])                 # (C, d2): P_T, one per class
+        pos_idx = model.bank.assign(f_image.detach())
+        loss_proto = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text, model.bank.image_prototypes,
+                                     pos_idx, model.tau()) / n_samples
         loss = loss + loss_proto
-        parts.update(loss_proto=loss_proto.detach(), tau=model.tau().detach(), _bank=(pooled.detach(), labels, text.detach()))
+        parts.update(loss_proto=loss_proto.detach(), bank=(f_image.detach(), labels))
     return loss, parts
 
 
-def non_finite_gradients(model: nn.Module) -> list[str]:
-    """Names of the parameters whose gradient holds NaN or inf (one device sync when all are finite)."""
-    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
-        return []
-    return [n for n, g in named if not bool(torch.isfinite(g).all())]
+def prototype_step_loss(backbones: FrozenBackbones, model: SSR, params: Params, world: int) -> torch.Tensor:
+    """The step's prototype-level term (constraint 2), once per step; divided by `world`
+    since the ranks' gradients are summed."""
+    text = model.tsa(backbones.text[: backbones.num_foreground])
+    return prototype_loss_term(model.cmpa_loss, text, model.bank.image_prototypes, model.tau()) / world
 
 
-def _last_good(ckpt_path: Path) -> str:
-    return f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
+# ---------------------------------------------------------------- prototypes before the first step
+
+@torch.no_grad()
+def warm_up_prototypes(backbones: FrozenBackbones, model: SSR, loader, params: Params, *, max_batches: int) -> int:
+    """Fill the prototype bank before the first step and build P_I from it.
+
+    The first k-means never sees a single batch: micro-batches of the first epoch are
+    pooled (Eq. 2, heads in eval mode) until every class holds `cmpa.warmup_per_class`
+    features on all ranks together, or `max_batches` (one pass) have been read.
+    Returns the number of micro-batches read.
+    """
+    device = backbones.text.device
+    needed = params.cmpa.warmup_per_class
+    read = 0
+    for batch in loader:
+        images = batch["image"].to(device)
+        classes, valid = class_slots(batch["labels"], device)
+        cam, visual = initial_cams(backbones, model, images, classes, valid, attn_blocks=0)
+        with eval_mode(model.isa, model.tsa):
+            f_image = masked_average_pool(model.isa(visual.dense.detach().float()), cam.detach())[valid]
+        model.bank.push(_all_gather(f_image), _all_gather(classes[valid]))
+        read += 1
+        if bool((model.bank.class_counts() >= needed).all()) or read >= max_batches:
+            break
+    model.bank.refresh(model.adapt_text(backbones.text[: backbones.num_foreground]), iters=params.cmpa.kmeans_iters)
+    return read
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _all_gather(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return x
     sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor(len(x), device=x.device))
@@ -168,20 +265,23 @@ def _all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[: int(n)] for o, n in zip(out, sizes)])
 
 
-def _sync_gradients(model: SSR) -> None:
-    """Average gradients across ranks (the DDP reduction, done explicitly because the
-    training step calls the model's parts rather than one forward).
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(x)
+    return x
 
-    One flat all-reduce over every trainable parameter: a parameter without a gradient on
-    one rank (an absent class, say) contributes zeros rather than leaving the ranks'
-    collectives out of step.
+
+def sum_gradients(model: SSR) -> None:
+    """Sum gradients across ranks: each rank's losses are already divided by the global counts.
+
+    One flat all-reduce over every trainable parameter: a parameter without a gradient on one
+    rank (an absent class, say) contributes zeros rather than leaving the collectives out of step.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return
     params = [p for p in model.parameters() if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
     offset = 0
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
@@ -190,7 +290,7 @@ def _sync_gradients(model: SSR) -> None:
 
 def _check_ranks_agree(model: SSR) -> None:
     """Every rank must hold the same weights after training; a difference means the gradient sync failed."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return
     sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
     low, high = sums.clone(), sums.clone()
@@ -214,146 +314,195 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = False, device=None,
-          backbones: FrozenBackbones | None = None, stop_after: int | None = None, progress: bool = True,
-          demo_clip_dir: str | Path | None = None) -> dict:
-    """Train SSR on `dataset`; writes out_dir/{model.pt, checkpoint.pt, dvclive/} and returns the summary.
+def non_finite_gradients(model) -> list[str]:
+    """Names of the parameters whose gradient holds NaN or inf (one device sync when all are finite)."""
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
+        return []
+    return [n for n, g in named if not bool(torch.isfinite(g).all())]
 
-    `stop_after` ends the run (with a checkpoint) after that many iterations, as
-    an interruption would; `resume` continues from out_dir/checkpoint.pt.
+
+def _last_good(ckpt_path: Path) -> str:
+    return f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
+
+
+# ---------------------------------------------------------------- the run
+
+class Trainer:
+    """One training run (dataset, params, seed) into `out_dir`; state lives here between steps."""
+
+    def __init__(self, params: Params, dataset: str, out_dir: str | Path, *, seed: int, run: str, device, backbones: FrozenBackbones,
+                 rank: int, world: int, progress: bool):
+        self.params, self.dataset, self.seed, self.run = params, dataset, seed, run
+        self.rank, self.world, self.device, self.backbones = rank, world, device, backbones
+        self.ds, self.preset = params.dataset(dataset), params.preset(dataset)
+        self.out_dir = Path(out_dir)
+        self.ckpt_path = self.out_dir / "checkpoint.pt"
+        self.identity = {**training_identity(params, dataset), "seed": seed}
+        self.progress = progress and rank == 0
+        self.autocast_dtype = torch.bfloat16 if (device.type == "cuda" and params.train.amp_bf16) else None
+        self.par = self.ds.par and params.train.supervision == "pseudo"
+        root = params.dataset_root(dataset)
+        self.data = TrainCrops(root, self.ds.train_split, crop_size=self.preset.crop_size, scale_min=self.preset.scale_min,
+                               scale_max=self.preset.scale_max, superpixels=root / "superpixels.h5", seed=seed,
+                               with_gt=params.train.supervision == "gt")
+        self.micro = self.preset.batch_size // self.preset.accumulation
+        if self.micro % world:
+            raise ValueError(f"train_presets.{self.ds.preset}: micro-batch {self.micro} is not divisible by {world} processes")
+        if len(self.data) < self.micro:
+            raise ValueError(f"{root}: split {self.ds.train_split!r} has {len(self.data)} images, fewer than one micro-batch of {self.micro}")
+        torch.manual_seed(seed)
+        self.model = SSR(ModelDims.of(backbones), params.cmpa).to(device)
+        self.optimiser = build_optimiser(self.model, self.preset)
+        self.state = TrainState()
+
+    def loader(self, start: int) -> DataLoader:
+        # The loader draws its workers' base seed from its own generator, not the global torch RNG: a draw
+        # from the global RNG here would land after the checkpoint's RNG state is restored on resume and
+        # shift the stream relative to an uninterrupted run.
+        sampler = ResumableSampler(len(self.data), self.micro, self.seed, start, self.rank, self.world)
+        return DataLoader(self.data, batch_size=self.micro // self.world, sampler=sampler, num_workers=self.params.train.num_workers,
+                          collate_fn=collate, generator=torch.Generator().manual_seed(self.seed))
+
+    def resume(self) -> None:
+        if not self.ckpt_path.exists():
+            self.log(f"no checkpoint at {self.ckpt_path}; starting from iteration 0")
+            return
+        ckpt = load_checkpoint(self.ckpt_path, self.identity, self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimiser.load_state_dict(ckpt["optimiser"])
+        self.state = TrainState(**ckpt["state"])
+        set_rng_state(ckpt["rng"])
+        self.log(f"resuming {self.dataset} ({self.run}, seed {self.seed}) from {self.ckpt_path} at iteration {self.state.iteration}")
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, file=sys.stderr)
+
+    def step(self, batches) -> dict:
+        """One optimiser step over `accumulation` micro-batches; returns its losses."""
+        params, preset, model = self.params, self.preset, self.model
+        lr = lr_at(self.state.iteration, preset)
+        for group in self.optimiser.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        self.optimiser.zero_grad(set_to_none=True)
+        micro = [prepare_micro_batch(self.backbones, model, next(batches), params, num_regions=params.superpixels.n_clusters,
+                                     par=self.par, autocast_dtype=self.autocast_dtype) for _ in range(preset.accumulation)]
+        counts = _all_reduce(step_counts(micro, self.device))
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, ce, aff, proto
+        bank = []
+        for m in micro:
+            loss, parts = micro_batch_loss(self.backbones, model, m, params, preset, counts, autocast_dtype=self.autocast_dtype)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"non-finite loss ({loss.item()}) at iteration {self.state.iteration} "
+                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items() if k != 'bank')}); {_last_good(self.ckpt_path)}")
+            loss.backward()
+            if "bank" in parts:
+                bank.append(parts.pop("bank"))
+            totals += torch.stack([loss.detach(), parts["loss_ce"], parts["loss_aff"], parts.get("loss_proto", loss.new_zeros(()))]).double()
+        if model.use_cmpa and params.cmpa.text_prototype_term:
+            term = prototype_step_loss(self.backbones, model, params, self.world)
+            term.backward()
+            totals[0] += term.detach().double()
+            totals[3] += term.detach().double()
+        sum_gradients(model)
+        bad = non_finite_gradients(model)
+        if bad:
+            # Checked before the step: a finite loss can still back-propagate NaN/inf (overflow),
+            # and once the optimiser writes it into the weights the next checkpoint would save it.
+            raise NonFiniteLoss(
+                f"non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at iteration {self.state.iteration} "
+                f"(loss {totals[0].item():.4g}); {_last_good(self.ckpt_path)}")
+        self.optimiser.step()
+        if bank:
+            model.bank.push(_all_gather(torch.cat([b[0] for b in bank])), _all_gather(torch.cat([b[1] for b in bank])))
+            if (self.state.iteration + 1) % preset.refresh_every == 0:
+                model.bank.refresh(model.adapt_text(self.backbones.text[: self.backbones.num_foreground]).detach(),
+                                   iters=params.cmpa.kmeans_iters)
+        totals = _all_reduce(totals)
+        losses = dict(zip(("loss", "loss_ce", "loss_aff", "loss_proto"), totals.tolist()))
+        if model.use_cmpa:
+            losses["tau"] = float(model.tau().detach())
+        else:
+            losses.pop("loss_proto")
+        return {**losses, "lr": lr}
+
+
+def train(params: Params, dataset: str, out_dir: str | Path, *, seed: int = 0, run: str = "method", resume: bool = False,
+          device=None, backbones: FrozenBackbones | None = None, stop_after: int | None = None, progress: bool = True,
+          demo_clip_dir: str | Path | None = None, demo_dino_dir: str | Path | None = None) -> dict:
+    """Train SSR on `dataset` with `seed`; writes out_dir/{model.safetensors, model.json, checkpoint.pt, dvclive/}.
+
+    `params` are the run's (a variant's overrides already applied). `stop_after` ends the
+    run (with a checkpoint) after that many iterations, as an interruption would; `resume`
+    continues from out_dir/checkpoint.pt when one exists. Returns the summary.
     """
+    from ssr.model import build_backbones
+
     torch.backends.cudnn.benchmark = True
     rank, world, auto_device = setup_distributed()
     device = torch.device(device) if device is not None else auto_device
-    ds = params.dataset(dataset)
-    preset = params.preset(dataset)
     root = params.dataset_root(dataset)
+    if backbones is None:
+        from ssr.data.layout import DatasetLayout
+
+        backbones = build_backbones(params.dataset(dataset), DatasetLayout(root).classes()[1:], device=device,
+                                    demo_clip_dir=demo_clip_dir, demo_dino_dir=demo_dino_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, model_path = out_dir / "checkpoint.pt", out_dir / "model.pt"
-    seed = params.demo.seed
+    trainer = Trainer(params, dataset, out_dir, seed=seed, run=run, device=device, backbones=backbones, rank=rank, world=world,
+                      progress=progress)
+    if resume:
+        trainer.resume()
+    elif trainer.ckpt_path.exists():
+        trainer.log(f"starting over without --resume: {trainer.ckpt_path} will be replaced")
+    return _run(trainer, stop_after)
 
-    torch.manual_seed(seed)
-    data = TrainCrops(root, ds.train_split, crop_size=preset.crop_size, scale_min=preset.scale_min,
-                      scale_max=preset.scale_max, superpixels=root / "superpixels.h5", seed=seed)
-    if backbones is None:
-        backbones = build_backbones(ds, data.classes[1:], demo_clip_dir=demo_clip_dir or Path(params.demo_clip.checkpoint).parent, device=device)
-    dims = decoder_dims(preset, backbones)
-    model = SSR(backbones, params.cmpa, **dims).to(device)
-    optimiser = build_optimiser(model, preset)
-    state = TrainState()
-    meta = {"dataset": dataset, "num_classes": len(data.classes), "classes": data.classes, "decoder": dims,
-            "preset": asdict(preset), "cmpa": asdict(params.cmpa)}
 
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimiser.load_state_dict(ckpt["optimiser"])
-        state = TrainState(**ckpt["state"])
-        set_rng_state(ckpt["rng"])
-        if progress and rank == 0:
-            print(f"resuming {dataset} from {ckpt_path} at iteration {state.iteration}")
-    elif resume and progress and rank == 0:
-        print(f"no checkpoint at {ckpt_path}; starting from iteration 0")
-
-    num_regions = params.superpixels.n_clusters
-    autocast_dtype = torch.bfloat16 if (device.type == "cuda" and params.train.amp_bf16) else None
-    micro = preset.batch_size // preset.accumulation
-    if micro % world:
-        raise ValueError(f"train_presets.{ds.preset}: micro-batch {micro} is not divisible by {world} processes")
-    per_rank = micro // world
-    if len(data) < micro:
-        raise ValueError(f"{root}: split {ds.train_split!r} has {len(data)} images, fewer than one micro-batch of {micro}")
+def _run(trainer: Trainer, stop_after: int | None) -> dict:
+    params, preset, state, model = trainer.params, trainer.preset, trainer.state, trainer.model
+    if model.use_cmpa and not bool(model.bank.ready):
+        read = warm_up_prototypes(trainer.backbones, model, trainer.loader(0), params, max_batches=math.ceil(len(trainer.data) / trainer.micro))
+        trainer.log(f"prototypes built from {read} micro-batches: {trainer.model.bank.class_counts().tolist()} features per class")
 
     stop = {"signal": False}
     # Every rank stops at the same iteration boundary (the flag is all-reduced below), so none is
     # left waiting in a collective while another exits.
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
-
-    live = None
-    if rank == 0:
-        from dvclive import Live
-        try:
-            live = Live(dir=str(out_dir / "dvclive"), resume=resume and state.iteration > 0, save_dvc_exp=False, dvcyaml=None, report=None)
-        except Exception as err:  # dvclive fails inside a git repo that has no commit yet (scmrepo "Empty git repo")
-            print(f"warning: dvclive disabled ({type(err).__name__}: {err}); commit once to get training curves", file=sys.stderr)
-            (out_dir / "dvclive").mkdir(exist_ok=True)
-
-    sampler = ResumableSampler(len(data), micro, seed, state.iteration * preset.accumulation, rank, world)
-    # The loader draws its workers' base seed from its own generator, not the global torch RNG: a draw
-    # from the global RNG here would land after the checkpoint's RNG state is restored on resume and
-    # shift the stream relative to an uninterrupted run.
-    loader = DataLoader(data, batch_size=per_rank, sampler=sampler, num_workers=params.train.num_workers, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(seed))
-    batches = iter(loader)
+    live = _open_live(trainer) if trainer.rank == 0 else None
+    batches = iter(trainer.loader(state.iteration * preset.accumulation))
     end = preset.iterations if stop_after is None else min(preset.iterations, stop_after)
-    first = state.iteration  # a disabled tqdm has no `initial` attribute, so keep the start here
-    bar = tqdm(total=preset.iterations, initial=first, desc=f"train {dataset}", disable=not progress or rank != 0)
+    first = state.iteration
+    bar = tqdm(total=preset.iterations, initial=first, desc=f"train {trainer.dataset} {trainer.run} seed {trainer.seed}",
+               disable=not trainer.progress)
     model.train()
     tic = run_start = time.time()
     try:
         while state.iteration < end:
-            lr = lr_at(state.iteration, preset)
-            for group in optimiser.param_groups:
-                group["lr"] = lr * group["lr_mult"]
-            optimiser.zero_grad(set_to_none=True)
-            totals: dict[str, float] = {}
-            bank_items = []
-            for _ in range(preset.accumulation):
-                batch = next(batches)
-                loss, parts = train_step(backbones, model, batch, params, preset, num_regions=num_regions, autocast_dtype=autocast_dtype)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"non-finite loss ({loss.item()}) at iteration {state.iteration} "
-                        f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items() if not k.startswith('_'))}); "
-                        f"{_last_good(ckpt_path)}")
-                (loss / preset.accumulation).backward()
-                if "_bank" in parts:
-                    bank_items.append(parts.pop("_bank"))
-                for k, v in parts.items():
-                    totals[k] = totals.get(k, 0.0) + float(v) / preset.accumulation
-                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / preset.accumulation
-            _sync_gradients(model)
-            bad = non_finite_gradients(model)
-            if bad:
-                # Checked before the step: a finite loss can still back-propagate NaN/inf (overflow),
-                # and once the optimiser writes it into the weights the next checkpoint would save it.
-                raise NonFiniteLoss(
-                    f"non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at iteration {state.iteration} "
-                    f"(loss {totals['loss']:.4g}); {_last_good(ckpt_path)}")
-            optimiser.step()
-            if bank_items:
-                feats = _all_gather(torch.cat([b[0] for b in bank_items]))
-                labels = _all_gather(torch.cat([b[1] for b in bank_items]))
-                model.bank.push(feats, labels)
-                if state.iteration % preset.refresh_every == 0:
-                    model.bank.refresh(bank_items[-1][2], iters=params.cmpa.kmeans_iters)
+            losses = trainer.step(batches)
             state.iteration += 1
             state.images_seen += preset.batch_size
-            state.last_losses = totals
+            state.last_losses = {k: v for k, v in losses.items() if k != "lr"}
             bar.update(1)
-            done = state.iteration - first
-            bar.set_postfix(loss=f"{totals['loss']:.3f}", img_s=f"{done * preset.batch_size / max(time.time() - run_start, 1e-6):.1f}")
+            bar.set_postfix(loss=f"{losses['loss']:.3f}",
+                            img_s=f"{(state.iteration - first) * preset.batch_size / max(time.time() - run_start, 1e-6):.1f}")
             if live is not None and state.iteration % params.train.log_every == 0:
                 live.step = state.iteration  # before logging: log_metric records the current step
-                for k, v in totals.items():
+                for k, v in losses.items():
                     live.log_metric(f"train/{k}", v)
-                live.log_metric("train/lr", lr)
                 live.next_step()
-            if world > 1:
-                flag = torch.tensor([float(stop["signal"])], device=device)
-                dist.all_reduce(flag)
-                stop["signal"] = bool(flag.item())
-            if rank == 0 and (state.iteration % params.train.checkpoint_every == 0 or stop["signal"]):
+            if trainer.world > 1:
+                stop["signal"] = bool(_all_reduce(torch.tensor([float(stop["signal"])], device=trainer.device)).item())
+            if trainer.rank == 0 and (state.iteration % params.train.checkpoint_every == 0 or stop["signal"]):
                 state.seconds += time.time() - tic
                 tic = time.time()
-                save_checkpoint(ckpt_path, model, optimiser, state, meta)
+                save_checkpoint(trainer.ckpt_path, model, trainer.optimiser, state, trainer.identity)
             if stop["signal"]:
-                raise KeyboardInterrupt(f"SIGTERM: checkpoint written at iteration {state.iteration} to {ckpt_path}")
+                raise KeyboardInterrupt(f"SIGTERM: checkpoint written at iteration {state.iteration} to {trainer.ckpt_path}")
     finally:
         bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         if live is not None:
             live.end()
 
@@ -362,26 +511,21 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, resume: bool = F
     summary = {"iterations": state.iteration, "images_seen": state.images_seen, "train_seconds": round(state.seconds, 1),
                "images_per_second": round(state.images_seen / max(state.seconds, 1e-6), 2),
                **{f"final_{k}": round(v, 5) for k, v in state.last_losses.items()}}
-    if rank == 0:
-        save_checkpoint(ckpt_path, model, optimiser, state, meta)
+    if trainer.rank == 0:
+        save_checkpoint(trainer.ckpt_path, model, trainer.optimiser, state, trainer.identity)
         if state.iteration >= preset.iterations:
-            with atomic_path(model_path) as tmp:
-                torch.save({"model": model.state_dict(), "meta": meta, "summary": summary}, tmp)
+            save_model(trainer.out_dir, model, params, trainer.dataset, classes=trainer.data.classes, seed=trainer.seed,
+                       run=trainer.run, summary=summary)
     return summary
 
 
-def decoder_dims(preset: PresetParams, backbones: FrozenBackbones) -> dict:
-    """Decoder width/layers: WeCLIP's 256 x 3 for real CLIP, narrower for a tiny demo CLIP."""
-    width = 256 if backbones.width >= 256 else 64
-    return {"decoder_width": width, "decoder_layers": 3 if width == 256 else 1, "decoder_heads": 8 if width == 256 else 4}
+def _open_live(trainer: Trainer):
+    from dvclive import Live
 
-
-def load_trained(path: str | Path, backbones: FrozenBackbones, params: Params, device="cpu") -> SSR:
-    """Rebuild an SSR model from model.pt (or checkpoint.pt)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: trained model not found (run `ssr train` first)")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = SSR(backbones, params.cmpa, **ckpt["meta"]["decoder"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    try:
+        return Live(dir=str(trainer.out_dir / "dvclive"), resume=trainer.state.iteration > 0, save_dvc_exp=False, dvcyaml=None,
+                    report=None)
+    except Exception as err:  # dvclive fails inside a git repo that has no commit yet (scmrepo "Empty git repo")
+        print(f"warning: dvclive disabled ({type(err).__name__}: {err}); commit once to get training curves", file=sys.stderr)
+        (trainer.out_dir / "dvclive").mkdir(exist_ok=True)
+        return None

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssr.data.layout import DatasetError, DatasetLayout, read_image, read_label_png
+from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, read_image, read_label_png
 from ssr.superpixels import RegionMaps
 
 # Region id used for padding; `sgc.region_onehot` drops ids >= the region count.
@@ -51,6 +51,17 @@ class WeakLabelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def ground_truth(self, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+        """(H, W) uint8 label map of an image of `shape`; DatasetError naming the file if it does not fit."""
+        path = self.layout.label_path(image_id)
+        gt = read_label_png(path)
+        if gt.shape != tuple(shape):
+            raise DatasetError(f"{path}: label is {gt.shape[1]}x{gt.shape[0]}, its image is {shape[1]}x{shape[0]}")
+        bad = (gt >= len(self.classes)) & (gt != IGNORE_INDEX)
+        if bad.any():
+            raise DatasetError(f"{path}: label value {int(gt[bad][0])} is not a class (0..{len(self.classes) - 1}) or 255")
+        return gt
+
     def region_map(self, image_id: str, shape: tuple[int, int]) -> np.ndarray:
         if self.superpixels is None:
             return np.full(shape, REGION_PAD, np.uint8)
@@ -69,9 +80,11 @@ class TrainCrops(WeakLabelDataset):
     weak labels (list of 1-based classes), id.
     """
 
-    def __init__(self, root, split, *, crop_size: int, scale_min: float, scale_max: float, superpixels=None, seed: int = 0):
+    def __init__(self, root, split, *, crop_size: int, scale_min: float, scale_max: float, superpixels=None, seed: int = 0,
+                 with_gt: bool = False):
         super().__init__(root, split, superpixels=superpixels)
         self.crop_size, self.scale_min, self.scale_max, self.seed = crop_size, scale_min, scale_max, seed
+        self.with_gt = with_gt
 
     def __getitem__(self, key: int | tuple[int, int]):
         """key: an index, or (epoch, index) so that each epoch draws fresh augmentations."""
@@ -80,6 +93,7 @@ class TrainCrops(WeakLabelDataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         image = read_image(self.layout.image_path(image_id))
         regions = self.region_map(image_id, image.shape[:2])
+        gt = self.ground_truth(image_id, image.shape[:2]) if self.with_gt else None
         scale = rng.uniform(self.scale_min, self.scale_max)
         size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
         image, regions = _resize(image, size, False), _resize(regions, size, True)
@@ -89,16 +103,23 @@ class TrainCrops(WeakLabelDataset):
         padded[: size[0], : size[1]], padded_regions[: size[0], : size[1]] = image, regions
         top = int(rng.integers(0, padded.shape[0] - c + 1))
         left = int(rng.integers(0, padded.shape[1] - c + 1))
-        image = padded[top: top + c, left: left + c]
-        regions = padded_regions[top: top + c, left: left + c]
-        if rng.random() < 0.5:
-            image, regions = image[:, ::-1], regions[:, ::-1]
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255,
-            "regions": torch.from_numpy(np.ascontiguousarray(regions)).long(),
+        flip = rng.random() < 0.5
+        item = {"image": padded[top: top + c, left: left + c], "regions": padded_regions[top: top + c, left: left + c]}
+        if gt is not None:
+            padded_gt = np.full(padded.shape[:2], IGNORE_INDEX, np.uint8)
+            padded_gt[: size[0], : size[1]] = _resize(gt, size, True)
+            item["gt"] = padded_gt[top: top + c, left: left + c]
+        if flip:
+            item = {k: v[:, ::-1] for k, v in item.items()}
+        out = {
+            "image": torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float() / 255,
+            "regions": torch.from_numpy(np.ascontiguousarray(item["regions"])).long(),
             "labels": list(self.labels[image_id]),
             "id": image_id,
         }
+        if gt is not None:
+            out["gt"] = torch.from_numpy(np.ascontiguousarray(item["gt"])).long()
+        return out
 
 
 class WholeImages(WeakLabelDataset):
@@ -112,14 +133,19 @@ class WholeImages(WeakLabelDataset):
         super().__init__(root, split, superpixels=superpixels)
         self.long_side, self.patch_size, self.with_gt = long_side, patch_size, with_gt
 
-    def __getitem__(self, index: int):
-        image_id = self.ids[index]
+    def original(self, image_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The image as stored, (H, W, 3) uint8, and its ground truth (H, W) uint8 or None."""
         original = read_image(self.layout.image_path(image_id))
-        regions = self.region_map(image_id, original.shape[:2])
-        size = snap_size(*original.shape[:2], self.long_side, self.patch_size)
         gt = None
         if self.with_gt and self.layout.label_path(image_id).exists():
-            gt = read_label_png(self.layout.label_path(image_id))
+            gt = self.ground_truth(image_id, original.shape[:2])
+        return original, gt
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        original, gt = self.original(image_id)
+        regions = self.region_map(image_id, original.shape[:2])
+        size = snap_size(*original.shape[:2], self.long_side, self.patch_size)
         return {
             "image": torch.from_numpy(_resize(original, size, False)).permute(2, 0, 1).float() / 255,
             "regions": torch.from_numpy(_resize(regions, size, True)).long(),

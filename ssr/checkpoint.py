@@ -1,0 +1,130 @@
+"""Trained SSR models on disk: safetensors weights beside a JSON of their architecture and config.
+
+    {run_dir}/model.safetensors   the SSR module's state dict (heads, tau, prototype bank, decoder)
+    {run_dir}/model.json          format, ModelDims, the CMPA params, the dataset params and
+                                  classes (enough to rebuild the frozen backbones), the training
+                                  identity (`ssr.config.training_identity`), seed, run, summary
+
+`read_model` rebuilds the trainable model from these two files alone; `load_model` also
+rebuilds the frozen backbones, for inference from a user script. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ssr.config import CmpaParams, ConfigError, DatasetParams, InferParams, Params, identity_differences, training_identity
+from ssr.data.layout import DatasetError, atomic_path, read_json, write_json
+from ssr.model import SSR, FrozenBackbones, ModelDims, build_backbones
+
+FORMAT = "ssr-model/1"
+WEIGHTS, CONFIG = "model.safetensors", "model.json"
+
+
+def save_model(run_dir: str | Path, model: SSR, params: Params, dataset: str, *, classes: list[str], seed: int, run: str,
+               summary: dict) -> None:
+    """Write run_dir/model.safetensors and run_dir/model.json (each atomically, the JSON last)."""
+    run_dir = Path(run_dir)
+    config = {
+        "format": FORMAT,
+        "dataset": dataset,
+        "run": run,
+        "seed": seed,
+        "classes": list(classes),
+        "dims": dataclasses.asdict(model.dims),
+        "cmpa": dataclasses.asdict(params.cmpa),
+        "dataset_params": dataclasses.asdict(params.dataset(dataset)),
+        "infer": dataclasses.asdict(params.infer),
+        "identity": training_identity(params, dataset),
+        "summary": summary,
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(run_dir / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    write_json(run_dir / CONFIG, config)
+
+
+def model_files(path: str | Path) -> tuple[Path, Path]:
+    """A run folder, or either of its two files -> (weights, config)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    return folder / WEIGHTS, folder / CONFIG
+
+
+def read_config(path: str | Path) -> dict:
+    """The model.json of a saved model; DatasetError if it is missing or not an ssr model."""
+    _, config_path = model_files(path)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: trained model not found (run `ssr train` first)")
+    config = read_json(config_path)
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise DatasetError(f"{config_path}: not an ssr model description (format {FORMAT!r} expected)")
+    return config
+
+
+def check_identity(config: dict, params: Params, dataset: str, where: str | Path) -> None:
+    """ConfigError naming every setting in which `params` differ from those the model was trained with."""
+    differences = identity_differences(config["identity"], training_identity(params, dataset))
+    if differences:
+        raise ConfigError(f"{where}: trained under other params than the current ones: {'; '.join(differences)}. "
+                          f"Retrain (the DAG does so when params change) or restore the params it was trained with")
+
+
+def read_model(path: str | Path, device="cpu") -> tuple[SSR, dict]:
+    """Rebuild the trainable SSR model from model.json and load model.safetensors into it -> (model in eval mode, config)."""
+    weights_path, config_path = model_files(path)
+    config = read_config(path)
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: weights missing beside {config_path}")
+    model = SSR(ModelDims(**config["dims"]), CmpaParams(**config["cmpa"]))
+    try:
+        state = load_file(str(weights_path), device=str(device))
+    except Exception as err:  # safetensors raises its own error types for a corrupt header
+        raise DatasetError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise DatasetError(f"{weights_path}: weights do not fit the architecture in {config_path} ({err})") from err
+    return model.to(device).eval(), config
+
+
+@dataclass
+class TrainedModel:
+    """Everything inference needs: the frozen backbones, the trained model and its config."""
+    backbones: FrozenBackbones
+    model: SSR
+    config: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return self.config["classes"]
+
+    @property
+    def infer(self) -> InferParams:
+        return InferParams(**self.config["infer"])
+
+
+def load_model(path: str | Path, *, device="cpu", demo_clip_dir: str | Path | None = None,
+               demo_dino_dir: str | Path | None = None) -> TrainedModel:
+    """A saved model ready for `ssr.predict`, rebuilt from its folder alone.
+
+    The frozen CLIP (and DINO) come through their libraries' loaders as recorded in
+    model.json; the demo's committed tiny models default to the copies installed with ssr.
+    """
+    from ssr.backbones import demo_asset_dir
+
+    device = torch.device(device)
+    model, config = read_model(path, device)
+    ds = DatasetParams(**config["dataset_params"])
+    backbones = build_backbones(ds, config["classes"][1:], device=device,
+                                demo_clip_dir=demo_clip_dir or demo_asset_dir("demo_clip"),
+                                demo_dino_dir=demo_dino_dir or demo_asset_dir("demo_dino"))
+    if ModelDims.of(backbones) != model.dims:
+        raise DatasetError(f"{model_files(path)[1]}: recorded dims {model.dims} do not match the backbones {ModelDims.of(backbones)}")
+    return TrainedModel(backbones, model, config)
+
