@@ -50,8 +50,8 @@ def fuse_attention(clip_attention: torch.Tensor | None, dino_attention: torch.Te
     where the CLIP-ES transform goes:
     - "transform_then_fuse": row_normalise(w_c T(A_CLIP) + w_d row_normalise(A_DINO));
     - "fuse_then_transform": T(w_c row_normalise(A_CLIP) + w_d row_normalise(A_DINO)).
-    A CLIP-only affinity is T(A_CLIP) under either order; a DINO-only one is row-normalised
-    (first order) or transformed (second). -> (B, N, N) row-stochastic.
+    A single source is used alone: T(A_CLIP) under either order (the "+ CLIP attention" row);
+    DINO alone is row-normalised (first order) or transformed (second). -> (B, N, N) row-stochastic.
     """
     if order not in FUSION_ORDERS:
         raise ValueError(f"unknown fusion order {order!r}; expected one of {FUSION_ORDERS}")
@@ -66,8 +66,8 @@ def fuse_attention(clip_attention: torch.Tensor | None, dino_attention: torch.Te
                  (dino_weight, row_normalise(dino_attention) if dino_attention is not None else None)]
         present = [(w, a) for w, a in parts if a is not None]
         return present[0][1] if len(present) == 1 else row_normalise(sum(w * a for w, a in present))
-    present = [(w, row_normalise(a)) for w, a in ((clip_weight, clip_attention), (dino_weight, dino_attention)) if a is not None]
-    return transform(present[0][1] if len(present) == 1 else sum(w * a for w, a in present))
+    present = [(w, a) for w, a in ((clip_weight, clip_attention), (dino_weight, dino_attention)) if a is not None]
+    return transform(present[0][1] if len(present) == 1 else sum(w * row_normalise(a) for w, a in present))
 
 
 def propagate(affinity: torch.Tensor, cam: torch.Tensor, column_mask: torch.Tensor | None = None) -> torch.Tensor:

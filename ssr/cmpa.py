@@ -194,8 +194,8 @@ def sample_loss_sum(
 
 
 def prototype_loss_term(kind: str, text_prototypes: torch.Tensor, image_prototypes: torch.Tensor,
-                        tau: torch.Tensor) -> torch.Tensor:
-    """The per-step part of L_proto, a mean over the K prototypes; zero for "feature".
+                        tau: torch.Tensor) -> torch.Tensor | None:
+    """The per-step part of L_proto, a mean over the K prototypes; None for "feature", which has none.
 
     "cross_modal": constraints (2) and (3): text prototype k gathers with image prototype k
     and is pushed from the others. "in_modal": text prototypes contrasted with one another.
@@ -207,5 +207,5 @@ def prototype_loss_term(kind: str, text_prototypes: torch.Tensor, image_prototyp
     if kind == "in_modal":
         return F.cross_entropy(_cosine_logits(text_prototypes, text_prototypes, tau), target)
     if kind == "feature":
-        return text_prototypes.new_zeros(())
+        return None
     raise ValueError(f"unknown CMPA loss {kind!r}")

@@ -176,7 +176,8 @@ def aggregate_seeds(per_seed: list[dict]) -> dict:
 
     The std is the sample standard deviation (ddof 1; 0 for a single seed). A seed whose value
     is None (a class it never saw) is left out of that key; a key None in every seed stays
-    None. Non-numeric values must agree across seeds and are kept as they are. `seeds` counts them.
+    None. Non-numeric values, and integers every seed shares (counts, flags), must agree and are
+    kept as they are. `seeds` counts the seeds.
     """
     if not per_seed:
         raise ValueError("no seeds to aggregate")
@@ -188,6 +189,9 @@ def aggregate_seeds(per_seed: list[dict]) -> dict:
             if len(set(map(str, values))) != 1:
                 raise ValueError(f"{key}: seeds disagree ({values})")
             out[key] = values[0]
+            continue
+        if all(type(v) is int for v in values) and len(set(values)) == 1:
+            out[key] = values[0]  # a count or flag the seeds share (iterations, *_available)
             continue
         if not numbers:
             out[key] = None

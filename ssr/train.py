@@ -212,11 +212,12 @@ def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, para
     return loss, parts
 
 
-def prototype_step_loss(backbones: FrozenBackbones, model: SSR, params: Params, world: int) -> torch.Tensor:
+def prototype_step_loss(backbones: FrozenBackbones, model: SSR, world: int) -> torch.Tensor | None:
     """The step's prototype-level term (constraint 2), once per step; divided by `world`
-    since the ranks' gradients are summed."""
+    since the ranks' gradients are summed. None when the CMPA loss has no such term."""
     text = model.tsa(backbones.text[: backbones.num_foreground])
-    return prototype_loss_term(model.cmpa_loss, text, model.bank.image_prototypes, model.tau()) / world
+    term = prototype_loss_term(model.cmpa_loss, text, model.bank.image_prototypes, model.tau())
+    return None if term is None else term / world
 
 
 # ---------------------------------------------------------------- prototypes before the first step
@@ -401,8 +402,8 @@ class Trainer:
             if "bank" in parts:
                 bank.append(parts.pop("bank"))
             totals += torch.stack([loss.detach(), parts["loss_ce"], parts["loss_aff"], parts.get("loss_proto", loss.new_zeros(()))]).double()
-        if model.use_cmpa and params.cmpa.text_prototype_term:
-            term = prototype_step_loss(self.backbones, model, params, self.world)
+        term = prototype_step_loss(self.backbones, model, self.world) if model.use_cmpa and params.cmpa.text_prototype_term else None
+        if term is not None:
             term.backward()
             totals[0] += term.detach().double()
             totals[3] += term.detach().double()

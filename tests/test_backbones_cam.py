@@ -22,7 +22,8 @@ from conftest import tiny_clip_config
 from ssr.backbones import clip_visual_forward, dino_last_attention, interpolate_pos_embed, load_dino
 from ssr.cam import class_slots, gradcam
 from ssr.config import AffinityParams, CmpaParams, DatasetParams, SgcParams
-from ssr.model import ABLATION_ROWS, SSR, build_backbones, cams_to_labels, refined_cams
+from ssr.config import PseudoLabelParams
+from ssr.model import ABLATION_ROWS, SSR, ModelDims, build_backbones, cams_to_labels, refined_cams
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 NUM_REGIONS = 4
@@ -54,35 +55,47 @@ def make_backbones(tmp_path, tokenizer, clip, dino=None):
     return build_backbones(ds, CLASSES, demo_clip_dir=tmp_path, clip=clip, tokenizer=tokenizer, dino=dino)
 
 
-def make_ssr(backbones, enabled: bool = True, randomise_heads: bool = False, seed: int = 3) -> SSR:
+def make_ssr(backbones, enabled: bool = True, head: str = "projection", randomise_heads: bool = False, seed: int = 3) -> SSR:
     torch.manual_seed(seed)
-    model = SSR(backbones, CmpaParams(enabled=enabled, hidden_dim=32), decoder_width=16, decoder_layers=1, decoder_heads=2)
+    dims = ModelDims(backbones.embed_dim, backbones.width, backbones.depth, backbones.num_foreground, 16, 1, 2)
+    model = SSR(dims, CmpaParams(enabled=enabled, head=head, proj_dim=12, hidden_dim=32))
     if randomise_heads:
         with torch.no_grad():
-            for head in (model.isa, model.tsa):
-                head.mlp[-1].weight.normal_(0, 0.3)
-                head.mlp[-1].bias.normal_(0, 0.1)
+            for module in (model.isa, model.tsa):
+                module.mlp[-1].weight.normal_(0, 0.3)
+                module.mlp[-1].bias.normal_(0, 0.1)
+                for layer in module.mlp:
+                    if isinstance(layer, nn.BatchNorm1d):    # non-trivial running statistics
+                        layer.running_mean.normal_(0, 0.2)
+                        layer.running_var.uniform_(0.5, 2.0)
     return model
 
 
-def reference_cams(backbones, model, images, labels, pos_embed=None):
+def reference_cams(backbones, model, images, labels, pos_embed=None, *, layer="ln_1", pooling="patch_mean"):
     """CLIP-ES GradCAM the reference-code way: one forward + backward per image x present class.
 
-    Uses open_clip's own `encode_image` with a pre-hook that turns the last block's input
-    into a leaf; nothing from ssr.cam / clip_visual_forward. -> list (per image) of (n_b, N).
-    pos_embed optionally replaces the model's positional embedding (non-native input sizes).
+    Built from open_clip's own modules, as pytorch-grad-cam does: a forward hook on the last
+    block's `ln_1` keeps its output and a tensor hook on that output keeps its gradient; the
+    image embedding is open_clip's ln_post'ed patch tokens (`output_tokens`) @ proj, averaged
+    over patches after the CMPA head (CLIP-ES's pooling; no ssr forward code). -> list (per
+    image) of (n_b, N). `layer="block_input"` and `pooling="cls"` compute the two wrong
+    readings, so a test can show it tells them apart.
     """
     clip = copy.deepcopy(backbones.clip)
     if pos_embed is not None:
         clip.visual.positional_embedding = nn.Parameter(pos_embed.clone(), requires_grad=False)
-    captured = {}
+    clip.visual.output_tokens = True
+    store = {}
 
-    def make_leaf(module, args):
-        leaf = args[0].detach().requires_grad_(True)
-        captured["leaf"] = leaf
-        return (leaf,) + args[1:]
+    def keep(tensor):
+        store["act"] = tensor
+        tensor.register_hook(lambda grad: store.__setitem__("grad", grad))
 
-    handle = clip.visual.transformer.resblocks[-1].register_forward_pre_hook(make_leaf)
+    block = clip.visual.transformer.resblocks[-1]
+    if layer == "ln_1":
+        handle = block.ln_1.register_forward_hook(lambda _m, _i, out: keep(out))
+    else:
+        handle = block.register_forward_pre_hook(lambda _m, args: keep(args[0]))
     x = (images - backbones.clip_mean) / backbones.clip_std
     num_fg, total = backbones.num_foreground, backbones.text.shape[0]
     model.eval()
@@ -92,15 +105,19 @@ def reference_cams(backbones, model, images, labels, pos_embed=None):
             rows = []
             for c in present:
                 with torch.enable_grad():
-                    emb = clip.encode_image(x[b:b + 1])
-                    img = model.adapt_image(emb.float())
+                    image = x[b:b + 1].clone().requires_grad_(True)   # so the hooked activations carry a graph
+                    pooled, tokens = clip.visual(image)
+                    if pooling == "cls":
+                        img = model.adapt_patches(pooled.float()[:, None])[:, 0]
+                    else:
+                        img = model.adapt_patches((tokens @ clip.visual.proj).float()).mean(dim=1)
                     txt = model.adapt_text(backbones.text)
                     logits = clip.logit_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
-                    keep = [p - 1 for p in present] + list(range(num_fg, total))
-                    prob = logits[0, keep].softmax(dim=-1)[present.index(c)]
-                    (grad,) = torch.autograd.grad(prob, captured["leaf"])
-                feats = captured["leaf"][0, 1:].detach()
-                cam = F.relu(feats @ grad[0, 1:].mean(dim=0))
+                    keep_classes = [p - 1 for p in present] + list(range(num_fg, total))
+                    prob = logits[0, keep_classes].softmax(dim=-1)[present.index(c)]
+                    prob.backward()
+                feats, grad = store["act"][0, 1:].detach(), store["grad"][0, 1:]
+                cam = F.relu(feats @ grad.mean(dim=0))
                 rows.append((cam - cam.min()) / (cam.max() - cam.min()).clamp_min(1e-12))
             out.append(torch.stack(rows))
     finally:
@@ -117,13 +134,14 @@ def run_cams(backbones, model, images, labels, regions, affinity=None):
 # ------------------------------------------------------------ CLIP forward
 
 def test_clip_visual_forward_reproduces_open_clip_forward():
-    """pooled == encode_image; every block's tokens == open_clip's block outputs; cam_input == last block input."""
+    """pooled == encode_image; every block's tokens == open_clip's block outputs; the CAM activations ==
+    what a forward hook on the last block's ln_1 sees (not the block's input)."""
     model = tiny_clip()
     blocks = model.visual.transformer.resblocks
-    inputs, outputs = {}, {}
+    ln_1_out, outputs = {}, {}
     handles = []
     for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])))
+        handles.append(block.ln_1.register_forward_hook(lambda m, a, o, i=i: ln_1_out.__setitem__(i, o)))
         handles.append(block.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o)))
     torch.manual_seed(1)
     x = torch.randn(2, 3, 32, 32)
@@ -131,13 +149,15 @@ def test_clip_visual_forward_reproduces_open_clip_forward():
         expected = model.encode_image(x)
     for h in handles:
         h.remove()
-    out = clip_visual_forward(model.visual, x, attn_blocks=len(blocks))
+    out = clip_visual_forward(model.visual, x, attn_blocks=len(blocks), cam_grad=True)
 
     torch.testing.assert_close(out.pooled, expected, atol=1e-5, rtol=1e-5)
     assert len(out.tokens) == len(blocks)
     for i in range(len(blocks)):
         torch.testing.assert_close(out.tokens[i], outputs[i], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.cam_input, inputs[len(blocks) - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.cam_activations, ln_1_out[len(blocks) - 1], atol=1e-5, rtol=1e-5)
+    assert out.cam_activations.requires_grad and out.cam_activations.grad_fn is None   # a leaf: GradCAM's layer
+    assert out.dense.requires_grad                                                      # the scores reach it
     assert out.grid == (4, 4)
 
 
@@ -169,6 +189,19 @@ def test_block_attention_equals_multihead_attention_weights(block_index):
     by_hand = (q @ k.transpose(-1, -2) / (d // heads) ** 0.5).softmax(dim=-1).mean(dim=1)
     torch.testing.assert_close(got, by_hand, atol=1e-6, rtol=1e-5)
     assert got.shape == (2, 17, 17)
+
+
+def test_unsupported_vision_towers_are_refused_by_name():
+    from ssr.backbones import check_supported
+
+    model = tiny_clip()
+    check_supported(model.visual)
+    for attr, value, name in (("pool_type", "avg", "pool_type"), ("final_ln_after_pool", True, "final_ln_after_pool"),
+                              ("patch_dropout", nn.Dropout(0.1), "patch_dropout")):
+        broken = copy.deepcopy(model.visual)
+        setattr(broken, attr, value)
+        with pytest.raises(NotImplementedError, match=name):
+            clip_visual_forward(broken, torch.randn(1, 3, 32, 32))
 
 
 def test_attention_only_for_last_blocks():
@@ -326,42 +359,57 @@ def test_batched_cams_equal_per_image_cams(batch_setup):
     model = make_ssr(backbones, randomise_heads=True).train()
     batched = run_cams(backbones, model, images, LABELS, regions)
     assert model.training and model.isa.training   # eval_mode restored train mode
-    assert set(batched.cams) == set(ABLATION_ROWS)
+    assert set(batched.rows) == set(ABLATION_ROWS)
     for b, present in enumerate(LABELS):
         alone = run_cams(backbones, model, images[b:b + 1], [present], regions[b:b + 1])
         n = len(present)
         for row in ABLATION_ROWS:
-            torch.testing.assert_close(batched.cams[row][b, :n], alone.cams[row][0, :n], atol=1e-4, rtol=1e-4)
-            assert torch.equal(batched.cams[row][b, n:], torch.zeros_like(batched.cams[row][b, n:]))
+            torch.testing.assert_close(batched.rows[row][b, :n], alone.rows[row][0, :n], atol=1e-4, rtol=1e-4)
+            assert torch.equal(batched.rows[row][b, n:], torch.zeros_like(batched.rows[row][b, n:]))
         torch.testing.assert_close(batched.method[b, :n], alone.method[0, :n], atol=1e-4, rtol=1e-4)
 
 
-def test_batched_cam_equals_reference_loop(batch_setup):
-    """The batched 'cam' row equals one forward + backward per image x class through open_clip's own forward."""
+@pytest.mark.parametrize("head", ["projection", "residual"])
+def test_batched_cam_equals_the_clip_es_reference(batch_setup, head):
+    """The batched 'cam' row equals CLIP-ES's GradCAM: hooks on open_clip's last ln_1, the mean of the
+    ln_post'ed patch tokens @ proj through ISA, one forward + backward per image x class."""
     backbones, images, regions = batch_setup
-    model = make_ssr(backbones, randomise_heads=True)
+    model = make_ssr(backbones, head=head, randomise_heads=True)
     batched = run_cams(backbones, model, images, LABELS, regions)
     reference = reference_cams(backbones, model, images, LABELS)
     for b, present in enumerate(LABELS):
         ref = reference[b]
         assert (ref.amax(dim=-1) > 0.5).all(), "degenerate reference CAM: test would be vacuous"
-        torch.testing.assert_close(batched.cams["cam"][b, :len(present)], ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched.cam[b, :len(present)], ref, atol=1e-5, rtol=1e-4)
 
 
-def test_zero_init_cmpa_reproduces_plain_clip_cam(batch_setup):
+@pytest.mark.parametrize("wrong", [{"layer": "block_input"}, {"pooling": "cls"}])
+def test_the_reference_tells_the_wrong_readings_apart(batch_setup, wrong):
+    """The reference is not blind to the two earlier deviations: hooking the block's input instead of
+    ln_1's output, or scoring the CLS embedding instead of the patch mean, gives other CAMs than ours."""
     backbones, images, regions = batch_setup
-    with_heads = make_ssr(backbones, enabled=True).train()
+    model = make_ssr(backbones, randomise_heads=True)
+    batched = run_cams(backbones, model, images, LABELS, regions)
+    other = reference_cams(backbones, model, images, LABELS, **wrong)
+    gaps = [(batched.cam[b, :len(p)] - other[b]).abs().max().item() for b, p in enumerate(LABELS)]
+    assert max(gaps) > 0.05, gaps
+
+
+def test_zero_init_residual_cmpa_reproduces_plain_clip_cam(batch_setup):
+    backbones, images, regions = batch_setup
+    with_heads = make_ssr(backbones, enabled=True, head="residual").train()
     plain = make_ssr(backbones, enabled=False)
     assert with_heads.use_cmpa and not plain.use_cmpa
     a = run_cams(backbones, with_heads, images, LABELS, regions)
     b = run_cams(backbones, plain, images, LABELS, regions)
     for row in ABLATION_ROWS:
-        torch.testing.assert_close(a.cams[row], b.cams[row], atol=1e-7, rtol=0)
+        torch.testing.assert_close(a.rows[row], b.rows[row], atol=1e-7, rtol=0)
     torch.testing.assert_close(a.method, b.method, atol=1e-7, rtol=0)
-    # Control: once the heads are no longer zero the CAM moves, so the comparison above is not vacuous.
-    trained = make_ssr(backbones, enabled=True, randomise_heads=True)
-    c = run_cams(backbones, trained, images, LABELS, regions)
-    assert not torch.allclose(c.cams["cam"], b.cams["cam"], atol=1e-3)
+    # Control: once the heads are no longer zero the CAM moves, so the comparison above is not vacuous;
+    # the paper's projection heads change it from the start.
+    for model in (make_ssr(backbones, head="residual", randomise_heads=True), make_ssr(backbones, head="projection")):
+        c = run_cams(backbones, model, images, LABELS, regions)
+        assert not torch.allclose(c.cam, b.cam, atol=1e-3)
 
 
 def test_non_square_refined_cams_and_labels(tmp_path, tokenizer):
@@ -374,7 +422,7 @@ def test_non_square_refined_cams_and_labels(tmp_path, tokenizer):
     out = run_cams(backbones, model, images, labels, regions)
     assert out.grid == (4, 6)
     for row in ABLATION_ROWS:
-        assert out.cams[row].shape == (2, 2, 24)
+        assert out.rows[row].shape == (2, 2, 24)
     assert out.method.shape == (2, 2, 24)
     assert out.visual.dense.shape == (2, 24, backbones.embed_dim)
     assert out.visual.tokens[-1].shape == (2, 25, backbones.width)
@@ -384,10 +432,10 @@ def test_non_square_refined_cams_and_labels(tmp_path, tokenizer):
                                 num_prefix_tokens=1, interpolation="bicubic", antialias=False)[0]
     reference = reference_cams(backbones, model, images, labels, pos_embed=pe)
     for b, present in enumerate(labels):
-        torch.testing.assert_close(out.cams["cam"][b, :len(present)], reference[b], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.cam[b, :len(present)], reference[b], atol=1e-5, rtol=1e-4)
 
     classes, valid = class_slots(labels)
-    maps = cams_to_labels(out.method, classes, valid, out.grid, (32, 48))
+    maps = cams_to_labels(out.method, classes, valid, out.grid, (32, 48), PseudoLabelParams())
     assert maps.shape == (2, 32, 48) and maps.dtype == torch.long
     for b, present in enumerate(labels):
         assert set(maps[b].unique().tolist()) <= {0, *present}
@@ -402,7 +450,7 @@ def test_cams_to_labels_non_square_layout():
     top[:2, :] = 1.0
     cams = torch.stack([left.flatten(), top.flatten()])[:, None]       # (B=2, S=1, N=24)
     classes, valid = class_slots([[3], [2]])
-    maps = cams_to_labels(cams, classes, valid, grid, (32, 48))
+    maps = cams_to_labels(cams, classes, valid, grid, (32, 48), PseudoLabelParams())
     assert maps.shape == (2, 32, 48)
     assert (maps[0, :, :20] == 3).all() and (maps[0, :, 28:] == 0).all()
     assert (maps[1, :12, :] == 2).all() and (maps[1, 20:, :] == 0).all()
@@ -456,7 +504,7 @@ def test_dino_last_attention_on_clip_grid(tmp_path, tokenizer):
     backbones = make_backbones(tmp_path, tokenizer, clip, dino)
     out = run_cams(backbones, make_ssr(backbones), images, [[1], [2, 3]], torch.randint(0, NUM_REGIONS, (2, 64, 96)))
     assert out.grid == (4, 6)
-    assert out.cams["dino"].shape == out.cams["sgc"].shape == (2, 2, 24)
+    assert out.rows["dino"].shape == out.rows["sgc"].shape == (2, 2, 24)
 
 
 def test_dino_grid_mismatch_is_reported(tmp_path, tokenizer):

@@ -36,9 +36,9 @@ def _set(raw: dict, dotted: str, value) -> dict:
 
 
 def _count_leaves(node) -> int:
-    if isinstance(node, dict):
+    if isinstance(node, dict) and node:
         return sum(_count_leaves(v) for v in node.values())
-    return 1
+    return 1  # a value, an empty mapping ({}) written inline included
 
 
 def _split_comment(rest: str) -> tuple[str, str | None]:

@@ -53,9 +53,23 @@ def test_from_params_uses_the_crf_fields():
     image, probs, truth = _two_colour_scene(seed=3)
     off = InferParams(crf_pos_w=0.0, crf_bi_w=0.0, crf_iterations=2)
     np.testing.assert_array_equal(dense_crf_from_params(image, probs, off).argmax(0), probs.argmax(0))
-    on = dense_crf_from_params(image, probs, InferParams())
-    np.testing.assert_allclose(on, dense_crf(image, probs), atol=1e-6)
-    assert (on.argmax(0) == truth).mean() > (probs.argmax(0) == truth).mean()
+    unscaled = dense_crf_from_params(image, probs, InferParams(crf_reference_size=0))
+    np.testing.assert_allclose(unscaled, dense_crf(image, probs), atol=1e-6)
+    assert (unscaled.argmax(0) == truth).mean() > (probs.argmax(0) == truth).mean()
+
+
+def test_kernels_scale_with_the_image_size():
+    """The reference stds are for ~500 px images; a 48 px image gets them times 48 / 500."""
+    image, probs, _ = _two_colour_scene(seed=5)
+    scaled = dense_crf_from_params(image, probs, InferParams(crf_reference_size=500))
+    factor = 48 / 500
+    np.testing.assert_allclose(scaled, dense_crf(image, probs, pos_xy_std=3.0 * factor, bi_xy_std=64.0 * factor), atol=1e-6)
+    assert not np.allclose(scaled, dense_crf(image, probs), atol=1e-3)
+    # at the reference size nothing changes
+    big = np.ascontiguousarray(np.repeat(np.repeat(image, 11, axis=0), 11, axis=1)[:500, :500])
+    big_probs = np.ascontiguousarray(np.repeat(np.repeat(probs, 11, axis=1), 11, axis=2)[:, :500, :500])
+    np.testing.assert_allclose(dense_crf_from_params(big, big_probs, InferParams(crf_reference_size=500, crf_iterations=2)),
+                               dense_crf(big, big_probs, iterations=2), atol=1e-6)
 
 
 def test_non_contiguous_image_is_accepted():

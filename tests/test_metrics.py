@@ -95,10 +95,16 @@ def test_confusion_ratio_on_a_hand_made_case():
     # class 2: 3 right, 1 -> class 1 (confused); background pixel -> class 1 (not counted)
     pred = np.array([[1, 2, 2, 0, 2, 2, 2, 1, 1, 0]])
     scores = segmentation_scores(confusion_matrix(pred, gt, 3), ["background", "a", "b"])
-    assert scores["confusion_ratio"] == pytest.approx(3 / 8)
+    assert scores["class_swap_ratio"] == pytest.approx(3 / 8)
+    # SeCo's confusion ratio, mean over classes of FP / TP: background 1 FP (the pixel called "a")
+    # over 1 TP; "a" 2 FP (one background, one "b" pixel) over 1 TP; "b" 2 FP over 3 TP.
+    assert scores["confusion_ratio"] == pytest.approx((1 / 1 + 2 / 1 + 2 / 3) / 3)
     perfect = segmentation_scores(confusion_matrix(gt, gt, 3), ["background", "a", "b"])
-    assert perfect["confusion_ratio"] == 0.0
+    assert perfect["confusion_ratio"] == perfect["class_swap_ratio"] == 0.0
     assert perfect["miou"] == perfect["precision"] == perfect["recall"] == 1.0
+    # a class without a true positive has an infinite FP / TP: it is left out of the mean
+    missed = segmentation_scores(confusion_matrix(np.array([[0, 0, 2, 2]]), np.array([[0, 1, 2, 2]]), 3), ["bg", "a", "b"])
+    assert missed["confusion_ratio"] == pytest.approx((1 / 1 + 0 / 2) / 2)   # background 1 FP / 1 TP, "b" 0 / 2
 
 
 def test_square_matrix_is_accepted():

@@ -26,7 +26,7 @@ from ssr.data.layout import DatasetLayout, read_label_png, write_label_png
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SCORES = ("miou", "precision", "recall", "confusion_ratio")
+SCORES = ("miou", "precision", "recall", "confusion_ratio", "class_swap_ratio")
 
 
 def write_params(directory: Path, data_root: Path, clip_dir: Path, **overrides) -> tuple[Path, object]:
@@ -82,9 +82,10 @@ def numpy_miou(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int, ign
     return float(np.mean([i / u for i, u in zip(inter, union) if u > 0]))
 
 
-def in_unit_interval(metrics: dict, skip=("seconds",)) -> list[str]:
-    """Keys whose value is neither None nor a number in [0, 1]."""
-    return [k for k, v in metrics.items() if k not in skip and v is not None and not (isinstance(v, (int, float)) and 0 <= v <= 1)]
+def in_unit_interval(metrics: dict, skip=("split", "images", "seeds")) -> list[str]:
+    """Keys whose value is neither None nor a number in [0, 1] (SeCo's confusion ratio, FP / TP, is unbounded)."""
+    return [k for k, v in metrics.items() if k not in skip and "confusion_ratio" not in k and v is not None
+            and not (isinstance(v, (int, float)) and 0 <= v <= 1)]
 
 
 # ---------------------------------------------------------------- the DAG's products
@@ -92,6 +93,7 @@ def in_unit_interval(metrics: dict, skip=("seconds",)) -> list[str]:
 
 def test_seeds_json_has_every_table3_row(pipeline):
     seeds = pipeline.seeds
+    assert seeds["split"] == "train" and seeds["seeds"] == 1
     # Table 3: CAM only, + CLIP attention, + DINO attention, + SGC mask; the demo has no DINO weights
     for row in ("cam", "clip", "sgc", "method"):
         for key in SCORES:
@@ -105,7 +107,7 @@ def test_seeds_json_has_every_table3_row(pipeline):
 
 
 def test_pseudo_labels_cover_the_train_split_and_score_as_reported(pipeline):
-    out = pipeline.results / "demo" / "pseudo_labels"
+    out = pipeline.results / "demo" / "method" / "seed0" / "pseudo_labels"
     ids = pipeline.layout.split(pipeline.params.dataset("demo").train_split)
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(ids)
     pairs = []
@@ -127,8 +129,9 @@ def test_pseudo_labels_cover_the_train_split_and_score_as_reported(pipeline):
 
 def test_miou_json_reports_plain_and_crf_scores(pipeline):
     metrics = pipeline.miou
-    for key in ("miou", "precision", "recall", "pixel_accuracy", "confusion_ratio"):
-        assert key in metrics and f"crf_{key}" in metrics, key
+    for key in ("miou", "precision", "recall", "pixel_accuracy", "confusion_ratio", "class_swap_ratio"):
+        for name in (key, f"crf_{key}"):
+            assert all(k in metrics for k in (name, f"{name}_std", f"{name}_min", f"{name}_max")), name
     for name in pipeline.classes:
         assert f"iou_{name}" in metrics and f"crf_iou_{name}" in metrics
     assert in_unit_interval(metrics) == []
@@ -143,7 +146,9 @@ def test_miou_json_reports_plain_and_crf_scores(pipeline):
 
     train = json.loads((pipeline.results / "demo_train.json").read_text())
     assert train["iterations"] == pipeline.params.preset("demo").iterations
-    assert (pipeline.results / "demo" / "model.pt").is_file()
+    assert not any(k.startswith(("train_seconds", "images_per_second")) for k in train), "timings are not metrics"
+    assert (pipeline.results / "demo" / "method" / "seed0" / "model.safetensors").is_file()
+    assert "train_seconds" in json.loads((pipeline.results / "demo" / "timings" / "train.json").read_text())["method"][0]
 
 
 # ---------------------------------------------------------------- ssr evaluate on label folders
@@ -228,21 +233,50 @@ def test_ablation_switches_choose_the_method_row(pipeline, switches, row):
     """The method (exported labels, method_* scores) follows affinity.use_*: without the SGC
     mask it is the "+ CLIP attention" row, with every switch off it is the plain CAM."""
     path, params = write_params(pipeline.base / f"ablation_{row}", Path(pipeline.params.data_root), pipeline.clip_dir, **switches)
-    model = pipeline.results / "demo" / "model.pt"
-    assert ssr_main(["pseudo-labels", "--dataset", "demo", "--params", str(path), "--model", str(model), "--quiet"]) == 0
+    for stage in ("train", "pseudo-labels"):
+        assert ssr_main([stage, "--dataset", "demo", "--params", str(path), "--quiet"]) == 0, stage
     seeds = json.loads((Path(params.results_root) / "demo_seeds.json").read_text())
-    # the Table 3 rows do not depend on the switches: same model, same data
-    for r in ("cam", "clip", "sgc"):
-        for key in SCORES:
-            assert seeds[f"{r}_{key}"] == pytest.approx(pipeline.seeds[f"{r}_{key}"], abs=1e-12), f"{r}_{key}"
     # the method path re-normalises the (already row-stochastic) affinity: float-level differences
     # may flip a boundary pixel, no more
     for key in SCORES:
         assert seeds[f"method_{key}"] == pytest.approx(seeds[f"{row}_{key}"], abs=1e-4), key
-    assert seeds["method_miou"] != pytest.approx(pipeline.seeds["method_miou"], abs=1e-9), "the switch changed nothing"
-    # and the exported PNGs changed with it
-    new, old = Path(params.results_root) / "demo" / "pseudo_labels", pipeline.results / "demo" / "pseudo_labels"
-    assert any(not np.array_equal(read_label_png(p), read_label_png(old / p.name)) for p in sorted(new.glob("*.png")))
+    assert seeds["method_miou"] != pytest.approx(seeds["sgc_miou"], abs=1e-9), "the switch changed nothing"
+
+
+def test_a_model_under_other_params_is_refused_naming_the_keys(pipeline, capsys):
+    """A stage loading a trained model under params that changed what it was trained with stops,
+    naming each changed key with both values, and writes nothing."""
+    path, _ = write_params(pipeline.base / "changed", Path(pipeline.params.data_root), pipeline.clip_dir,
+                           **{"cmpa.tau_init": 0.1, "sgc.rho": 0.3})
+    path.write_text(path.read_text().replace(f"results_root: {path.parent / 'results'}", f"results_root: {pipeline.results}"))
+    seeds_file = pipeline.results / "demo_seeds.json"
+    before = seeds_file.read_bytes()
+    assert ssr_main(["pseudo-labels", "--dataset", "demo", "--params", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "model.json: trained under other params" in err
+    assert "cmpa.tau_init (recorded 0.05, now 0.1)" in err and "sgc.rho (recorded 0.5, now 0.3)" in err
+    assert seeds_file.read_bytes() == before
+
+
+def test_load_model_and_predict_from_the_run_folder_alone(pipeline):
+    """ssr.load_model rebuilds backbones and model from model.json; ssr.predict segments an image at its size."""
+    import ssr
+
+    run = pipeline.results / "demo" / "method" / "seed0"
+    trained = ssr.load_model(run, demo_clip_dir=pipeline.clip_dir)
+    assert trained.classes == pipeline.classes
+    image_id = pipeline.layout.split("val")[0]
+    from ssr.data.layout import read_image
+
+    image = read_image(pipeline.layout.image_path(image_id))
+    label = ssr.predict(trained, image, crf=False)
+    assert label.shape == image.shape[:2] and label.dtype == np.uint8
+    assert set(np.unique(label)) <= set(range(len(pipeline.classes)))
+    # the same decoder probabilities as the evaluate stage: equal labels with CRF, as saved in predictions/
+    saved = read_label_png(pipeline.results / "demo" / "predictions" / f"{image_id}.png")
+    assert np.array_equal(ssr.predict(trained, image), saved)
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        ssr.predict(trained, image.astype(np.float32))
 
 
 # ---------------------------------------------------------------- corrupt input

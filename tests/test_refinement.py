@@ -12,8 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssr.affinity import clip_affinity, fuse_affinities, propagate, row_normalise
-from ssr.cmpa import PrototypeBank, SemanticAdapter, Temperature, kmeans, masked_average_pool, prototype_loss
+from ssr.affinity import clip_affinity, clip_es_transform, fuse_attention, propagate, row_normalise
+from ssr.cmpa import (
+    PrototypeBank,
+    ProjectionHead,
+    ResidualHead,
+    Temperature,
+    masked_average_pool,
+    prototype_loss_term,
+    sample_loss_sum,
+    spherical_kmeans,
+)
 from ssr.sgc import column_mask, patch_region_share, region_onehot, sgc_mask, target_regions
 
 
@@ -147,34 +156,53 @@ def test_clip_affinity_symmetric_nonnegative():
 
 # ---------------------------------------------------------------- fusion (Eq. 9)
 
-def test_fusion_weights_are_respected():
+def test_transform_then_fuse_mixes_transformed_clip_with_row_normalised_dino():
     n = 7
     a = torch.rand(2, n, n, generator=torch.Generator().manual_seed(8)) + 0.1      # not row-normalised
     b = torch.rand(2, n, n, generator=torch.Generator().manual_seed(9)) * 3 + 0.1
-    ra = a / a.sum(dim=-1, keepdim=True)
     rb = b / b.sum(dim=-1, keepdim=True)
-    fused = fuse_affinities(a, b, 0.4, 0.6)
-    expected = 0.4 * ra + 0.6 * rb          # rows already sum to 0.4 + 0.6 = 1
+    transformed = clip_es_transform(a, rounds=3, power=2)
+    fused = fuse_attention(a, b, 0.4, 0.6, order="transform_then_fuse")
+    expected = 0.4 * transformed + 0.6 * rb          # rows already sum to 0.4 + 0.6 = 1
     assert torch.allclose(fused, expected, atol=1e-6)
     assert torch.allclose(fused.sum(-1), torch.ones(2, n), atol=1e-6)
     # The weights are relative: 2:3 is the same mix as 0.4:0.6.
-    assert torch.allclose(fuse_affinities(a, b, 2.0, 3.0), expected, atol=1e-6)
+    assert torch.allclose(fuse_attention(a, b, 2.0, 3.0), expected, atol=1e-6)
     # And they matter: swapping them gives a different matrix.
-    assert not torch.allclose(fuse_affinities(a, b, 0.6, 0.4), expected, atol=1e-3)
+    assert not torch.allclose(fuse_attention(a, b, 0.6, 0.4), expected, atol=1e-3)
+
+
+def test_fuse_then_transform_applies_the_transform_to_the_mix():
+    n = 6
+    a = torch.rand(1, n, n, generator=torch.Generator().manual_seed(18)) + 0.1
+    b = torch.rand(1, n, n, generator=torch.Generator().manual_seed(19)) + 0.1
+    ra, rb = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    out = fuse_attention(a, b, 0.4, 0.6, order="fuse_then_transform", rounds=2, power=3)
+    hand = 0.4 * ra[0].double() + 0.6 * rb[0].double()
+    for _ in range(2):
+        hand = hand / hand.sum(dim=0, keepdim=True)
+        hand = hand / hand.sum(dim=1, keepdim=True)
+    hand = (hand + hand.T) / 2
+    hand = hand @ hand @ hand
+    assert torch.allclose(out[0].double(), hand / hand.sum(1, keepdim=True), atol=1e-6)
+    # The two readings of Eq. 9 differ as soon as both sources are present ...
+    assert not torch.allclose(out, fuse_attention(a, b, 0.4, 0.6, order="transform_then_fuse", rounds=2, power=3), atol=1e-3)
+    # ... and agree for CLIP alone (the "+ CLIP attention" row).
+    assert torch.allclose(fuse_attention(a, None, 0.4, 0.6, order="fuse_then_transform"),
+                          fuse_attention(a, None, 0.4, 0.6, order="transform_then_fuse"), atol=1e-6)
 
 
 def test_fusion_single_source():
     a = torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(10)) + 0.1
     b = torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(11)) + 0.1
-    ra = a / a.sum(dim=-1, keepdim=True)
     rb = b / b.sum(dim=-1, keepdim=True)
-    assert torch.allclose(fuse_affinities(a, b, 1.0, 0.0), ra, atol=1e-6)
-    assert torch.allclose(fuse_affinities(a, b, 0.0, 1.0), rb, atol=1e-6)
-    # Missing DINO (ablation row / no DINO weights): CLIP alone, whatever the weights.
-    assert torch.allclose(fuse_affinities(a, None, 0.4, 0.6), ra, atol=1e-6)
-    assert torch.allclose(fuse_affinities(None, b, 0.4, 0.6), rb, atol=1e-6)
+    # Missing DINO (ablation row / no DINO weights): transformed CLIP alone, whatever the weights.
+    assert torch.allclose(fuse_attention(a, None, 0.4, 0.6), clip_es_transform(a), atol=1e-6)
+    assert torch.allclose(fuse_attention(None, b, 0.4, 0.6), rb, atol=1e-6)
     with pytest.raises(ValueError):
-        fuse_affinities(None, None, 0.4, 0.6)
+        fuse_attention(None, None, 0.4, 0.6)
+    with pytest.raises(ValueError, match="fusion order"):
+        fuse_attention(a, b, 0.4, 0.6, order="fuse_twice")
 
 
 # ---------------------------------------------------------------- SGC (Eq. 7-8)
@@ -205,6 +233,32 @@ def test_target_region_follows_rho():
     assert target_regions(cam, regions, t_hi, ratio0 + eps, keep_best=False).tolist() == [[[False, False]]]
     assert target_regions(cam, regions, t_hi, ratio1 - eps, keep_best=False).tolist() == [[[True, True]]]
     assert target_regions(cam, regions, t_hi, ratio1 + eps, keep_best=False).tolist() == [[[True, False]]]
+
+
+def test_image_denominator_divides_by_the_whole_image_activation():
+    r0 = [0.9, 0.8, 0.3, 0.2]               # confident 1.7 of region total 2.2
+    r1 = [0.6, 0.3, 0.3, 0.3]               # confident 0.6 of region total 1.5
+    cam, regions = _two_region_case(r0, r1)
+    image_total = sum(r0) + sum(r1)          # 3.7
+    share0, share1 = 1.7 / image_total, 0.6 / image_total
+    eps = 1e-3
+    assert target_regions(cam, regions, 0.5, share1 - eps, keep_best=False, denominator="image").tolist() == [[[True, True]]]
+    assert target_regions(cam, regions, 0.5, share1 + eps, keep_best=False, denominator="image").tolist() == [[[True, False]]]
+    assert target_regions(cam, regions, 0.5, share0 + eps, keep_best=False, denominator="image").tolist() == [[[False, False]]]
+    # The two readings disagree: at rho 0.4, r1 (region share 0.4) passes by its own total, not by the image's.
+    assert target_regions(cam, regions, 0.5, 0.39, keep_best=False, denominator="region").tolist() == [[[True, True]]]
+    assert target_regions(cam, regions, 0.5, 0.39, keep_best=False, denominator="image").tolist() == [[[True, False]]]
+    with pytest.raises(ValueError, match="denominator"):
+        target_regions(cam, regions, 0.5, 0.5, denominator="patch")
+
+
+def test_image_denominator_ignores_padding():
+    """Padding pixels (no region) hold no activation of the image's total."""
+    region_map = torch.tensor([[[0, 0, 255, 255], [0, 0, 255, 255]]])
+    regions = region_onehot(region_map, 1)
+    cam = torch.tensor([[[[0.9, 0.9, 0.9, 0.9], [0.1, 0.1, 0.9, 0.9]]]])
+    # region 0: confident 1.8 of its 2.0 = 0.9; the padded half's 3.6 must not count
+    assert target_regions(cam, regions, 0.5, 0.85, keep_best=False, denominator="image").tolist() == [[[True]]]
 
 
 def test_t_hi_moves_a_pixel_in_and_out():
@@ -309,33 +363,46 @@ def test_sgc_mask_padding_ignored_end_to_end():
 # ---------------------------------------------------------------- CMPA (Eq. 1-6)
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-def test_semantic_adapter_identity_at_init(num_layers):
+def test_projection_head_is_stacked_linear_bn_relu_reducing_the_width(num_layers):
     torch.manual_seed(0)
-    adapter = SemanticAdapter(6, 10, num_layers=num_layers)
+    head = ProjectionHead(8, 4, hidden_dim=10, num_layers=num_layers)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU"] * (num_layers - 1) + ["Linear"]
+    assert head.mlp[0].in_features == 8 and head.mlp[-1].out_features == 4
+    x = torch.randn(2, 3, 8)
+    assert head(x).shape == (2, 3, 4)                      # any leading shape, d1 -> d2
+    # The same rows give the same output whatever batch they come in (eval mode: no batch coupling).
+    head.eval()
+    assert torch.allclose(head(x)[0], head(x[:1])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_residual_head_identity_at_init(num_layers):
+    torch.manual_seed(0)
+    head = ResidualHead(6, 10, num_layers=num_layers)
     x = torch.randn(5, 6)
-    for mode in (adapter.train, adapter.eval):
+    for mode in (head.train, head.eval):
         mode()
-        assert torch.equal(adapter(x), x)
-    # Any leading shape (B, S, E) is kept.
+        assert torch.equal(head(x), x)
     x3 = torch.randn(2, 3, 6)
-    assert torch.equal(adapter(x3), x3)
+    assert torch.equal(head(x3), x3)
 
 
-def test_semantic_adapter_moves_after_a_step():
+def test_residual_head_moves_after_a_step():
     torch.manual_seed(1)
-    adapter = SemanticAdapter(6, 10, num_layers=2)
+    head = ResidualHead(6, 10, num_layers=2)
     x = torch.randn(8, 6)
     target = torch.randn(8, 6)
-    opt = torch.optim.SGD(adapter.parameters(), lr=0.1)
-    adapter.train()
-    loss = ((adapter(x) - target) ** 2).mean()
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    head.train()
+    loss = ((head(x) - target) ** 2).mean()
     loss.backward()
-    assert adapter.mlp[-1].weight.grad.abs().sum() > 0
+    assert head.mlp[-1].weight.grad.abs().sum() > 0
     opt.step()
-    for mode in (adapter.train, adapter.eval):
+    for mode in (head.train, head.eval):
         mode()
         with torch.no_grad():
-            assert not torch.allclose(adapter(x), x, atol=1e-4)
+            assert not torch.allclose(head(x), x, atol=1e-4)
 
 
 def test_masked_average_pool_hand_computation():
@@ -366,14 +433,14 @@ def _planted_clusters(seed=0, per_cluster=30, dim=16):
 def test_kmeans_recovers_planted_clusters():
     x, labels, centres, g = _planted_clusters()
     init = torch.stack([x[labels == k].mean(0) for k in range(3)]) + 1.5 * torch.randn(3, x.shape[1], generator=g)
-    centroids, assignment = kmeans(x, init)
+    centroids, assignment = spherical_kmeans(x, init)
     assert torch.equal(assignment, labels)
     assert torch.allclose(centroids.norm(dim=-1), torch.ones(3), atol=1e-5)
     cos = (centroids * centres).sum(-1)
     assert (cos > 0.95).all()
     # Cluster indices stay tied to their seeds: permuted seeds permute the assignment.
     order = torch.tensor([2, 0, 1])
-    _, permuted = kmeans(x, init[order])
+    _, permuted = spherical_kmeans(x, init[order])
     assert torch.equal(order[permuted], labels)
 
 
@@ -381,7 +448,7 @@ def test_kmeans_empty_cluster_keeps_its_seed():
     x, labels, centres, g = _planted_clusters(seed=1)
     seeds = torch.stack([x[labels == k].mean(0) for k in range(3)])
     far = -centres.sum(0)                                            # opposite every cluster
-    centroids, assignment = kmeans(x, torch.cat([seeds, far[None]]))
+    centroids, assignment = spherical_kmeans(x, torch.cat([seeds, far[None]]))
     assert torch.equal(assignment, labels)
     assert torch.allclose(centroids[3], F.normalize(far, dim=0), atol=1e-6)
 
@@ -416,21 +483,13 @@ def test_prototype_bank_refresh_and_assign():
     assert not bool(bank.ready) and torch.equal(bank.image_prototypes, torch.zeros(3, x.shape[1]))
 
     bank.push(x, labels)
+    assert bank.class_counts().tolist() == [30, 30, 30]
     bank.refresh(text)
     assert bool(bank.ready)
     # Image prototypes: k-means seeded with per-class means -> the normalised class directions.
     class_means = F.normalize(torch.stack([F.normalize(x[labels == k], dim=-1).mean(0) for k in range(3)]), dim=-1)
     assert torch.allclose(bank.image_prototypes, class_means, atol=1e-4)
     assert torch.equal(bank.assign(x), labels)
-    expected = (F.normalize(x, dim=-1) @ class_means.T).argmax(1)
-    assert torch.equal(bank.assign(x), expected)
-    # Distinct text features: each class its own cluster; P_T = normalised live text features.
-    assert torch.equal(bank.text_members, torch.eye(3))
-    live = text.clone().requires_grad_(True)
-    protos = bank.text_prototypes(live)
-    assert torch.allclose(protos, F.normalize(text, dim=-1), atol=1e-6)
-    protos.sum().backward()
-    assert live.grad is not None and live.grad.abs().sum() > 0          # TSA keeps receiving gradient
 
     # State is in buffers: a fresh bank loaded from the state dict assigns identically.
     clone = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
@@ -438,20 +497,31 @@ def test_prototype_bank_refresh_and_assign():
     assert torch.equal(clone.assign(x), bank.assign(x)) and bool(clone.ready)
 
 
-def test_prototype_bank_coincident_text_classes_share_a_cluster():
-    text = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    bank = PrototypeBank(num_classes=3, dim=3, size=10)
-    bank.push(torch.eye(3), torch.arange(3))
-    bank.refresh(text)
-    # Classes 0 and 1 fall into one cluster; class 2 keeps its own.
-    members = bank.text_members
-    assert members.sum(dim=0).tolist() == [1.0, 1.0, 1.0]               # every class in exactly one cluster
-    cluster_of = members.argmax(dim=0)
-    assert cluster_of[0] == cluster_of[1] != cluster_of[2]
-    protos = bank.text_prototypes(text)
-    # The empty cluster falls back to its seed class; all prototypes are unit vectors.
-    assert torch.allclose(protos.norm(dim=-1), torch.ones(3), atol=1e-6)
-    assert torch.allclose(protos[2], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
+def test_class_absent_from_the_first_features_gets_its_prototype_from_its_own_later_features():
+    """The warm-up pools features until every class has some; a class missing from the first
+    pushes is seeded from its own features once they arrive, not left on its text fallback."""
+    x, labels, centres, g = _planted_clusters(seed=3)
+    fallback = torch.randn(3, x.shape[1], generator=g)                 # unrelated "projected prompts"
+    bank = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
+    first = labels != 2
+    bank.push(x[first][:20], labels[first][:20])                       # the first batch: no class 2
+    assert bank.class_counts()[2] == 0
+    bank.push(x[labels == 2], labels[labels == 2])                     # class 2 arrives later
+    bank.refresh(fallback)
+    own_mean = F.normalize(F.normalize(x[labels == 2], dim=-1).mean(0), dim=0)
+    assert F.cosine_similarity(bank.image_prototypes[2], own_mean, dim=0) > 0.99
+    assert F.cosine_similarity(bank.image_prototypes[2], F.normalize(fallback[2], dim=0), dim=0) < 0.5
+
+
+def test_class_never_seen_falls_back_to_its_projected_prompt():
+    x, labels, centres, g = _planted_clusters(seed=4)
+    fallback = F.normalize(torch.randn(3, x.shape[1], generator=g), dim=-1)
+    bank = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
+    seen = labels != 1
+    bank.push(x[seen], labels[seen])
+    bank.refresh(fallback)
+    assert torch.allclose(bank.image_prototypes[1], fallback[1], atol=1e-5) or \
+        F.cosine_similarity(bank.image_prototypes[1], fallback[1], dim=0) > 0.99
 
 
 def _hand_ce(features, prototypes, pos, tau):
@@ -464,30 +534,45 @@ def _hand_ce(features, prototypes, pos, tau):
     return total / len(f)
 
 
-def test_prototype_loss_hand_computation():
+def test_cross_modal_loss_hand_computation():
     g = torch.Generator().manual_seed(14)
     image = torch.randn(6, 5, generator=g)
-    text_protos = torch.randn(3, 5, generator=g)
     text = torch.randn(6, 5, generator=g)
+    text_protos = torch.randn(3, 5, generator=g)
     image_protos = torch.randn(3, 5, generator=g)
     pos = torch.tensor([0, 2, 1, 1, 0, 2])
-    tau = 0.07
-    loss = prototype_loss(image, text_protos, pos, torch.tensor(tau))
-    # Eq. 3-6: L = -1/M sum_i log( exp(cos(f_i, P_T[pos_i]) / tau) / sum_k exp(cos(f_i, P_T[k]) / tau) ).
-    assert loss.item() == pytest.approx(_hand_ce(image, text_protos, pos, tau), rel=1e-5)
-    sym = prototype_loss(image, text_protos, pos, torch.tensor(tau), text_features=text, image_prototypes=image_protos)
-    expected = (_hand_ce(image, text_protos, pos, tau) + _hand_ce(text, image_protos, pos, tau)) / 2
-    assert sym.item() == pytest.approx(expected, rel=1e-5)
-    assert sym.item() != pytest.approx(loss.item(), rel=1e-3)
-    # The symmetric term needs both of its inputs; with only one it is off.
-    assert prototype_loss(image, text_protos, pos, torch.tensor(tau), text_features=text).item() == pytest.approx(loss.item())
+    tau = torch.tensor(0.07)
+    # Eq. 3-6: -sum_i log( exp(cos(f_i, P_T[pos_i]) / tau) / sum_k exp(cos(f_i, P_T[k]) / tau) ), summed here.
+    total = sample_loss_sum("cross_modal", image, text, text_protos, image_protos, pos, tau)
+    assert total.item() == pytest.approx(6 * _hand_ce(image, text_protos, pos, 0.07), rel=1e-5)
+    # constraint (2): text prototype k against the image prototypes, target k, averaged over K
+    term = prototype_loss_term("cross_modal", text_protos, image_protos, tau)
+    assert term.item() == pytest.approx(_hand_ce(text_protos, image_protos, torch.arange(3), 0.07), rel=1e-5)
+
+
+def test_in_modal_and_feature_losses_hand_computation():
+    g = torch.Generator().manual_seed(16)
+    image, text = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    text_protos, image_protos = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    pos, tau = torch.tensor([0, 1, 1, 0]), torch.tensor(0.5)   # a loss far from 0, where float32 keeps 1e-5
+    in_modal = sample_loss_sum("in_modal", image, text, text_protos, image_protos, pos, tau)
+    assert in_modal.item() == pytest.approx(4 * _hand_ce(image, image_protos, pos, 0.5), rel=1e-5)
+    assert prototype_loss_term("in_modal", text_protos, image_protos, tau).item() == pytest.approx(
+        _hand_ce(text_protos, text_protos, torch.arange(2), 0.5), rel=1e-5)
+    feature = sample_loss_sum("feature", image, text, text_protos, image_protos, pos, tau)
+    cos = [float(image[i] @ text[i] / image[i].norm() / text[i].norm()) for i in range(4)]
+    assert feature.item() == pytest.approx(sum(1 - c for c in cos), rel=1e-5)
+    assert prototype_loss_term("feature", text_protos, image_protos, tau) is None
+    with pytest.raises(ValueError):
+        sample_loss_sum("contrastive", image, text, text_protos, image_protos, pos, tau)
 
 
 def test_prototype_loss_pulls_towards_positive():
     protos = torch.eye(3)
     image = torch.tensor([[1.0, 0.1, 0.0]])
-    right = prototype_loss(image, protos, torch.tensor([0]), torch.tensor(0.05))
-    wrong = prototype_loss(image, protos, torch.tensor([1]), torch.tensor(0.05))
+    args = (image, image, protos, protos)
+    right = sample_loss_sum("cross_modal", *args, torch.tensor([0]), torch.tensor(0.05))
+    wrong = sample_loss_sum("cross_modal", *args, torch.tensor([1]), torch.tensor(0.05))
     assert right < wrong
 
 
@@ -500,7 +585,7 @@ def test_temperature_init_and_learnable():
     image, protos = torch.randn(4, 3, generator=g), torch.randn(2, 3, generator=g)
     pos = torch.tensor([0, 1, 1, 0])
     opt = torch.optim.SGD(temp.parameters(), lr=0.5)
-    loss = prototype_loss(image, protos, pos, temp())
+    loss = sample_loss_sum("cross_modal", image, image, protos, protos, pos, temp())
     loss.backward()
     assert params[0].grad is not None and params[0].grad.abs() > 0
     opt.step()
