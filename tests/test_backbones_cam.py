@@ -204,6 +204,40 @@ def test_unsupported_vision_towers_are_refused_by_name():
             clip_visual_forward(broken, torch.randn(1, 3, 32, 32))
 
 
+def test_prompts_use_the_class_synonyms_and_the_template(tokenizer):
+    """VOC/COCO classes are prompted with CLIP-ES's synonyms ("person with clothes,people,human"),
+    foreground first, then every background prompt, in the configured template."""
+    from ssr.backbones import encode_prompts
+    from ssr.config import ConfigError
+
+    clip = tiny_clip()
+    synonyms = ["round thing", "box", "wedge", "plus sign"]
+    ds = DatasetParams(train_split="train", val_split="val", preset="demo", prompt_template="a clean origami {}.",
+                       background_prompts=["sky", "road"], clip_model="demo", clip_pretrained="", dino_model="",
+                       prompt_names=synonyms)
+    backbones = build_backbones(ds, CLASSES, demo_clip_dir=".", clip=clip, tokenizer=tokenizer)
+    expected = encode_prompts(clip, tokenizer, synonyms + ["sky", "road"], "a clean origami {}.")
+    torch.testing.assert_close(backbones.text, expected)
+    assert not torch.allclose(backbones.text[:4], encode_prompts(clip, tokenizer, CLASSES, "a clean origami {}."), atol=1e-4)
+    with pytest.raises(ConfigError, match="prompt_names"):
+        build_backbones(DatasetParams(**{**ds.__dict__, "prompt_names": synonyms[:3]}), CLASSES, demo_clip_dir=".",
+                        clip=clip, tokenizer=tokenizer)
+
+
+def test_repo_params_prompt_voc_and_coco_with_clip_es_synonyms():
+    from ssr.config import load_params
+    from ssr.data.voc import VOC_CLASSES
+
+    from pathlib import Path
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    voc = params.dataset("voc").prompt_name_list(VOC_CLASSES[1:])
+    assert voc[VOC_CLASSES.index("person") - 1] == "person with clothes,people,human"
+    assert voc[VOC_CLASSES.index("bird") - 1] == "bird avian"
+    assert len(params.dataset("coco").prompt_names) == 80
+    assert params.dataset("voc").prompt_template == params.dataset("coco").prompt_template == "a clean origami {}."
+
+
 def test_attention_only_for_last_blocks():
     model = tiny_clip()
     out = clip_visual_forward(model.visual, torch.randn(1, 3, 32, 32), attn_blocks=2)

@@ -279,6 +279,31 @@ def test_load_model_and_predict_from_the_run_folder_alone(pipeline):
         ssr.predict(trained, image.astype(np.float32))
 
 
+def test_variants_and_seeds_give_table4_rows_the_bound_and_a_spread(pipeline):
+    """Two seeds and two variants: the seeds file holds Table 4's rows (plain-CLIP CAM, each CMPA
+    loss's CAM), the metrics file the fully supervised bound and the method's ratio to it, each
+    as the mean over seeds with std, min and max."""
+    variants = {"cmpa_feature": {"cmpa.loss": "feature"}, "gt_bound": {"train.supervision": "gt"}}
+    path, params = write_params(pipeline.base / "variants", Path(pipeline.params.data_root), pipeline.clip_dir,
+                                **{"datasets.demo.seeds": [0, 1], "datasets.demo.variants": variants})
+    for stage in ("train", "pseudo-labels", "evaluate"):
+        assert ssr_main([stage, "--dataset", "demo", "--params", str(path), "--quiet"]) == 0, stage
+    results = Path(params.results_root)
+    for run in ("method", "cmpa_feature", "gt_bound"):
+        for seed in (0, 1):
+            assert (results / "demo" / run / f"seed{seed}" / "model.safetensors").is_file(), (run, seed)
+    seeds = json.loads((results / "demo_seeds.json").read_text())
+    assert seeds["seeds"] == 2
+    for key in ("cam_miou", "cam_without_cmpa_miou", "cmpa_feature_cam_miou", "cmpa_feature_method_miou"):
+        assert seeds[key] is not None and f"{key}_std" in seeds, key
+        assert seeds[f"{key}_min"] <= seeds[key] <= seeds[f"{key}_max"]
+    assert seeds["cam_miou_std"] > 0, "two seeds, one spread: the seeds did not change training"
+    miou = json.loads((results / "demo_miou.json").read_text())
+    assert miou["gt_bound_miou"] is not None and miou["cmpa_feature_miou"] is not None
+    per_seed = [miou[f"ratio_to_gt_bound_{k}"] for k in ("min", "max")]
+    assert per_seed[0] <= miou["ratio_to_gt_bound"] <= per_seed[1]
+
+
 # ---------------------------------------------------------------- corrupt input
 
 
