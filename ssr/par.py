@@ -3,48 +3,49 @@
 PAR (Ru et al., CVPR 2022, "Learning Affinity from Attention") propagates per-pixel scores
 among dilated 8-neighbourhoods, weighting each neighbour by its colour similarity, measured
 against the spread of colours in that neighbourhood, plus a small term for its distance.
+
+The neighbours are visited one shift at a time and accumulated, so memory stays at a few
+copies of the input instead of one per neighbour (48 with WeCLIP's dilations).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 # The 8 neighbours of a pixel at unit dilation, (dy, dx).
-_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
-def dilated_neighbours(x: torch.Tensor, dilations: list[int]) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, 8 * len(dilations), H, W): each pixel's neighbours, edges replicated."""
+def shifted(x: torch.Tensor, dilations: list[int]) -> Iterator[torch.Tensor]:
+    """(B, C, H, W) -> each neighbour's view, (B, C, H, W), edges replicated: dilation-major, OFFSETS order."""
     h, w = x.shape[-2:]
-    out = []
     for d in dilations:
         padded = F.pad(x, [d, d, d, d], mode="replicate")
-        for dy, dx in _OFFSETS:
-            out.append(padded[..., d + dy * d: d + dy * d + h, d + dx * d: d + dx * d + w])
-    return torch.stack(out, dim=2)
+        for dy, dx in OFFSETS:
+            yield padded[..., d + dy * d: d + dy * d + h, d + dx * d: d + dx * d + w]
 
 
 def par_affinity(image: torch.Tensor, dilations: list[int], w_colour: float = 0.3, w_position: float = 0.01) -> torch.Tensor:
     """Neighbour weights of every pixel: (B, 3, H, W) image -> (B, K, H, W), K = 8 * len(dilations).
 
     colour term: softmax over neighbours of -(|I_j - I_i| / std_j(I) / w_colour)^2, averaged
-    over channels; position term: the same of the neighbours' distances, weighted w_position;
-    each pixel's weights sum to 1.
+    over channels (std over the K neighbours, unbiased); position term: the same of the
+    neighbours' distances, weighted w_position. Each pixel's weights sum to 1.
     """
     image = image.float()
-    neighbours = dilated_neighbours(image, dilations)                         # (B, 3, K, H, W)
-    spread = neighbours.std(dim=2, keepdim=True)
-    colour = -(((neighbours - image[:, :, None]).abs() / (spread + 1e-8)) / w_colour) ** 2
-    colour = colour.mean(dim=1).softmax(dim=1)                                 # (B, K, H, W)
-    distance = torch.tensor([d * (math.sqrt(2) if dy and dx else 1.0) for d in dilations for dy, dx in _OFFSETS],
-                            device=image.device)
+    k = 8 * len(dilations)
+    mean = sum(shifted(image, dilations)) / k
+    spread = (sum((view - mean) ** 2 for view in shifted(image, dilations)) / (k - 1)).sqrt() + 1e-8
+    colour = torch.stack([-(((view - image).abs() / spread / w_colour) ** 2).mean(dim=1) for view in shifted(image, dilations)], dim=1)
+    distance = torch.tensor([d * (math.sqrt(2) if dy and dx else 1.0) for d in dilations for dy, dx in OFFSETS], device=image.device)
     position = (-((distance / distance.std()) / w_colour) ** 2).softmax(dim=0)  # (K,)
-    # Normalised to sum to 1 over the neighbours: WeCLIP's weights sum to 1 + w_position, which
-    # scales every score alike (same argmax) but would drift the scores off their [0, 1] scale.
-    return (colour + w_position * position[None, :, None, None]) / (1 + w_position)
+    # Normalised to sum to 1: WeCLIP's weights sum to 1 + w_position, which scales every score
+    # alike (same argmax) but would drift the scores off their [0, 1] scale.
+    return (colour.softmax(dim=1) + w_position * position[None, :, None, None]) / (1 + w_position)
 
 
 def par_refine(image: torch.Tensor, scores: torch.Tensor, *, dilations: list[int], iterations: int,
@@ -56,8 +57,11 @@ def par_refine(image: torch.Tensor, scores: torch.Tensor, *, dilations: list[int
     """
     if image.shape[-2:] != scores.shape[-2:]:
         raise ValueError(f"PAR: scores {tuple(scores.shape[-2:])} and image {tuple(image.shape[-2:])} differ in size")
-    affinity = par_affinity(image, dilations, w_colour, w_position)[:, None]   # (B, 1, K, H, W)
+    affinity = par_affinity(image, dilations, w_colour, w_position)
     scores = scores.float()
     for _ in range(iterations):
-        scores = (dilated_neighbours(scores, dilations) * affinity).sum(dim=2)
+        refined = torch.zeros_like(scores)
+        for k, view in enumerate(shifted(scores, dilations)):
+            refined.addcmul_(view, affinity[:, k: k + 1])
+        scores = refined
     return scores

@@ -220,6 +220,62 @@ def prototype_step_loss(backbones: FrozenBackbones, model: SSR, world: int) -> t
     return None if term is None else term / world
 
 
+def optimiser_step(backbones: FrozenBackbones, model: SSR, optimiser, batches: list[dict], params: Params, preset: PresetParams,
+                   *, lr: float, par: bool = False, autocast_dtype=None, world: int = 1, iteration: int = 0,
+                   ckpt_path: Path | None = None) -> dict:
+    """One optimiser step over this rank's micro-batches (a list of collated batches).
+
+    CAM passes first (they fix the labels and so the step's counts, summed over ranks), then
+    each micro-batch's loss share and backward, the step's prototype term, the gradient sum
+    over ranks, a finiteness check, the update and the bank. Returns the step's losses and lr.
+    """
+    device = backbones.text.device
+    for group in optimiser.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+    optimiser.zero_grad(set_to_none=True)
+    micro = [prepare_micro_batch(backbones, model, batch, params, num_regions=params.superpixels.n_clusters, par=par,
+                                 autocast_dtype=autocast_dtype) for batch in batches]
+    counts = _all_reduce(step_counts(micro, device))
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, aff, proto
+    bank = []
+    last_good = _last_good(ckpt_path) if ckpt_path is not None else "no checkpoint"
+    for m in micro:
+        loss, parts = micro_batch_loss(backbones, model, m, params, preset, counts, autocast_dtype=autocast_dtype)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"non-finite loss ({loss.item()}) at iteration {iteration} "
+                f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items() if k != 'bank')}); {last_good}")
+        loss.backward()
+        if "bank" in parts:
+            bank.append(parts.pop("bank"))
+        totals += torch.stack([loss.detach(), parts["loss_ce"], parts["loss_aff"], parts.get("loss_proto", loss.new_zeros(()))]).double()
+    term = prototype_step_loss(backbones, model, world) if model.use_cmpa and params.cmpa.text_prototype_term else None
+    if term is not None:
+        term.backward()
+        totals[0] += term.detach().double()
+        totals[3] += term.detach().double()
+    sum_gradients(model)
+    bad = non_finite_gradients(model)
+    if bad:
+        # Checked before the step: a finite loss can still back-propagate NaN/inf (overflow),
+        # and once the optimiser writes it into the weights the next checkpoint would save it.
+        raise NonFiniteLoss(
+            f"non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at iteration {iteration} "
+            f"(loss {totals[0].item():.4g}); {last_good}")
+    optimiser.step()
+    if bank:
+        model.bank.push(_all_gather(torch.cat([b[0] for b in bank])), _all_gather(torch.cat([b[1] for b in bank])))
+        if (iteration + 1) % preset.refresh_every == 0:
+            model.bank.refresh(model.adapt_text(backbones.text[: backbones.num_foreground]).detach(), iters=params.cmpa.kmeans_iters)
+    totals = _all_reduce(totals)
+    losses = dict(zip(("loss", "loss_ce", "loss_aff", "loss_proto"), totals.tolist()))
+    if model.use_cmpa:
+        losses["tau"] = float(model.tau().detach())
+    else:
+        losses.pop("loss_proto")
+    return {**losses, "lr": lr}
+
+
 # ---------------------------------------------------------------- prototypes before the first step
 
 @torch.no_grad()
@@ -381,53 +437,11 @@ class Trainer:
             print(message, file=sys.stderr)
 
     def step(self, batches) -> dict:
-        """One optimiser step over `accumulation` micro-batches; returns its losses."""
-        params, preset, model = self.params, self.preset, self.model
-        lr = lr_at(self.state.iteration, preset)
-        for group in self.optimiser.param_groups:
-            group["lr"] = lr * group["lr_mult"]
-        self.optimiser.zero_grad(set_to_none=True)
-        micro = [prepare_micro_batch(self.backbones, model, next(batches), params, num_regions=params.superpixels.n_clusters,
-                                     par=self.par, autocast_dtype=self.autocast_dtype) for _ in range(preset.accumulation)]
-        counts = _all_reduce(step_counts(micro, self.device))
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, ce, aff, proto
-        bank = []
-        for m in micro:
-            loss, parts = micro_batch_loss(self.backbones, model, m, params, preset, counts, autocast_dtype=self.autocast_dtype)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"non-finite loss ({loss.item()}) at iteration {self.state.iteration} "
-                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items() if k != 'bank')}); {_last_good(self.ckpt_path)}")
-            loss.backward()
-            if "bank" in parts:
-                bank.append(parts.pop("bank"))
-            totals += torch.stack([loss.detach(), parts["loss_ce"], parts["loss_aff"], parts.get("loss_proto", loss.new_zeros(()))]).double()
-        term = prototype_step_loss(self.backbones, model, self.world) if model.use_cmpa and params.cmpa.text_prototype_term else None
-        if term is not None:
-            term.backward()
-            totals[0] += term.detach().double()
-            totals[3] += term.detach().double()
-        sum_gradients(model)
-        bad = non_finite_gradients(model)
-        if bad:
-            # Checked before the step: a finite loss can still back-propagate NaN/inf (overflow),
-            # and once the optimiser writes it into the weights the next checkpoint would save it.
-            raise NonFiniteLoss(
-                f"non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at iteration {self.state.iteration} "
-                f"(loss {totals[0].item():.4g}); {_last_good(self.ckpt_path)}")
-        self.optimiser.step()
-        if bank:
-            model.bank.push(_all_gather(torch.cat([b[0] for b in bank])), _all_gather(torch.cat([b[1] for b in bank])))
-            if (self.state.iteration + 1) % preset.refresh_every == 0:
-                model.bank.refresh(model.adapt_text(self.backbones.text[: self.backbones.num_foreground]).detach(),
-                                   iters=params.cmpa.kmeans_iters)
-        totals = _all_reduce(totals)
-        losses = dict(zip(("loss", "loss_ce", "loss_aff", "loss_proto"), totals.tolist()))
-        if model.use_cmpa:
-            losses["tau"] = float(model.tau().detach())
-        else:
-            losses.pop("loss_proto")
-        return {**losses, "lr": lr}
+        """One optimiser step over the next `accumulation` micro-batches; returns its losses and lr."""
+        lr = lr_at(self.state.iteration, self.preset)
+        return optimiser_step(self.backbones, self.model, self.optimiser, [next(batches) for _ in range(self.preset.accumulation)],
+                              self.params, self.preset, lr=lr, par=self.par, autocast_dtype=self.autocast_dtype, world=self.world,
+                              iteration=self.state.iteration, ckpt_path=self.ckpt_path)
 
 
 def train(params: Params, dataset: str, out_dir: str | Path, *, seed: int = 0, run: str = "method", resume: bool = False,

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from ssr.par import dilated_neighbours, par_affinity, par_refine
+from ssr.par import par_affinity, par_refine, shifted
 
 
 def test_neighbours_are_the_dilated_8_neighbourhood_with_replicated_edges():
     x = torch.arange(30.0).reshape(1, 1, 5, 6)
-    out = dilated_neighbours(x, [1, 2])
+    out = torch.stack(list(shifted(x, [1, 2])), dim=2)
     assert out.shape == (1, 1, 16, 5, 6)
     offsets = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
     for k, (d, (dy, dx)) in enumerate([(d, o) for d in (1, 2) for o in offsets]):

@@ -1,0 +1,88 @@
+"""Do bf16 CAMs match fp32 ones? The same batch through `ssr.model.refined_cams` both ways.
+
+Reports, for the GradCAM and for the refined (method) CAM, the relative error ||bf16 - fp32|| /
+||fp32||, the mean, 99th-percentile and max absolute difference (CAMs lie in [0, 1]), and the
+share of pixels whose online pseudo-label (`ssr.model.cams_to_labels`) agrees.
+
+The tolerance, and why: bf16's unit roundoff is u = 2^-8 (3.9e-3), and every matrix product
+of the 12 blocks, the GradCAM backward and the propagation rounds its operands to it. A CAM is
+ReLU(sum_k w_k A_k) over 768 channels whose positive and negative terms largely cancel, which
+amplifies the relative error of the result beyond u. We accept ||bf16 - fp32|| / ||fp32|| up to
+0.05 (13 u), a mean absolute difference up to 0.02 of the CAM's [0, 1] range (5 u), and at
+least 98% of pixels keeping their online pseudo-label (only pixels within rounding of a
+decision boundary can flip). "within_tolerance" in the JSON says whether all three hold.
+
+    python benchmarks/bf16_cams.py [--device cuda] [--batch 16] [--size 320] [--out FILE]
+
+Needs CUDA (bf16 autocast on CPU is not what training runs). The weights are random (nothing
+downloads), which makes attention flatter than a trained CLIP's; the figures bound the
+arithmetic, not the trained model's CAMs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from configs import build, device_name, synthetic_batch
+
+from ssr.cam import class_slots  # noqa: E402
+from ssr.model import cams_to_labels, refined_cams  # noqa: E402
+
+TOLERANCE = {"relative": 0.05, "mean_abs": 0.02, "label_agreement": 0.98}
+
+
+def compare(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> dict:
+    a, b = a[valid].float(), b[valid].float()
+    diff = (a - b).abs().flatten()
+    return {"relative": float((a - b).norm() / b.norm().clamp_min(1e-12)), "mean_abs": float(diff.mean()),
+            "p99_abs": float(diff.quantile(0.99)) if diff.numel() < 2**24 else float(diff.kthvalue(int(0.99 * diff.numel())).values),
+            "max_abs": float(diff.max())}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", choices=("real", "tiny"), default="real")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=320)
+    ap.add_argument("--classes-per-image", type=int, default=3)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # a true fp32 reference
+
+    params, backbones, model = build(args.model, device)
+    gen = torch.Generator().manual_seed(1)
+    batch = synthetic_batch(args.batch, args.size, params.superpixels.n_clusters, args.classes_per_image, gen)
+    images, regions = batch["image"].to(device), batch["regions"].to(device)
+    classes, valid = class_slots(batch["labels"], device)
+    out = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        cams = refined_cams(backbones, model, images, classes, valid, regions, params.affinity, params.sgc,
+                            num_regions=params.superpixels.n_clusters, rows=(), autocast_dtype=dtype)
+        labels = cams_to_labels(cams.method, classes, valid, cams.grid, images.shape[-2:], params.pseudo_labels)
+        out[name] = (cams.cam.detach(), cams.method.detach(), labels)
+    report = {"benchmark": "bf16_cams", "device": device_name(device), "torch": torch.__version__,
+              "model": args.model, "batch": args.batch, "size": args.size, "tolerance": TOLERANCE,
+              "gradcam": compare(out["bf16"][0], out["fp32"][0], valid),
+              "refined": compare(out["bf16"][1], out["fp32"][1], valid),
+              "label_agreement": float((out["bf16"][2] == out["fp32"][2]).float().mean())}
+    report["within_tolerance"] = all(report[k]["relative"] <= TOLERANCE["relative"] and report[k]["mean_abs"] <= TOLERANCE["mean_abs"]
+                                     for k in ("gradcam", "refined")) and report["label_agreement"] >= TOLERANCE["label_agreement"]
+    for k in ("gradcam", "refined"):
+        c = report[k]
+        print(f"{k:8s}: relative {c['relative']:.2e}, mean |diff| {c['mean_abs']:.2e}, p99 {c['p99_abs']:.2e}, max {c['max_abs']:.2e}")
+    print(f"pseudo-label agreement {100 * report['label_agreement']:.2f}%  within tolerance: {report['within_tolerance']}")
+    line = json.dumps(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
