@@ -45,10 +45,15 @@ def device_name(device: torch.device) -> str:
 
 
 def build(kind: str, device: torch.device, params=None):
-    """-> (params, FrozenBackbones, SSR in train mode) for "real" or "tiny"."""
+    """-> (params, FrozenBackbones, SSR in train mode) for "real", "tiny" or "demo" (the committed,
+    trained demo CLIP with the demo's prompts and classes)."""
     params = params or load_params(REPO / "params.yaml")
     ds = params.dataset("voc")
     torch.manual_seed(0)
+    if kind == "demo":
+        demo = params.dataset("demo")
+        backbones = build_backbones(demo, params.demo.classes, demo_clip_dir=REPO / "ssr" / "assets" / "demo_clip", device=device)
+        return params, backbones, SSR(ModelDims.of(backbones), params.cmpa).to(device).train()
     if kind == "real":
         clip = open_clip.create_model(ds.clip_model, pretrained=None, device=device)
         tokenizer = open_clip.get_tokenizer(ds.clip_model)
@@ -89,3 +94,17 @@ def fill_bank(model: SSR, generator: torch.Generator) -> None:
     labels = torch.arange(size, device=bank.features.device) % bank.num_classes
     bank.push(feats, labels)
     bank.refresh(feats[: bank.num_classes])
+
+
+def demo_batch(params, batch: int, generator: torch.Generator) -> dict:
+    """A collated micro-batch of real demo images (64 px shapes), with random blocky region maps."""
+    from ssr.data.demo import render_sample
+    from ssr.data.layout import image_labels_from_mask
+
+    samples = [render_sample(params.demo, "val", i) for i in range(batch)]
+    images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in samples])
+    size = images.shape[-1]
+    blocks = torch.randint(0, params.superpixels.n_clusters, (batch, 1, size // 16, size // 16), generator=generator).float()
+    regions = torch.nn.functional.interpolate(blocks, size=(size, size), mode="nearest")[:, 0].long()
+    labels = [image_labels_from_mask(s.label, len(params.demo.classes) + 1) for s in samples]
+    return {"image": images, "regions": regions, "labels": labels, "id": [f"val_{i:05d}" for i in range(batch)]}
