@@ -60,10 +60,11 @@ def matmul_tflops(device, dtype=torch.bfloat16, n=8192, repeats=10) -> float:
 class Setup:
     """A model, its optimiser and pre-made micro-batches for one (micro-batch, crop) size."""
 
-    def __init__(self, kind, device, micro, crop, accumulation, classes_per_image, amp, fused_adamw=False, par_compile=False):
+    def __init__(self, kind, device, micro, crop, accumulation, classes_per_image, amp, fused_adamw=False, par=None):
         self.params, self.backbones, self.model = build(kind, device)
-        if par_compile:
-            self.params = dataclasses.replace(self.params, pseudo_labels=dataclasses.replace(self.params.pseudo_labels, par_compile=True))
+        if par is not None:     # switch WeCLIP's PAR refinement of the online labels on or off (to see its cost)
+            voc = dataclasses.replace(self.params.dataset("voc"), par=par)
+            self.params = dataclasses.replace(self.params, datasets={**self.params.datasets, "voc": voc})
         gen = torch.Generator().manual_seed(0)
         fill_bank(self.model, gen)
         self.preset = self.params.preset("voc")
@@ -158,7 +159,6 @@ def profile_table(setup: Setup, rows: int = 15) -> tuple[str, list[dict]]:
 
 
 SPEED_OPTIONS = {
-    "par_compile": "pseudo_labels.par_compile: PAR's 48 shifted updates per iteration fused by torch.compile",
     "fused_adamw": "torch.optim.AdamW(fused=True): one kernel for the whole update",
     "tf32": "TF32 for the float32 matrix products (affinity power, CMPA heads, GradCAM weights)",
 }
@@ -174,24 +174,14 @@ def tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def same_labels(a: Setup, b: Setup) -> float:
-    """Share of pixels whose online pseudo-label agrees between two setups on the same micro-batch."""
-    from ssr.train import prepare_micro_batch
-
-    batch = a.steps[0][0]
-    la, lb = (prepare_micro_batch(s.backbones, s.model, batch, s.params, num_regions=s.params.superpixels.n_clusters,
-                                  par=s.params.dataset("voc").par, autocast_dtype=s.amp).labels for s in (a, b))
-    return float((la == lb).float().mean())
-
-
 def compare(kind, device, micro, crop, classes, amp, steps, rounds=3) -> dict:
     """Each speed option against the baseline, alternating rounds in one process: median ms/step."""
     out = {}
     base = Setup(kind, device, micro, crop, 1, classes, amp)
     for name in SPEED_OPTIONS:
-        if name in ("fused_adamw", "par_compile") and device.type != "cuda":
-            continue    # fused AdamW is CUDA-only; compiling on a small CPU takes minutes
-        option = Setup(kind, device, micro, crop, 1, classes, amp, fused_adamw=name == "fused_adamw", par_compile=name == "par_compile")
+        if name == "fused_adamw" and device.type != "cuda":
+            continue
+        option = Setup(kind, device, micro, crop, 1, classes, amp, fused_adamw=name == "fused_adamw")
         times = {"baseline": [], name: []}
         for _ in range(rounds):
             times["baseline"] += time_steps(base, steps, 1)
@@ -200,8 +190,6 @@ def compare(kind, device, micro, crop, classes, amp, steps, rounds=3) -> dict:
         b, o = statistics.median(times["baseline"]), statistics.median(times[name])
         out[name] = {"what": SPEED_OPTIONS[name], "baseline_ms": 1000 * b, "option_ms": 1000 * o, "speedup": b / o,
                      "spread_baseline_ms": 1000 * (max(times["baseline"]) - min(times["baseline"]))}
-        if name == "par_compile":
-            out[name]["label_agreement"] = same_labels(base, option)
     return out
 
 
@@ -217,6 +205,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-amp", action="store_true", help="float32 on CUDA (bf16 autocast otherwise; CPU is float32)")
+    ap.add_argument("--par", choices=("on", "off"), help="force PAR refinement of the online labels on or off (default: datasets.voc.par)")
     ap.add_argument("--profile", action="store_true", help="print the top operators of one step (first micro-batch size)")
     ap.add_argument("--compare", action="store_true", help="time the speed options against the baseline (first micro-batch size)")
     ap.add_argument("--threads", type=int)
@@ -234,12 +223,14 @@ def main(argv=None):
     report = {"benchmark": "train_step", "device": device_name(device), "torch": torch.__version__,
               "model": "ViT-B-16 + DINO ViT-S/16 (random init)" if kind == "real" else "tiny CLIP + tiny DINO (random init)",
               "dtype": "bf16 autocast" if amp else "fp32", "crop": crop, "accumulation": args.accumulation,
-              "classes_per_image": f"1..{args.classes_per_image}", "steps": args.steps, "sizes": []}
+              "classes_per_image": f"1..{args.classes_per_image}", "steps": args.steps, "sizes": [],
+              "par": args.par or "datasets.voc.par"}
     if device.type == "cuda":
         report["measured_bf16_tflops"] = matmul_tflops(device)
         report["datasheet_bf16_tflops"] = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in report["device"]), None)
     for micro in micros:
-        setup = Setup(kind, device, micro, crop, args.accumulation, args.classes_per_image, amp)
+        setup = Setup(kind, device, micro, crop, args.accumulation, args.classes_per_image, amp,
+                      par=None if args.par is None else args.par == "on")
         times = time_steps(setup, args.steps, args.warmup)
         median = statistics.median(times)
         entry = {"micro_batch": micro, "images_per_step": setup.images, "median_step_s": median,

@@ -170,7 +170,6 @@ class PseudoLabelParams:
     par_dilations: list[int] = _f([1, 2, 4, 8, 12, 24])
     par_w_colour: float = _f(0.3, 0.0, lo_open=True)
     par_w_position: float = _f(0.01, 0.0)
-    par_compile: bool = False
     figures: int = _f(4, 0)
 
 
@@ -313,7 +312,7 @@ def training_identity(params: Params, dataset: str) -> dict:
         f"datasets.{dataset}": ds, f"train_presets.{params.dataset(dataset).preset}": dataclasses.asdict(params.preset(dataset)),
         "train": train, "superpixels": {k: v for k, v in dataclasses.asdict(params.superpixels).items() if k != "workers"},
         "affinity": dataclasses.asdict(params.affinity), "sgc": dataclasses.asdict(params.sgc), "cmpa": dataclasses.asdict(params.cmpa),
-        "pseudo_labels": {k: v for k, v in dataclasses.asdict(params.pseudo_labels).items() if k not in ("figures", "par_compile")},
+        "pseudo_labels": {k: v for k, v in dataclasses.asdict(params.pseudo_labels).items() if k != "figures"},
     }
     return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
 

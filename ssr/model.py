@@ -281,7 +281,7 @@ def cams_to_labels(
         if images is None:
             raise ValueError("PAR refinement needs the images")
         refined = par_refine(images, scores.clamp_min(0), dilations=pl.par_dilations, iterations=pl.par_iterations,
-                             w_colour=pl.par_w_colour, w_position=pl.par_w_position, compile=pl.par_compile)
+                             w_colour=pl.par_w_colour, w_position=pl.par_w_position)
         scores = refined.masked_fill(torch.cat([torch.zeros_like(valid[:, :1]), ~valid], dim=1)[..., None, None], -1.0)
     best, index = scores.max(dim=1)
     labels = torch.where(index == 0, torch.zeros_like(index), classes.gather(1, (index - 1).clamp(min=0).flatten(1)).view_as(index) + 1)

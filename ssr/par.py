@@ -10,7 +10,6 @@ copies of the input instead of one per neighbour (48 with WeCLIP's dilations).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator
 
@@ -49,34 +48,20 @@ def par_affinity(image: torch.Tensor, dilations: list[int], w_colour: float = 0.
     return (colour.softmax(dim=1) + w_position * position[None, :, None, None]) / (1 + w_position)
 
 
-def propagate_once(scores: torch.Tensor, affinity: torch.Tensor, dilations: tuple[int, ...]) -> torch.Tensor:
-    """One PAR iteration: scores (B, C, H, W), affinity (B, K, H, W) -> sum_k affinity_k * neighbour_k(scores)."""
-    refined = torch.zeros_like(scores)
-    for k, view in enumerate(shifted(scores, dilations)):
-        refined.addcmul_(view, affinity[:, k: k + 1])
-    return refined
-
-
-@functools.cache
-def compiled_propagation():
-    """`propagate_once` through torch.compile: its 8 * len(dilations) shifted updates fuse into
-    one kernel that reads the affinity once, instead of as many launches and passes over memory."""
-    return torch.compile(propagate_once, dynamic=True)
-
-
 def par_refine(image: torch.Tensor, scores: torch.Tensor, *, dilations: list[int], iterations: int,
-               w_colour: float = 0.3, w_position: float = 0.01, compile: bool = False) -> torch.Tensor:
+               w_colour: float = 0.3, w_position: float = 0.01) -> torch.Tensor:
     """Propagate label scores along image affinities.
 
     image (B, 3, H, W) in [0, 1]; scores (B, C, H, W) at the image's size -> refined (B, C, H, W).
     Every iteration replaces a pixel's scores by the affinity-weighted sum of its neighbours'.
-    `compile` runs each iteration through torch.compile (same function, fused).
     """
     if image.shape[-2:] != scores.shape[-2:]:
         raise ValueError(f"PAR: scores {tuple(scores.shape[-2:])} and image {tuple(image.shape[-2:])} differ in size")
     affinity = par_affinity(image, dilations, w_colour, w_position)
-    step = compiled_propagation() if compile else propagate_once
     scores = scores.float()
     for _ in range(iterations):
-        scores = step(scores, affinity, tuple(dilations))
+        refined = torch.zeros_like(scores)
+        for k, view in enumerate(shifted(scores, dilations)):
+            refined.addcmul_(view, affinity[:, k: k + 1])
+        scores = refined
     return scores
