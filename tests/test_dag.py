@@ -1,8 +1,10 @@
-"""The Snakemake and DVC DAGs: complete, toggled by params.yaml, and in agreement.
+"""The Snakemake and DVC DAGs: complete, in agreement, safe on a fresh clone and on a cluster.
 
-Everything here is a dry run of the real tools (snakemake -n, DVC's own parser)
-on a copy of the workflow files in a temp dir, so nothing is trained and the
-repository's data/ and results/ are never touched. The `ssr` CLI is not needed.
+Most tests here are dry runs of the real tools (snakemake -n, DVC's own parser and
+planner) on a copy of the workflow files in a temp dir, so nothing is trained and the
+repository's data/ and results/ are never touched. The last test runs the real `ssr`
+stages of a shrunk demo through Snakemake, then DVC. Training through the DAG (resume
+after SIGTERM, torchrun) is in tests/test_workflow_train.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +25,12 @@ from conftest import tiny_params
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DATASETS = ("demo", "voc", "coco")
-CORE_RULES = {"prepare", "superpixels", "train", "pseudo_labels", "evaluate"}
-STAGE_RULES = CORE_RULES | {"demo_clip", "retrain"}
-WORKFLOW_FILES = ("Snakefile", "workflow", "params.yaml", "dvc.yaml", ".dvcignore")
+STAGE_RULES = ("prepare", "superpixels", "train", "pseudo_labels", "retrain", "evaluate")
+METRICS = ("train", "seeds", "retrain", "miou")
+WORKFLOW_FILES = ("Snakefile", "workflow", "params.yaml", "dvc.yaml", ".dvcignore", ".gitignore")
+
+sys.path.insert(0, str(REPO / "workflow"))
+import pipeline  # noqa: E402
 
 
 def _tool(name: str) -> str:
@@ -36,14 +42,21 @@ def _tool(name: str) -> str:
     return found
 
 
-def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+def _env() -> dict:
+    """The test's venv first on PATH (so `ssr` and `torchrun` are this checkout's), plus a git identity."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def _run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 180) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
-def _set_params(workdir: Path, **changes) -> dict:
+def set_params(workdir: Path, **changes) -> dict:
     """Rewrite workdir/params.yaml; `retrain__enabled=True` sets retrain.enabled. Returns the params."""
     path = workdir / "params.yaml"
     params = yaml.safe_load(path.read_text())
@@ -57,121 +70,205 @@ def _set_params(workdir: Path, **changes) -> dict:
     return params
 
 
-def _demo_clip_files(params: dict) -> list[Path]:
+def copy_workflow(dest: Path, *extra: str) -> Path:
+    """The workflow files of this checkout (and `extra` paths) copied to `dest`, as a clone has them."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (*WORKFLOW_FILES, *extra):
+        src = REPO / name
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def demo_clip_files(params: dict) -> list[Path]:
     checkpoint = Path(params["demo_clip"]["checkpoint"])
     return [checkpoint, checkpoint.parent / "open_clip_config.json", checkpoint.parent / "provenance.json"]
 
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
-    """A copy of the workflow as a fresh clone sees it: committed demo CLIP, no data, retrain off."""
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name)
-        else:
-            shutil.copy2(src, tmp_path / name)
-    params = _set_params(tmp_path, retrain__enabled=False)
-    for path in _demo_clip_files(params):
+    """A copy of the workflow as a fresh clone sees it, minus the committed metrics: no data, no results."""
+    copy_workflow(tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    for path in demo_clip_files(params):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_bytes(b"placeholder for the committed demo CLIP")
     return tmp_path
 
 
-def _snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return _run([_tool("snakemake"), "--dry-run", "--printshellcmds", "--cores", "1", *args], workdir, check)
+def snakemake(workdir: Path, *args: str, check: bool = True, cores: int = 64) -> subprocess.CompletedProcess:
+    """A dry run; many cores, so every job shows the threads its rule declares."""
+    return _run([_tool("snakemake"), "--dry-run", "--printshellcmds", "--cores", str(cores), *args], workdir, check)
 
 
-def dry_run(workdir: Path, *targets: str, extra: tuple[str, ...] = ()) -> list[dict]:
-    """The jobs `snakemake -n -p` plans: [{rule, input, output, wildcards, resources, shell}]."""
-    out = _snakemake(workdir, *targets, *extra).stdout  # targets first: --config takes many values
-    jobs, job = [], None
+def dry_run(workdir: Path, *targets: str, extra: tuple[str, ...] = (), cores: int = 64) -> dict[str, dict]:
+    """The jobs `snakemake -n -p` plans, by rule name: {input, output, log, threads, resources, shell}."""
+    out = snakemake(workdir, *targets, *extra, cores=cores).stdout  # targets first: --config takes many values
+    jobs, job = {}, None
     for line in out.splitlines():
-        if m := re.fullmatch(r"(?:local)?rule (\w+):", line):
-            job = {"rule": m[1], "input": [], "output": [], "wildcards": {}, "resources": {}, "shell": None}
-            jobs.append(job)
+        if m := re.fullmatch(r"(?:local)?rule ([\w-]+):", line):
+            job = {"input": [], "output": [], "log": [], "threads": 1, "resources": {}, "shell": None}
+            jobs[m[1]] = job
         elif job is None:
             continue
-        elif m := re.fullmatch(r"    (input|output): (.*)", line):
+        elif m := re.fullmatch(r"    (input|output|log): (.*)", line):
             job[m[1]] = m[2].split(", ")
-        elif m := re.fullmatch(r"    (wildcards|resources): (.*)", line):
-            job[m[1]] = dict(item.split("=", 1) for item in m[2].split(", "))
+        elif m := re.fullmatch(r"    threads: (\d+)", line):
+            job["threads"] = int(m[1])
+        elif m := re.fullmatch(r"    resources: (.*)", line):
+            job["resources"] = dict(item.split("=", 1) for item in m[1].split(", "))
         elif line.startswith("Shell command: "):
             job["shell"] = line.removeprefix("Shell command: ").strip()
     assert jobs, f"no jobs parsed from snakemake's dry run:\n{out}"
-    return [j for j in jobs if j["rule"] != "all"]
+    return {name: j for name, j in jobs.items() if name not in ("all", *DATASETS)}
 
 
-def by_stage(jobs: list[dict]) -> dict[tuple[str, str | None], dict]:
-    return {(j["rule"], j["wildcards"].get("ds")): j for j in jobs}
+def unwrap(shell: str, name: str) -> str:
+    """The stage command inside a rule's `(cmd) > logs/<name>.log 2>&1`."""
+    m = re.fullmatch(rf"\((.*)\) > logs/{re.escape(name)}\.log 2>&1", shell)
+    assert m, f"{name}: shell does not log to logs/{name}.log: {shell}"
+    return m[1]
+
+
+def outputs_of(params: dict, resources: dict, ds: str) -> list[str]:
+    return [p for s in pipeline.dataset_stages(params, resources, ds) for p in s.output_paths]
+
+
+def make_paths(root: Path, paths: list[str], content: str = "{}\n", future: float = 0) -> None:
+    """Create every path (a folder if it has no suffix), with an mtime `future` seconds ahead."""
+    for p in paths:
+        path = root / p
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix:
+            path.write_text(content)
+        else:
+            path.mkdir(exist_ok=True)
+        if future:
+            os.utime(path, (time.time() + future,) * 2)
 
 
 # ---------------------------------------------------------------- Snakemake
 
 
 @pytest.mark.parametrize("ds", DATASETS)
-def test_target_plans_whole_dag_without_demo_clip(workdir, ds):
-    jobs = dry_run(workdir, f"results/{ds}_miou.json")
-    assert sorted(j["rule"] for j in jobs) == sorted(CORE_RULES)
-    assert all(j["wildcards"] == {"ds": ds} for j in jobs)
-    stages = {rule: job for (rule, _), job in by_stage(jobs).items()}
-    assert stages["evaluate"]["output"] == [f"results/{ds}_miou.json"]
-    # one target runs everything: evaluate pulls the seeds, which pull the model
-    assert f"results/{ds}_seeds.json" in stages["evaluate"]["input"]
-    assert f"results/{ds}/model.pt" in stages["pseudo_labels"]["input"]
-    assert f"data/{ds}/superpixels.h5" in stages["train"]["input"]
-    assert f"data/{ds}/image_labels.json" in stages["superpixels"]["input"]
-    for rule, job in stages.items():
-        assert job["shell"] == f"ssr {rule.replace('_', '-')} --dataset {ds} --params params.yaml"
-    clip = "ssr/assets/demo_clip/open_clip_model.safetensors"
-    assert (clip in stages["train"]["input"]) == (ds == "demo")
-    assert stages["train"]["resources"]["gpu"] == ("0" if ds == "demo" else "1")
+def test_dataset_target_plans_every_stage_from_scratch(workdir, ds):
+    """`snakemake {ds}` on a clone runs everything, even with the committed metrics newer than all."""
+    params, resources = pipeline.load(workdir / "params.yaml", workdir / pipeline.RESOURCES)
+    make_paths(workdir, [f"results/{ds}_{m}.json" for m in METRICS], future=86400)
+    jobs = dry_run(workdir, ds)
+    assert set(jobs) == {f"{r}-{ds}" for r in STAGE_RULES}
+    stages = {s.name: s for s in pipeline.dataset_stages(params, resources, ds)}
+    for name, job in jobs.items():
+        rule = name.rsplit("-", 1)[0]
+        cmd = unwrap(job["shell"], name)
+        threads = job["threads"] // stages[name].processes
+        # every rule passes its threads on, logs, and tells a scheduler its memory and time
+        assert cmd.endswith(f"--dataset {ds} --params params.yaml{' --resume' if rule == 'train' else ''} --threads {threads}"), cmd
+        assert job["log"] == [f"logs/{name}.log"]
+        assert int(job["resources"]["mem_mb"]) > 0 and int(job["resources"]["runtime"]) > 0, name
+        assert job["resources"]["gpu"] == ("0" if ds == "demo" or rule in ("prepare", "superpixels", "retrain") else "1"), name
+    assert jobs[f"train-{ds}"]["shell"].startswith(
+        f"(python workflow/scripts/checkpoints.py --dataset {ds} --params params.yaml && ssr train ")
+    assert jobs[f"train-{ds}"]["resources"]["nodes"] == "1"
+    seeds = params["datasets"][ds]["seeds"]
+    assert f"results/{ds}/method/seed{seeds[0]}/model.safetensors" in jobs[f"pseudo_labels-{ds}"]["input"]
+    assert f"data/{ds}/superpixels.h5" in jobs[f"train-{ds}"]["input"]
+    assert (f"ssr/assets/demo_clip/open_clip_model.safetensors" in jobs[f"train-{ds}"]["input"]) == (ds == "demo")
+    # the demo is sized for 2 cores; the real datasets for a GPU node
+    budget = max(j["threads"] for j in jobs.values())
+    assert budget == 2 if ds == "demo" else budget >= 8
     # a dry run creates nothing
-    assert not (workdir / "data").exists() and not (workdir / "results").exists()
+    assert not (workdir / "data").exists() and not (workdir / "results" / ds).exists()
 
 
-def test_default_target_is_demo(workdir):
-    jobs = dry_run(workdir)
-    assert {j["rule"] for j in jobs} == CORE_RULES
-    assert {j["wildcards"]["ds"] for j in jobs} == {"demo"}
+def test_a_committed_metrics_file_is_never_taken_for_a_result(workdir):
+    """Asked for directly, a reference metrics file without its run is refused, whatever its mtime."""
+    params, resources = pipeline.load(workdir / "params.yaml", workdir / pipeline.RESOURCES)
+    make_paths(workdir, [f"results/demo_{m}.json" for m in METRICS], future=86400)
+    proc = snakemake(workdir, "results/demo_miou.json", check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "Nothing to be done" not in text
+    assert "results/demo_miou.json is the committed reference run's metrics file" in text
+    assert "snakemake --cores N demo" in text
+    # the stage itself (or the dataset) computes it from scratch
+    assert set(dry_run(workdir, "evaluate-demo")) == {f"{r}-demo" for r in STAGE_RULES}
+    # once every product exists, the file is a result like any other
+    make_paths(workdir, outputs_of(params, resources, "demo"))
+    assert "Nothing to be done" in snakemake(workdir, "results/demo_miou.json").stdout
+    assert "Nothing to be done" in snakemake(workdir, "demo").stdout
+
+
+def test_default_target_is_the_demo(workdir):
+    assert set(dry_run(workdir)) == {f"{r}-demo" for r in STAGE_RULES}
+
+
+def test_threads_follow_the_cores_given(workdir):
+    """`{threads}` reaches every command: with one core every stage gets --threads 1."""
+    jobs = dry_run(workdir, "voc", cores=1)
+    assert all(unwrap(j["shell"], name).endswith("--threads 1") for name, j in jobs.items())
+
+
+def test_multi_gpu_training_runs_torchrun_on_one_node(workdir):
+    set_params(workdir, datasets__voc__gpus=4)
+    train = dry_run(workdir, "train-voc")["train-voc"]
+    assert unwrap(train["shell"], "train-voc") == (
+        "python workflow/scripts/checkpoints.py --dataset voc --params params.yaml && "
+        "torchrun --standalone --nproc_per_node 4 -m ssr train --dataset voc --params params.yaml --resume --threads 2")
+    assert train["threads"] == 8  # shared by the 4 processes
+    assert (train["resources"]["gpu"], train["resources"]["nodes"]) == ("4", "1")
 
 
 def test_demo_clip_runs_only_without_committed_checkpoint(workdir):
     (workdir / "ssr/assets/demo_clip/open_clip_model.safetensors").unlink()
-    stages = by_stage(dry_run(workdir, "results/demo_miou.json"))
-    assert set(stages) == {(r, "demo") for r in CORE_RULES} | {("demo_clip", None)}
-    assert stages["demo_clip", None]["shell"] == "ssr demo-clip --params params.yaml"
+    jobs = dry_run(workdir, "demo")
+    assert set(jobs) == {f"{r}-demo" for r in STAGE_RULES} | {"demo_clip"}
+    assert unwrap(jobs["demo_clip"]["shell"], "demo_clip") == "ssr demo-clip --params params.yaml --threads 2"
     # voc does not need the demo CLIP at all
-    assert "demo_clip" not in {j["rule"] for j in dry_run(workdir, "results/voc_miou.json")}
-
-
-def test_retrain_enabled_in_params_joins_the_dag(workdir):
-    _set_params(workdir, retrain__enabled=True)
-    stages = by_stage(dry_run(workdir, "results/voc_miou.json"))
-    assert {rule for rule, _ in stages} == CORE_RULES | {"retrain"}
-    assert stages["retrain", "voc"]["shell"] == "ssr retrain --dataset voc --params params.yaml"
-    assert "results/voc/pseudo_labels" in stages["retrain", "voc"]["input"]
-    assert {"results/voc/retrain", "results/voc_retrain.json"} <= set(stages["evaluate", "voc"]["input"])
+    assert "demo_clip" not in dry_run(workdir, "voc")
 
 
 def test_config_override_that_disagrees_with_params_is_refused(workdir):
-    proc = _snakemake(workdir, "results/voc_miou.json", "--config", "retrain={enabled: true}", check=False)
+    proc = snakemake(workdir, "voc", "--config", "retrain={enabled: true}", check=False)
     assert proc.returncode != 0
     assert "retrain.enabled" in proc.stderr + proc.stdout and "edit params.yaml" in proc.stderr + proc.stdout
     # an override equal to params.yaml is harmless
-    assert "retrain" not in {j["rule"] for j in dry_run(workdir, "results/voc_miou.json", extra=("--config", "retrain={enabled: false}"))}
+    assert "train-voc" in dry_run(workdir, "voc", extra=("--config", "retrain={enabled: false}"))
 
 
-def test_profiles_load(workdir):
-    local = by_stage(dry_run(workdir, "results/voc_miou.json", extra=("--profile", "workflow/profiles/local")))
-    assert local["train", "voc"]["resources"]["gpu"] == "1"
-    # the slurm executor plugin is not installed here: plan with the dryrun executor instead
-    slurm = by_stage(dry_run(workdir, "results/voc_miou.json",
-                             extra=("--profile", "workflow/profiles/slurm", "--executor", "dryrun")))
-    assert slurm["train", "voc"]["resources"]["gpu"] == "1"
-    assert slurm["train", "voc"]["resources"]["slurm_partition"] != slurm["prepare", "voc"]["resources"]["slurm_partition"]
+def test_lint_is_clean():
+    """`snakemake --lint` on the checkout as it is (committed metrics, hence the guard rules, included)."""
+    proc = _run([_tool("snakemake"), "--lint"], REPO)
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_slurm_profile_asks_for_the_gpus_on_one_node(workdir):
+    """The SLURM profile, through the real executor plugin (a test extra), in a dry run."""
+    set_params(workdir, datasets__coco__gpus=4)
+    jobs = dry_run(workdir, "voc", "coco", extra=("--profile", "workflow/profiles/slurm"))
     profile = yaml.safe_load((workdir / "workflow/profiles/slurm/config.yaml").read_text())
-    assert profile["executor"] == "slurm"
+    assert profile["executor"] == "slurm" and profile["retries"] >= 1
+    coco = jobs["train-coco"]
+    assert (coco["resources"]["gpu"], coco["resources"]["nodes"]) == ("4", "1")
+    assert "--nproc_per_node 4" in coco["shell"]
+    assert coco["resources"]["slurm_partition"] == "gpu" and "--signal=TERM" in coco["resources"]["slurm_extra"]
+    assert jobs["train-voc"]["resources"]["gpu"] == "1" and "torchrun" not in jobs["train-voc"]["shell"]
+    assert int(coco["resources"]["runtime"]) > int(jobs["train-voc"]["resources"]["runtime"])
+    assert jobs["prepare-voc"]["resources"]["slurm_partition"] == "cpu"
+    for name in ("pseudo_labels-voc", "evaluate-coco"):
+        assert (jobs[name]["resources"]["gpu"], jobs[name]["resources"]["slurm_partition"]) == ("1", "gpu")
+
+
+def test_prepare_and_targets_run_on_the_submitting_host():
+    """localrules: downloads need the login node's network; targets and a disabled retrain are no-ops."""
+    params, resources = pipeline.load(REPO / "params.yaml", REPO / pipeline.RESOURCES)
+    stages = pipeline.stages(params, resources)
+    assert {s.name for s in stages if s.local} == {f"prepare-{ds}" for ds in DATASETS} | (
+        {f"retrain-{ds}" for ds in DATASETS} if not params["retrain"]["enabled"] else set())
+    assert "localrule: _stage.local" in (REPO / "workflow/rules/stages.smk").read_text()
 
 
 # ---------------------------------------------------------------- DVC
@@ -183,155 +280,217 @@ from dvc.repo import Repo
 
 stages = {}
 for stage in Repo(sys.argv[1]).index.stages:
+    root = stage.repo.root_dir
+    rel = lambda o: __import__("os").path.relpath(o.fs_path, root)
     stages[stage.name] = {
         "cmd": stage.cmd,
         "frozen": stage.frozen,
-        "deps": sorted(d.def_path for d in stage.deps if not isinstance(d, ParamsDependency)),
+        "dvcfile": __import__("os").path.relpath(stage.path, root),
+        "deps": sorted(rel(d) for d in stage.deps if not isinstance(d, ParamsDependency)),
         "params": sorted(p for d in stage.deps if isinstance(d, ParamsDependency) for p in d.params),
-        "outs": {o.def_path: {"cache": o.use_cache, "metric": bool(o.metric)} for o in stage.outs},
+        "outs": {rel(o): {"cache": o.use_cache, "metric": bool(o.metric), "persist": o.persist} for o in stage.outs},
     }
 print(json.dumps(stages))
 """
 
 
-def dvc_stages(workdir: Path) -> dict[tuple[str, str | None], dict]:
-    """dvc.yaml as DVC itself resolves it (interpolation from params.yaml), keyed like by_stage."""
-    _run([_tool("dvc"), "init", "--no-scm", "--quiet"], workdir)
-    stages = json.loads(_run([sys.executable, "-c", _DVC_DUMP, str(workdir)], workdir).stdout)
-    keyed = {}
-    for name, stage in stages.items():
-        rule, ds = name.rsplit("-", 1) if "-" in name else (name, None)  # "train-voc", "demo_clip"
-        keyed[rule, ds] = stage
-    return keyed
-
-
-def _tracked_params(workdir: Path, params: dict) -> dict[tuple[str, str], list[str]]:
-    """The params.yaml keys each Snakemake rule passes to tracked(), expanded per dataset."""
-    text = "\n".join(p.read_text() for p in sorted((workdir / "workflow/rules").glob("*.smk")))
-    found = {}
-    for rule, body in re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.S | re.M):
-        if m := re.search(r"tracked=tracked\((.*?)\)", body, re.S):
-            keys = re.findall(r'"([^"]+)"', m[1])
-            for ds in DATASETS:
-                fill = {"ds": ds, "preset": params["datasets"][ds]["preset"],
-                        "source": "demo" if ds == "demo" else "download"}
-                found[rule, ds] = sorted(k.format(**fill) for k in keys)
-    return found
+def dvc_stages(workdir: Path) -> dict[str, dict]:
+    """Every dvc.yaml under workdir as DVC itself reads it, paths relative to the repository root."""
+    if not (workdir / ".dvc").exists():
+        _run([_tool("dvc"), "init", "--no-scm", "--quiet"], workdir)
+    return json.loads(_run([sys.executable, "-c", _DVC_DUMP, str(workdir)], workdir).stdout)
 
 
 def test_snakemake_and_dvc_declare_the_same_dag(workdir):
-    # custom roots: every path in both DAGs must follow params.yaml
-    params = _set_params(workdir, data_root="store/data", results_root="out", retrain__enabled=True)
-    for path in _demo_clip_files(params)[:1]:
-        (workdir / path).unlink()  # so Snakemake plans demo_clip too
-    smk = by_stage(dry_run(workdir, *(f"out/{ds}_miou.json" for ds in DATASETS)))
+    # custom roots: every path in both DAGs must follow params.yaml; torchrun for voc; the CLIP re-trained
+    params = set_params(workdir, data_root="store/data", results_root="out", retrain__enabled=True,
+                        datasets__voc__gpus=2)
+    (workdir / demo_clip_files(params)[0]).unlink()  # so Snakemake plans demo_clip too
+    _run([sys.executable, "workflow/pipeline.py", "dvc", "voc", "coco"], workdir)
+    smk = dry_run(workdir, *DATASETS)
     dvc = dvc_stages(workdir)
+    expected = {f"{r}-{ds}" for r in STAGE_RULES for ds in DATASETS} | {"demo_clip"}
+    assert set(smk) == set(dvc) == expected
+    resources = pipeline.load(workdir / "params.yaml", workdir / pipeline.RESOURCES)[1]
+    curves = {p for s in pipeline.stages(params, resources) for p in s.curves}
 
-    expected = {(r, ds) for r in STAGE_RULES - {"demo_clip"} for ds in DATASETS} | {("demo_clip", None)}
-    assert set(smk) == expected
-    assert set(dvc) == expected
-
-    for key, job in smk.items():
-        stage = dvc[key]
-        assert job["shell"] == stage["cmd"], key
-        assert job["shell"].split()[:2] == ["ssr", key[0].replace("_", "-")], key
-        assert sorted(job["input"]) == stage["deps"], key
-        if key == ("demo_clip", None):
-            # DVC tracks the committed directory (in git, not in the DVC cache) and never re-runs it
-            assert stage["frozen"] and stage["outs"] == {"ssr/assets/demo_clip": {"cache": False, "metric": False}}
-            assert all(p.startswith("ssr/assets/demo_clip/") for p in job["output"])
+    for name, job in smk.items():
+        stage = dvc[name]
+        assert stage["dvcfile"] == ("dvc.yaml" if name.endswith("demo") or name == "demo_clip" else
+                                    f"workflow/dvc/{name.rsplit('-', 1)[1]}/dvc.yaml"), name
+        # the same command; Snakemake adds only the log
+        assert unwrap(job["shell"], name) == stage["cmd"], name
+        assert sorted(job["input"]) == stage["deps"], name
+        if name == "demo_clip":
+            # DVC tracks the committed folder (in git, not in the DVC cache) and never re-runs it
+            assert stage["frozen"] and stage["outs"] == {"ssr/assets/demo_clip": {"cache": False, "metric": False, "persist": False}}
             continue
-        assert sorted(job["output"]) == sorted(stage["outs"]), key
-        assert not stage["frozen"], key
+        assert not stage["frozen"], name
+        # the same outputs; DVC also declares the method's dvclive curves, which Snakemake must not
+        # (it deletes declared outputs before a retry, and a resumed run appends to them)
+        assert sorted(job["output"]) == sorted(set(stage["outs"]) - curves), name
         for path, out in stage["outs"].items():
             assert path.startswith(("store/data/", "out/")), path
-            # metrics stay out of the cache so `dvc metrics diff` reads them from git
-            if key[0] != "prepare":
-                assert out["metric"] == path.endswith(".json"), path
-            assert out["cache"] is not out["metric"], path
-    metrics = sorted(p for s in dvc.values() for p, o in s["outs"].items() if o["metric"])
-    assert metrics == sorted(f"out/{ds}_{m}.json" for ds in DATASETS for m in ("train", "seeds", "retrain", "miou"))
-
-    # both tools re-run a stage when the same params.yaml sections change
-    tracked = _tracked_params(workdir, params)
-    assert len(tracked) == 6 * len(DATASETS)
-    for key, stage in dvc.items():
-        if key[0] != "demo_clip":
-            assert tracked[key] == stage["params"], key
+            if path in curves:
+                assert out == {"cache": False, "metric": False, "persist": True}, path
+            else:
+                # metrics stay out of the cache so `dvc metrics diff` reads them from git
+                assert out["metric"] == bool(re.fullmatch(r"out/[a-z]+_[a-z]+\.json", path)), path
+                assert out["cache"] is not out["metric"] and not out["persist"], path
+        # both runners re-run a stage when the same params.yaml keys change
+        assert stage["params"] == sorted(next(s for s in pipeline.stages(params, resources) if s.name == name).params)
         for dotted in stage["params"]:
             node = params
             for part in dotted.split("."):
-                assert part in node, f"{key}: params.yaml has no {dotted}"
+                assert part in node, f"{name}: params.yaml has no {dotted}"
                 node = node[part]
+    metrics = sorted(p for s in dvc.values() for p, o in s["outs"].items() if o["metric"])
+    assert metrics == sorted(f"out/{ds}_{m}.json" for ds in DATASETS for m in METRICS)
+    # no timing file is a metric; the wall times go to results/{ds}/timings/
+    assert not any("timing" in p for s in dvc.values() for p in s["outs"])
 
 
-def test_evaluate_needs_retrain_only_in_snakemake_when_disabled(workdir):
-    """The documented difference: DVC has no conditional stages."""
-    smk = by_stage(dry_run(workdir, "results/voc_miou.json"))
-    dvc = dvc_stages(workdir)
-    assert ("retrain", "voc") not in smk
-    assert set(dvc["evaluate", "voc"]["deps"]) - set(smk["evaluate", "voc"]["input"]) == {
-        "results/voc/retrain", "results/voc_retrain.json"}
+def test_committed_dvc_files_are_current_and_the_root_one_is_the_demo():
+    """dvc.yaml is generated from params.yaml; it holds the demo (+ its CLIP) and nothing else."""
+    assert _run([sys.executable, "workflow/pipeline.py", "dvc", "--check"], REPO).returncode == 0
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == {f"{r}-demo" for r in STAGE_RULES} | {"demo_clip"}
+    # voc/coco get their own files, written when first run (and then committed with their results)
+    for path in (REPO / "workflow").glob("dvc/*/dvc.yaml"):
+        assert set(yaml.safe_load(path.read_text())["stages"]) == {f"{r}-{path.parent.name}" for r in STAGE_RULES}
+    raw = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    plots = [next(iter(p)) for p in raw["plots"]]
+    seeds = yaml.safe_load((REPO / "params.yaml").read_text())["datasets"]["demo"]["seeds"]
+    assert plots == [f"results/demo/method/seed{s}/dvclive/plots/metrics" for s in seeds]
 
 
 def test_dvc_reads_the_repository_pipeline():
     dag = _run([_tool("dvc"), "dag", "--dot"], REPO).stdout
+    chain = [f"{r}-demo" for r in STAGE_RULES]
+    for a, b in zip(chain, chain[1:]):
+        assert re.search(rf'"{a}"\s*->\s*"{b}"', dag), f"no edge {a} -> {b} in dvc dag"
+    assert re.search(r'"demo_clip"\s*->\s*"train-demo"', dag)
+    # no warnings about metrics of datasets that never ran
+    proc = _run([_tool("dvc"), "metrics", "show"], REPO)
+    assert "failed" not in (proc.stdout + proc.stderr).lower() and "warning" not in proc.stderr.lower()
+    assert set(re.findall(r"^(results/\S+)", proc.stdout, re.M)) >= {f"results/demo_{m}.json" for m in METRICS}
+
+
+def test_plain_dvc_repro_is_the_demo_and_voc_runs_when_named(workdir):
+    """What `dvc repro` would run on a fresh clone (planned with --force, which runs the planner
+    without hashing the missing inputs; see test_dvc_dry_run_on_a_fresh_clone)."""
+    _run(["git", "init", "-q"], workdir)
+    _run([_tool("dvc"), "init", "-q"], workdir)
+
+    def planned(*args):
+        out = _run([_tool("dvc"), "repro", "--dry", "--force", *args], workdir).stdout
+        return re.findall(r"Running stage '(?:[^':]*:)?([^']+)'", out)
+
+    assert planned() == [f"{r}-demo" for r in STAGE_RULES]
+    _run([sys.executable, "workflow/pipeline.py", "dvc", "voc"], workdir)
+    assert planned() == [f"{r}-demo" for r in STAGE_RULES]  # still the demo alone
+    assert planned("workflow/dvc/voc/dvc.yaml") == [f"{r}-voc" for r in STAGE_RULES]
+    assert planned("workflow/dvc/voc/dvc.yaml:train-voc") == [f"{r}-voc" for r in STAGE_RULES[:3]]
+
+
+def test_dvc_dry_run_on_a_fresh_clone(workdir):
+    """DVC 3.67's `dvc repro --dry` hashes every input for its run cache and fails on the first
+    missing one (treeverse/dvc#9818), i.e. on any fresh clone of a pipeline with two stages. The
+    README's two ways to see the plan work: `dvc status` and `dvc repro --dry --force-downstream`."""
+    _run(["git", "init", "-q"], workdir)
+    _run([_tool("dvc"), "init", "-q"], workdir)
+    status = _run([_tool("dvc"), "status"], workdir).stdout
+    for r in STAGE_RULES:
+        assert f"{r}-demo:" in status
+    out = _run([_tool("dvc"), "repro", "--dry", "--force-downstream"], workdir).stdout
+    assert re.findall(r"Running stage '([^']+)'", out) == [f"{r}-demo" for r in STAGE_RULES]
+    assert not (workdir / "data").exists()
+
+
+def test_every_output_is_tracked_or_ignored(tmp_path):
+    """What the runners and the stages write: ignored by git, except the metrics files and the
+    method's training curves, which are committed with the reference run (and dvc.lock)."""
+    copy_workflow(tmp_path)
+    _run(["git", "init", "-q"], tmp_path)
+    params, resources = pipeline.load(REPO / "params.yaml", REPO / pipeline.RESOURCES)
+    written = [p for ds in DATASETS for s in pipeline.dataset_stages(params, resources, ds) for p in [*s.output_paths, s.log]]
     for ds in DATASETS:
-        chain = [f"prepare-{ds}", f"superpixels-{ds}", f"train-{ds}", f"pseudo_labels-{ds}", f"evaluate-{ds}"]
-        for a, b in zip(chain, chain[1:]):
-            assert re.search(rf'"{a}"\s*->\s*"{b}"', dag), f"no edge {a} -> {b} in dvc dag"
-        assert bool(re.search(rf'"demo_clip"\s*->\s*"train-{ds}"', dag)) == (ds == "demo")
-    listed = _run([_tool("dvc"), "stage", "list", "--name-only"], REPO).stdout.split()
-    assert len(listed) == 1 + 6 * len(DATASETS)
-    raw = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    plots = [next(iter(p)) for p in raw["plots"]]
-    assert plots == [f"${{results_root}}/{ds}/dvclive/plots/metrics" for ds in DATASETS]
+        for run in pipeline.runs(params, ds) + ["cmpa_feature"]:
+            for seed in pipeline.seeds(params, ds):
+                d = pipeline.run_dir(params, ds, run, seed)
+                written += [f"{d}/checkpoint.pt", f"{d}/checkpoint.stale.pt", f"{d}/resume.json", f"{d}/dvclive/metrics.json",
+                            f"{d}/dvclive/plots/metrics/train/loss.tsv", f"{d}/pseudo_labels/x.png"]
+        written += [f"results/{ds}/timings/train.json", f"results/{ds}/figures/a.png", f"results/{ds}/retrain/model.pt"]
+    written += [".snakemake/log/x.log", ".dvc/tmp/x", ".dvc/cache/files/md5/00/x", "logs/train-demo.log"]
+    tracked = {p for p in written if p.endswith(".json") and p.count("/") == 1} | {
+        p for p in written if re.fullmatch(r"results/\w+/method/seed\d+/dvclive/.*", p)}
+    proc = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=tmp_path, input="\n".join(written),
+                          capture_output=True, text=True, env=_env())
+    ignored = set(proc.stdout.split())
+    assert ignored == set(written) - tracked
+    assert tracked >= {f"results/{ds}_{m}.json" for ds in DATASETS for m in METRICS}
+    assert "results/demo/method/seed0/dvclive/plots/metrics/train/loss.tsv" in tracked
+    assert not any("gt_bound" in p or "cmpa" in p for p in tracked)  # variants' curves stay local
 
 
 # ---------------------------------------------------------------- both, executed
 
-def test_demo_dag_runs_for_real_and_dvc_metrics_diff_sees_a_param_edit(tmp_path, tiny_clip_dir):
-    """The real `ssr` stages on a shrunk demo: Snakemake to the end, then `dvc repro`,
-    a committed baseline, a param edit that re-runs only evaluate, and `dvc metrics diff`."""
-    work = tmp_path / "work"
-    work.mkdir()
-    for name in (*WORKFLOW_FILES, ".gitignore"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, work / name)
-    raw = tiny_params(yaml.safe_load((work / "params.yaml").read_text()), tiny_clip_dir,
-                      **{"train_presets.demo.iterations": 3, "infer.crf": False})
+def test_demo_dag_runs_from_scratch_then_dvc_commit_status_and_metrics_diff(tmp_path, tiny_clip_dir):
+    """A clone with the committed reference metrics (newer than anything) and no data: `snakemake
+    demo` computes the whole shrunk demo; `dvc commit` (make reference) gives a dvc.lock that
+    `dvc status` and Snakemake both agree with; every file written is tracked or ignored; a param
+    edit re-runs what it should through `dvc repro`, and `dvc metrics diff` shows only quality."""
+    work = copy_workflow(tmp_path / "work", ".dvc/config", ".dvc/.gitignore")
+    shutil.copytree(tiny_clip_dir, work / "clip")
+    raw = tiny_params(yaml.safe_load((work / "params.yaml").read_text()), Path("clip"),
+                      **{"train_presets.demo.iterations": 2, "infer.crf": False, "train.log_every": 1,
+                         "datasets.demo.seeds": [0], "datasets.demo.variants": {}})
     (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    _run([sys.executable, "workflow/pipeline.py", "dvc"], work)
+    make_paths(work, [f"results/demo_{m}.json" for m in METRICS], content='{"miou": 0.5}\n', future=86400)
 
-    def run(*cmd):
-        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        return proc.stdout + proc.stderr
-
-    run(_tool("snakemake"), "--cores", "1", "results/demo_miou.json")
-    first = json.loads((work / "results/demo_miou.json").read_text())
-    assert 0 <= first["miou"] <= 1
-    assert "Nothing to be done" in run(_tool("snakemake"), "-n", "--cores", "1", "results/demo_miou.json")
+    def run(*cmd, timeout=900):
+        return _run(list(cmd), work, timeout=timeout)
 
     run("git", "init", "-q")
-    run(_tool("dvc"), "init", "-q")
     run("git", "add", "-A")
-    run("git", "commit", "-qm", "workflow")  # as in a clone: dvclive needs a commit to exist
-    run(_tool("dvc"), "repro", "evaluate-demo")
-    assert (work / "results/demo/dvclive/metrics.json").is_file()
-    assert "up to date" in run(_tool("dvc"), "status", "evaluate-demo")
+    run("git", "commit", "-qm", "clone")  # dvclive needs a commit to exist
+    smk = run(_tool("snakemake"), "--cores", "2", "demo").stderr
+    for r in STAGE_RULES:
+        assert f"rule {r}-demo:" in smk
+        assert (work / f"logs/{r}-demo.log").stat().st_size > 0
+    for m in METRICS:
+        metrics = json.loads((work / f"results/demo_{m}.json").read_text())
+        assert metrics != {"miou": 0.5}
+        assert not [k for k in metrics if "second" in k], f"timings in results/demo_{m}.json"
+    assert json.loads((work / "results/demo/timings/train.json").read_text())["method"][0]["train_seconds"] > 0
+    assert "Nothing to be done" in run(_tool("snakemake"), "-n", "--cores", "2", "demo").stdout
+
+    # the reference run's lock: dvc commit after Snakemake, and both tools agree it is up to date
+    run(_tool("dvc"), "commit", "--force", "--quiet")
+    assert run(_tool("dvc"), "status", "--quiet").returncode == 0
+    assert "Data and pipelines are up to date" in run(_tool("dvc"), "status").stdout
+    assert "Nothing to be done" in run(_tool("snakemake"), "-n", "--cores", "2", "demo").stdout
+    untracked = run("git", "status", "--porcelain", "--untracked-files=all").stdout.splitlines()
+    assert {line[3:] for line in untracked if line.startswith("??")} == {
+        "dvc.lock", *(str(p.relative_to(work)) for p in (work / "results/demo/method/seed0/dvclive").rglob("*") if p.is_file())}
+    assert not [*(work / "data").rglob(".gitignore"), *(work / "results").rglob(".gitignore")]  # DVC added none
     run("git", "add", "-A")
-    run("git", "commit", "-qm", "baseline")  # metrics files are small and tracked by git (cache: false)
+    run("git", "commit", "-qm", "baseline")
+    assert "results/demo/method/seed0/dvclive/plots/metrics/train/loss.tsv" in run("git", "ls-files").stdout
 
     # bg_power is read by train and pseudo_labels (and so evaluate re-runs), not by prepare/superpixels
-    _set_params(work, pseudo_labels__bg_power=3.0)
-    out = run(_tool("dvc"), "repro", "evaluate-demo")
-    assert "Running stage 'pseudo_labels-demo'" in out
-    assert "Running stage 'superpixels-demo'" not in out
-    # voc/coco metrics do not exist here; DVC says so on a line after the JSON
-    diff = json.loads(run(_tool("dvc"), "metrics", "diff", "--json").splitlines()[0])
+    set_params(work, pseudo_labels__bg_power=3.0)
+    out = run(_tool("dvc"), "repro").stdout
+    ran = re.findall(r"Running stage '([^']+)'", out)
+    assert ran == ["train-demo", "pseudo_labels-demo", "evaluate-demo"] or ran == [
+        "train-demo", "pseudo_labels-demo", "retrain-demo", "evaluate-demo"], ran
+    assert "set aside as checkpoint.stale.pt, the run starts over (pseudo_labels.bg_power (recorded 1.0, now 3.0))" in out
+    diff = json.loads(run(_tool("dvc"), "metrics", "diff", "--json").stdout)
     seeds = diff["results/demo_seeds.json"]
-    baseline = json.loads(run("git", "show", "HEAD:results/demo_seeds.json"))
+    baseline = json.loads(run("git", "show", "HEAD:results/demo_seeds.json").stdout)
     assert seeds["cam_miou"]["old"] == pytest.approx(baseline["cam_miou"])
     assert seeds["cam_miou"]["diff"] != 0
+    assert not [k for f in diff.values() for k in f if "second" in k]
+    plots = json.loads(run(_tool("dvc"), "plots", "diff", "HEAD", "--json").stdout)
+    assert not plots.get("errors") and any("train/loss.tsv" in key for key in plots["data"]), plots

@@ -1,0 +1,427 @@
+"""The SSR workflow, described once for both runners.
+
+Every stage of the DAG is one `ssr` command. This module says, per dataset, what
+each stage runs, reads, writes, which params.yaml keys it depends on and what a
+job asks a scheduler for. The Snakefile turns every `Stage` into a rule, and
+`python workflow/pipeline.py dvc` writes the same stages into dvc.yaml files, so
+the two DAGs agree by construction (tests/test_dag.py checks them through the
+tools themselves).
+
+Why the dvc.yaml files are generated rather than written with `foreach`: the
+train stage writes one model per run and seed (`datasets.{ds}.seeds` x
+[method, *variants]), a different number of files per dataset, and DVC's
+templating can neither interpolate a list into `outs` nor declare the run
+folders themselves as outputs (they also hold the resume checkpoint and the
+exported pseudo-labels, which would overlap). The one list of datasets is
+`DATASETS` below.
+
+    python workflow/pipeline.py dvc            # rewrite dvc.yaml (+ any workflow/dvc/{ds}/dvc.yaml present)
+    python workflow/pipeline.py dvc voc        # also write workflow/dvc/voc/dvc.yaml (VOC through DVC)
+    python workflow/pipeline.py dvc --check    # exit 1 if a DVC file is out of date
+
+Only PyYAML and the standard library are used, so the Snakefile can import this
+without the `ssr` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# The one list of datasets. `demo` is generated offline; voc and coco download.
+DATASETS = ("demo", "voc", "coco")
+# The dataset of the root dvc.yaml: plain `dvc repro` reproduces it and nothing else.
+DVC_DEFAULT = "demo"
+# The stages every dataset runs, in DAG order. retrain always runs (DVC has no
+# conditional stages, so Snakemake runs it too): with retrain.enabled false it
+# only writes {"retrain_enabled": 0} and a note, as a local job.
+STAGE_RULES = ("prepare", "superpixels", "train", "pseudo_labels", "retrain", "evaluate")
+METHOD = "method"  # the run that trains the configured method (ssr.config.METHOD_RUN)
+PARAMS = "params.yaml"
+RESOURCES = "workflow/resources.yaml"
+LOGS = "logs"
+
+# params.yaml keys that do not change what a stage computes (worker counts,
+# logging and checkpoint intervals, the inference size for training...). Leaving
+# them out of a stage's tracked params keeps an edit to them from re-running a
+# two-day training job.
+TRAIN_RUNTIME_KEYS = ("checkpoint_every", "log_every", "num_workers")
+NOT_TRAINING_DATASET_KEYS = ("long_side", "seed_split", "val_split")
+
+
+@dataclass
+class Stage:
+    """One DAG stage for one dataset (`dataset` None for demo_clip)."""
+
+    rule: str
+    dataset: str | None
+    command: str  # the `ssr` command; "{threads}" marks where the job's thread count goes
+    inputs: dict[str, list[str]]
+    outputs: dict[str, list[str]]  # every declared product, the metrics file included
+    directories: frozenset = frozenset()  # which outputs are folders
+    metric: str | None = None  # the DVC metrics file (flat JSON, git-tracked, cache: false)
+    curves: tuple = ()  # dvclive folders: git-tracked run state, DVC plots, never deleted before a run
+    params: tuple = ()  # params.yaml keys the stage depends on (DVC params, Snakemake params trigger)
+    threads: int = 1
+    resources: dict = field(default_factory=dict)
+    local: bool = False  # runs on the submitting host (downloads, no-ops)
+    processes: int = 1  # torchrun processes (train with datasets.{ds}.gpus > 1)
+    frozen: bool = False  # DVC never re-runs it (its products are committed)
+
+    @property
+    def name(self) -> str:
+        return self.rule if self.dataset is None else f"{self.rule}-{self.dataset}"
+
+    @property
+    def log(self) -> str:
+        return f"{LOGS}/{self.name}.log"
+
+    @property
+    def output_paths(self) -> list[str]:
+        return [p for paths in self.outputs.values() for p in paths]
+
+    @property
+    def input_paths(self) -> list[str]:
+        return [p for paths in self.inputs.values() for p in paths]
+
+    @property
+    def products(self) -> list[str]:
+        """The outputs only a run creates: everything but the committed metrics file."""
+        return [p for p in self.output_paths if p != self.metric]
+
+    def threads_per_process(self, threads: int) -> int:
+        return max(1, threads // self.processes)
+
+    def cmd(self, threads: int | str | None = None) -> str:
+        """The command with a thread count (default: the stage's own), as DVC runs it."""
+        if threads is None:
+            threads = self.threads_per_process(self.threads)
+        return self.command.replace("{threads}", str(threads))
+
+
+# ------------------------------------------------------------------ loading
+
+def load(params_path: str | os.PathLike = PARAMS, resources_path: str | os.PathLike | None = None) -> tuple[dict, dict]:
+    """(params, resources) as plain dicts; resources from workflow/resources.yaml next to this file by default."""
+    with open(params_path) as f:
+        params = yaml.safe_load(f)
+    with open(resources_path or Path(__file__).with_name("resources.yaml")) as f:
+        resources = yaml.safe_load(f)
+    return params, resources
+
+
+def _keys(params: dict, section: str, exclude=()) -> list[str]:
+    """`section`'s keys as dotted params, less `exclude`."""
+    node = params
+    for part in section.split("."):
+        node = node[part]
+    return [f"{section}.{k}" for k in node if k not in exclude]
+
+
+def runs(params: dict, ds: str) -> list[str]:
+    return [METHOD, *(params["datasets"][ds].get("variants") or {})]
+
+
+def seeds(params: dict, ds: str) -> list[int]:
+    return list(params["datasets"][ds]["seeds"])
+
+
+def run_dir(params: dict, ds: str, run: str, seed: int) -> str:
+    return f"{params['results_root']}/{ds}/{run}/seed{seed}"
+
+
+def demo_clip_files(params: dict) -> list[str]:
+    folder = os.path.dirname(params["demo_clip"]["checkpoint"])
+    return [params["demo_clip"]["checkpoint"], f"{folder}/open_clip_config.json"]
+
+
+# ------------------------------------------------------------------ the stages
+
+def demo_clip(params: dict, resources: dict) -> Stage:
+    """The demo's tiny CLIP; committed, so neither runner re-trains it unless asked."""
+    folder = os.path.dirname(params["demo_clip"]["checkpoint"])
+    res = dict(resources["demo"]["demo_clip"])
+    res.pop("threads", None)
+    return Stage(
+        rule="demo_clip", dataset=None,
+        command=f"ssr demo-clip --params {PARAMS} --threads {{threads}}",
+        inputs={},
+        outputs={"checkpoint": [params["demo_clip"]["checkpoint"]], "config": [f"{folder}/open_clip_config.json"],
+                 "provenance": [f"{folder}/provenance.json"]},
+        params=("demo", "demo_clip"),
+        threads=int(params["demo_clip"]["threads"]),
+        resources={**res, "gpu": 0},
+        frozen=True,
+    )
+
+
+# The demo DINO (`ssr demo-dino`, product ssr/assets/demo_dino/) will sit beside
+# demo_clip here: a frozen stage whose committed files the demo's train,
+# pseudo_labels and evaluate stages read. Not wired yet.
+
+
+def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
+    """prepare -> superpixels -> train -> pseudo_labels -> retrain -> evaluate for one dataset."""
+    data, results = f"{params['data_root']}/{ds}", params["results_root"]
+    conf = params["datasets"][ds]
+    res = resources[ds]
+    dataset = {"images": [f"{data}/images"], "splits": [f"{data}/splits"], "classes": [f"{data}/classes.json"],
+               "image_labels": [f"{data}/image_labels.json"]}
+    labels = {"labels": [f"{data}/labels"]}
+    clip = {"clip": demo_clip_files(params)} if conf["clip_model"] == "demo" else {}
+    superpixels = {"superpixels": [f"{data}/superpixels.h5"]}
+    run_dirs = [run_dir(params, ds, r, s) for r in runs(params, ds) for s in seeds(params, ds)]
+    models = {"models": [f"{d}/model.safetensors" for d in run_dirs], "model_configs": [f"{d}/model.json" for d in run_dirs]}
+    method_dirs = [run_dir(params, ds, METHOD, s) for s in seeds(params, ds)]
+    pseudo = [f"{d}/pseudo_labels" for d in method_dirs]
+    gpu = 0 if ds == "demo" else 1  # the demo runs on CPU
+    processes = int(conf.get("gpus", 1))
+    superpixel_keys = _keys(params, "superpixels", exclude=("workers",))
+
+    def ssr(stage: str, extra: str = "") -> str:
+        return f"ssr {stage} --dataset {ds} --params {PARAMS}{extra} --threads {{threads}}"
+
+    def job(name: str, **extra) -> dict:
+        r = dict(res[name])
+        threads = r.pop("threads")
+        return {"threads": int(threads), "resources": {**r, **extra}}
+
+    if processes > 1:
+        train_cmd = (f"torchrun --standalone --nproc_per_node {processes} -m ssr train --dataset {ds} --params {PARAMS}"
+                     f" --resume --threads {{threads}}")
+    else:
+        train_cmd = ssr("train", " --resume")
+    if ds == "demo":
+        prepare_keys = ["demo"]
+    else:
+        prefixes = ("voc_", "sbd_") if ds == "voc" else (f"{ds}_",)
+        prepare_keys = [f"download.{k}" for k in params["download"] if k.startswith(prefixes)]
+    split_keys = [f"datasets.{ds}.train_split", f"datasets.{ds}.val_split"]
+    retrain_local = not params["retrain"]["enabled"]
+
+    stages = [
+        Stage("prepare", ds, f"ssr prepare --dataset {ds} --params {PARAMS} --threads {{threads}}", inputs={},
+              outputs={"images": [f"{data}/images"], "labels": [f"{data}/labels"], "splits": [f"{data}/splits"],
+                       "classes": [f"{data}/classes.json"], "image_labels": [f"{data}/image_labels.json"]},
+              directories=frozenset({f"{data}/images", f"{data}/labels", f"{data}/splits"}),
+              params=tuple(prepare_keys), local=True, **job("prepare", gpu=0)),
+        Stage("superpixels", ds, ssr("superpixels"),
+              inputs={"images": dataset["images"], "splits": dataset["splits"], "image_labels": dataset["image_labels"]},
+              outputs=superpixels, params=tuple(superpixel_keys + split_keys),
+              threads=int(params["superpixels"]["workers"]),  # the processes the stage starts
+              resources={k: v for k, v in res["superpixels"].items() if k != "threads"} | {"gpu": 0}),
+        Stage("train", ds,
+              # Set aside checkpoints written from other params or inputs, so that
+              # --resume only ever continues the interrupted run of this very job.
+              f"python workflow/scripts/checkpoints.py --dataset {ds} --params {PARAMS} && {train_cmd}",
+              inputs={**dataset, **superpixels, **clip},
+              outputs={**models, "metrics": [f"{results}/{ds}_train.json"]},
+              metric=f"{results}/{ds}_train.json",
+              curves=tuple(f"{d}/dvclive" for d in method_dirs),
+              params=tuple(_keys(params, f"datasets.{ds}", exclude=NOT_TRAINING_DATASET_KEYS)
+                           + _keys(params, "train", exclude=TRAIN_RUNTIME_KEYS)
+                           + [f"train_presets.{conf['preset']}", *superpixel_keys, "affinity", "sgc", "cmpa"]
+                           + _keys(params, "pseudo_labels", exclude=("figures",))),
+              processes=processes,
+              **job("train", gpu=0 if ds == "demo" else processes, nodes=1)),
+        Stage("pseudo_labels", ds, ssr("pseudo-labels"),
+              inputs={**dataset, **labels, **superpixels, **models, **clip},
+              outputs={"pseudo_labels": pseudo, "figures": [f"{results}/{ds}/figures"],
+                       "metrics": [f"{results}/{ds}_seeds.json"]},
+              directories=frozenset({*pseudo, f"{results}/{ds}/figures"}),
+              metric=f"{results}/{ds}_seeds.json",
+              params=(f"datasets.{ds}", *superpixel_keys, "affinity", "sgc", "cmpa", "pseudo_labels"),
+              **job("pseudo_labels", gpu=gpu)),
+        Stage("retrain", ds, ssr("retrain"),
+              inputs={**dataset, **labels, "pseudo_labels": pseudo[:1]},
+              outputs={"retrain": [f"{results}/{ds}/retrain"], "metrics": [f"{results}/{ds}_retrain.json"]},
+              directories=frozenset({f"{results}/{ds}/retrain"}),
+              metric=f"{results}/{ds}_retrain.json",
+              params=(f"datasets.{ds}.train_split", f"datasets.{ds}.seeds", "retrain"),
+              local=retrain_local,
+              **(job("retrain", gpu=gpu) if not retrain_local else {"threads": 1, "resources": {"mem_mb": 1000, "runtime": 5, "gpu": 0}})),
+        Stage("evaluate", ds, ssr("evaluate"),
+              # The retrained segmenter is read only with retrain.enabled; the edge keeps
+              # the two runners' DAGs identical either way.
+              inputs={**dataset, **labels, **models, "retrain": [f"{results}/{ds}/retrain"], **clip},
+              outputs={"predictions": [f"{results}/{ds}/predictions"], "metrics": [f"{results}/{ds}_miou.json"]},
+              directories=frozenset({f"{results}/{ds}/predictions"}),
+              metric=f"{results}/{ds}_miou.json",
+              params=(f"datasets.{ds}", "infer", "retrain"),
+              **job("evaluate", gpu=gpu)),
+    ]
+    assert tuple(s.rule for s in stages) == STAGE_RULES
+    return stages
+
+
+def stages(params: dict, resources: dict, datasets=DATASETS) -> list[Stage]:
+    """demo_clip, then every dataset's stages."""
+    out = [demo_clip(params, resources)] if "demo" in datasets else []
+    for ds in datasets:
+        out += dataset_stages(params, resources, ds)
+    return out
+
+
+def tracked(params: dict, stage: Stage) -> str:
+    """The values of a stage's params keys, as one string: Snakemake re-runs a rule when it changes."""
+    values = {}
+    for key in stage.params:
+        node = params
+        for part in key.split("."):
+            node = node[part]
+        values[key] = node
+    return repr(values)
+
+
+def reference_only(stage: Stage, exists=os.path.exists) -> bool:
+    """True when the stage's metrics file is present without the products it summarises.
+
+    That is the committed reference run on a fresh clone (or what an interrupted run
+    left), never a result of this checkout.
+    """
+    return bool(stage.metric) and exists(stage.metric) and not all(exists(p) for p in stage.products)
+
+
+def config_overrides(expected, actual, prefix: str = "") -> list[str]:
+    """Dotted keys whose value in the Snakemake config differs from params.yaml."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        keys = sorted(set(expected) | set(actual))
+        return [k for key in keys for k in config_overrides(expected.get(key), actual.get(key), f"{prefix}{key}.")]
+    if isinstance(actual, str) and not isinstance(expected, str):
+        actual = yaml.safe_load(actual)  # --config values arrive as strings ("true", "0.5")
+    return [] if expected == actual else [prefix.rstrip(".")]
+
+
+class ReferenceNotAResult(Exception):
+    """A committed reference metrics file was asked for where no run produced it."""
+
+
+def refuse_reference(stage: Stage):
+    """Input function of the guard rule that claims a reference-only metrics file."""
+    missing = [p for p in stage.products if not os.path.exists(p)]
+    target = stage.dataset or "all"
+    raise ReferenceNotAResult(
+        f"{stage.metric} is the committed reference run's metrics file, not a result computed in this checkout "
+        f"({len(missing)} of the stage's products are missing, e.g. {missing[0]}). Snakemake would skip a request "
+        f"for a file that exists, so ask for the stage or the dataset instead, which compute it: "
+        f"`snakemake --cores N {target}` (or `make demo`), or `snakemake --cores N {stage.name}`.")
+
+
+# ------------------------------------------------------------------ DVC
+
+DVC_HEADER = """\
+# GENERATED by `python workflow/pipeline.py dvc` from params.yaml and
+# workflow/resources.yaml (`make dvc`): edit those, not this file.
+#
+# {what}
+# Stages are named <Snakemake rule>-<dataset> and run the same commands as the
+# Snakefile's rules (tests/test_dag.py keeps the two DAGs in agreement). The
+# `ssr` console script must be on PATH (activate .venv).
+"""
+
+
+def dvc_file(dataset: str) -> str:
+    """Where a dataset's DVC pipeline lives: the demo at the root, voc/coco beside the workflow."""
+    return "dvc.yaml" if dataset == DVC_DEFAULT else f"workflow/dvc/{dataset}/dvc.yaml"
+
+
+def dvc_yaml(params: dict, resources: dict, dataset: str) -> str:
+    """The text of one dataset's dvc.yaml."""
+    path = dvc_file(dataset)
+    wdir = os.path.relpath(".", os.path.dirname(path) or ".")
+    todo = stages(params, resources, [dataset])
+    body: dict = {"stages": {}}
+    for stage in todo:
+        entry: dict = {}
+        if wdir != ".":
+            entry["wdir"] = wdir
+        entry["cmd"] = stage.cmd()
+        if stage.frozen:
+            entry["frozen"] = True
+        if stage.input_paths:
+            entry["deps"] = list(stage.input_paths)
+        if stage.params:
+            entry["params"] = list(stage.params)
+        outs = []
+        for p in stage.output_paths:
+            if stage.frozen:
+                continue
+            if p != stage.metric:
+                outs.append(p)
+        for p in stage.curves:
+            # git-tracked (see .gitignore), and kept when the stage re-runs: a resumed run appends to them
+            outs.append({p: {"cache": False, "persist": True}})
+        if stage.frozen:
+            outs.append({os.path.dirname(stage.outputs["checkpoint"][0]): {"cache": False}})
+        if outs:
+            entry["outs"] = outs
+        if stage.metric:
+            entry["metrics"] = [{stage.metric: {"cache": False}}]
+        body["stages"][stage.name] = entry
+    curves = [p for s in todo for p in s.curves]
+    if curves:
+        body["plots"] = [{os.path.join(wdir, p, "plots", "metrics") if wdir != "." else f"{p}/plots/metrics": {"x": "step"}}
+                         for p in curves]
+    if dataset == DVC_DEFAULT:
+        what = ("The offline demo: plain `dvc repro` reproduces it and nothing else. VOC and COCO\n"
+                "# have their own pipelines: `python workflow/pipeline.py dvc voc` writes\n"
+                "# workflow/dvc/voc/dvc.yaml, then `dvc repro workflow/dvc/voc/dvc.yaml`.")
+    else:
+        what = (f"{dataset}: `dvc repro {path}`; every path is relative to the repository\n"
+                f"# root (wdir). The demo is the root dvc.yaml.")
+    return DVC_HEADER.format(what=what) + "\n" + yaml.safe_dump(body, sort_keys=False, width=10_000)
+
+
+def dvc_targets(root: Path, datasets: list[str]) -> list[str]:
+    """The demo's file, the named datasets' files and any dataset file already present."""
+    named = set(datasets) | {DVC_DEFAULT}
+    return [ds for ds in DATASETS if ds in named or (root / dvc_file(ds)).exists()]
+
+
+def stale_dvc_files(root: Path, params: dict, resources: dict) -> list[str]:
+    """The DVC files present under `root` whose text differs from what params.yaml makes."""
+    return [dvc_file(ds) for ds in dvc_targets(root, [])
+            if (root / dvc_file(ds)).exists() and (root / dvc_file(ds)).read_text() != dvc_yaml(params, resources, ds)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python workflow/pipeline.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("dvc", help="write the dvc.yaml files from params.yaml and workflow/resources.yaml")
+    p.add_argument("datasets", nargs="*", metavar="DATASET",
+                   help=f"also write these datasets' pipelines ({', '.join(d for d in DATASETS if d != DVC_DEFAULT)})")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is missing or out of date")
+    p.add_argument("--params", default=PARAMS)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.datasets) - set(DATASETS))
+    if unknown:
+        parser.error(f"unknown dataset {', '.join(unknown)} (known: {', '.join(DATASETS)})")
+
+    root = Path.cwd()
+    params, resources = load(args.params)
+    stale = []
+    for ds in dvc_targets(root, args.datasets):
+        path, text = root / dvc_file(ds), dvc_yaml(params, resources, ds)
+        if path.exists() and path.read_text() == text:
+            continue
+        if args.check:
+            stale.append(dvc_file(ds))
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {dvc_file(ds)}")
+    if stale:
+        print(f"out of date with {args.params}: {', '.join(stale)}; run `python workflow/pipeline.py dvc` (make dvc)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
