@@ -78,7 +78,7 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
 
 
 def _limit_threads(threads: int, params: Params | None) -> Params | None:
-    """Hold the stage to `threads` CPU threads: torch's pool, and the superpixel processes."""
+    """Hold the stage to `threads` CPU threads: torch's pool, the superpixel processes, the demo CLIP's pretraining."""
     if threads < 1:
         raise ConfigError(f"--threads: must be >= 1, got {threads}")
     import dataclasses
@@ -86,9 +86,10 @@ def _limit_threads(threads: int, params: Params | None) -> Params | None:
     import torch
 
     torch.set_num_threads(threads)
-    if params is None or params.superpixels.workers <= threads:
+    if params is None:
         return params
-    return dataclasses.replace(params, superpixels=dataclasses.replace(params.superpixels, workers=threads))
+    return dataclasses.replace(params, superpixels=dataclasses.replace(params.superpixels, workers=min(params.superpixels.workers, threads)),
+                               demo_clip=dataclasses.replace(params.demo_clip, threads=threads))
 
 
 # ------------------------------------------------------------------ stages
