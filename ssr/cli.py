@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         folders_only = args.stage == "evaluate" and (args.pred or args.gt)
         params = None if folders_only else load_params(args.params)
         if params is not None and getattr(args, "dataset", None):
-            params.dataset(args.dataset)
+            params = params.for_dataset(args.dataset)
         if args.threads is not None:
             params = _limit_threads(args.threads, params)
         args.func(args, params)

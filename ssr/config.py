@@ -91,6 +91,7 @@ class DatasetParams:
     seeds: list[int] = _f([0])
     gpus: int = _f(1, 1)
     variants: dict[str, dict[str, object]] = field(default_factory=dict)
+    overrides: dict[str, object] = field(default_factory=dict)
 
     def prompt_name_list(self, class_names: list[str]) -> list[str]:
         """The text each foreground class is prompted with: its synonyms, else its name."""
@@ -262,6 +263,13 @@ class Params:
         self.dataset(name)
         return Path(self.data_root) / name
 
+    def for_dataset(self, dataset: str) -> Params:
+        """These params with the dataset's own `overrides` applied (every stage of that dataset reads these)."""
+        overrides = self.dataset(dataset).overrides
+        if not overrides:
+            return self
+        return _validate(_build(Params, _override(dataclasses.asdict(self), overrides, f"datasets.{dataset}.overrides"), ""))
+
     def runs(self, dataset: str) -> list[str]:
         """The training runs of a dataset: the method, then its variants in params order."""
         return [METHOD_RUN, *self.dataset(dataset).variants]
@@ -303,7 +311,7 @@ def training_identity(params: Params, dataset: str) -> dict:
     Run-time choices (seeds list, workers, logging, inference, retraining) are not part of it.
     """
     ds = dataclasses.asdict(params.dataset(dataset))
-    for key in ("seeds", "gpus", "variants", "long_side", "seed_split", "train_split", "val_split"):
+    for key in ("seeds", "gpus", "variants", "overrides", "long_side", "seed_split", "train_split", "val_split"):
         ds.pop(key)
     train = dataclasses.asdict(params.train)
     for key in ("checkpoint_every", "log_every", "num_workers"):
@@ -402,6 +410,10 @@ def _validate(params: Params) -> Params:
             raise ConfigError(f"datasets.{name}.prompt_template: must contain '{{}}'")
         if not ds.seeds or len(set(ds.seeds)) != len(ds.seeds) or any(s < 0 for s in ds.seeds):
             raise ConfigError(f"datasets.{name}.seeds: must be a non-empty list of distinct non-negative ints, got {ds.seeds}")
+        if any(key.startswith("datasets.") for key in ds.overrides):
+            raise ConfigError(f"datasets.{name}.overrides: may not change datasets.* (set them in datasets.{name} itself)")
+        if ds.overrides:
+            _build(Params, _override(dataclasses.asdict(params), ds.overrides, f"datasets.{name}.overrides"), "")
         for run, overrides in ds.variants.items():
             where = f"datasets.{name}.variants.{run}"
             if run == METHOD_RUN or not re.fullmatch(r"[a-z0-9_]+", run):

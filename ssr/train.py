@@ -456,6 +456,7 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, seed: int = 0, r
     from ssr.model import build_backbones
 
     torch.backends.cudnn.benchmark = True
+    params = params.for_dataset(dataset)
     rank, world, auto_device = setup_distributed()
     device = torch.device(device) if device is not None else auto_device
     root = params.dataset_root(dataset)
