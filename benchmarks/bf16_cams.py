@@ -25,12 +25,11 @@ demo CLIP on demo images, whose attention and CAMs have structure.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from configs import build, demo_batch, device_name, synthetic_batch
+from configs import build, demo_batch, device_name, emit, synthetic_batch
 
 from ssr.cam import class_slots  # noqa: E402
 from ssr.model import cams_to_labels, refined_cams  # noqa: E402
@@ -85,11 +84,7 @@ def main(argv=None):
         c = report[k]
         print(f"{k:8s}: relative {c['relative']:.2e}, mean |diff| {c['mean_abs']:.2e}, p99 {c['p99_abs']:.2e}, max {c['max_abs']:.2e}")
     print(f"pseudo-label agreement {100 * report['label_agreement']:.2f}%  within tolerance: {report['within_tolerance']}")
-    line = json.dumps(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
-    print(line)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

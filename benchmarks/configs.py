@@ -9,6 +9,7 @@ Weights are random (nothing downloads); speed and memory do not depend on their 
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 from pathlib import Path
@@ -31,6 +32,15 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 32, "layers": 3, "width": 24, "head_width": 8, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
 }
+
+
+def emit(report: dict, out: Path | None) -> None:
+    """Print the benchmark's JSON line last, and write it to `out` too when given."""
+    line = json.dumps(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(line + "\n")
+    print(line)
 
 
 def device_name(device: torch.device) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from configs import build, device_name
+from configs import build, device_name, emit
 
 from ssr.affinity import average_attention, fuse_attention, propagate  # noqa: E402
 from ssr.backbones import clip_visual_forward, dino_last_attention  # noqa: E402
@@ -191,11 +190,7 @@ def main(argv=None):
     report["speedup"] = report["loop"]["median_s"] / report["batched"]["median_s"]
     report["max_abs_diff"] = {"cam": cam_diff, "refined": method_diff}
     print(f"  speedup batched / loop: {report['speedup']:.2f}x   max |CAM diff| {cam_diff:.2e}, max |refined diff| {method_diff:.2e}")
-    line = json.dumps(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
-    print(line)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

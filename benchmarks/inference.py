@@ -13,7 +13,6 @@ Prints a line per configuration and, last, a JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs import build, device_name
+from configs import build, device_name, emit
 
 from ssr.crf import dense_crf_from_params  # noqa: E402
 from ssr.data.demo import render_sample  # noqa: E402
@@ -74,11 +73,7 @@ def main(argv=None):
         print(f"{kind:5s} {entry['image_size']} -> long side {long_side}, scales {infer.scales}, flip {infer.flip}: "
               f"decoder {entry['decoder_images_per_s']:.2f} images/s, DenseCRF {entry['crf_images_per_s']:.2f} images/s, "
               f"together {entry['images_per_s']:.2f} images/s", flush=True)
-    line = json.dumps(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
-    print(line)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from configs import REPO, build, device_name, fill_bank, synthetic_batch
+from configs import REPO, build, device_name, emit, fill_bank, synthetic_batch
 
 from ssr.train import build_optimiser, optimiser_step  # noqa: E402  (configs puts the repo on sys.path)
 
@@ -259,11 +258,7 @@ def main(argv=None):
         for name, c in report["compare"].items():
             print(f"{name}: {c['baseline_ms']:.1f} -> {c['option_ms']:.1f} ms/step ({c['speedup']:.3f}x; baseline spread "
                   f"{c['spread_baseline_ms']:.1f} ms) - {c['what']}", flush=True)
-    line = json.dumps(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
-    print(line)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
