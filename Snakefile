@@ -8,6 +8,7 @@
 #   snakemake --cores 8 voc           # prepare -> superpixels -> train -> pseudo_labels -> retrain -> evaluate
 #   snakemake --profile workflow/profiles/slurm coco
 #   snakemake --cores 8 train-voc     # one stage (and what it needs)
+#   snakemake --cores 2 --report results/demo_report.html --report-after-run report-demo   # the HTML report
 #
 # Ask for a dataset or a stage, not for a metrics file: results/demo_*.json are
 # committed (the reference run that `dvc metrics diff` compares with), and
@@ -57,8 +58,12 @@ if _stale:
     )
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/stages.smk"
 include: "workflow/rules/targets.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

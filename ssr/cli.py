@@ -291,6 +291,19 @@ def cmd_retrain(args, params: Params) -> None:
     write_json(out_json, {"retrain_enabled": 1, **stats})
 
 
+def cmd_report(args, params: Params) -> None:
+    from ssr.report import write_report
+
+    results = Path(params.results_root)
+    written = write_report(
+        Path(args.out) if args.out else results_dir(params, args.dataset) / "report",
+        seeds=read_json(results / f"{args.dataset}_seeds.json"), miou=read_json(results / f"{args.dataset}_miou.json"),
+        train=read_json(results / f"{args.dataset}_train.json"), class_names=DatasetLayout(params.dataset_root(args.dataset)).classes(),
+        variants=params.dataset(args.dataset).variants, cmpa_loss=params.cmpa.loss,
+        run_dirs={run: {seed: run_dir(params, args.dataset, run, seed) for seed in _seeds(args, params)} for run in params.runs(args.dataset)})
+    print(f"wrote {len(written)} report files to {written[0].parent}")
+
+
 # ------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="metrics JSON to write")
     p = stage("retrain", cmd_retrain, "optional: train a fully supervised segmenter on the pseudo-labels")
     p.add_argument("--device")
+    p = stage("report", cmd_report, "tables (HTML, CSV) of every metrics file and figures of the training curves, for "
+                                    "`snakemake --report`")
+    p.add_argument("--out", help="output folder (default: results/{dataset}/report/)")
+    p.add_argument("--seeds", type=int, nargs="+", help="draw these seeds' training curves (default: datasets.{dataset}.seeds)")
     return parser
 
 

@@ -14,6 +14,7 @@ from ssr.config import InferParams
 from ssr.crf import dense_crf_from_params
 from ssr.data.dataset import WholeImages, snap_size
 from ssr.data.layout import write_label_png
+from ssr.figures import FigureCandidates, figure_name, prediction_figure, replace_figures
 from ssr.metrics import confusion_matrix, format_table, segmentation_scores
 from ssr.model import SSR, FrozenBackbones, normalise
 
@@ -76,12 +77,18 @@ def predict(trained, image: np.ndarray, *, crf: bool | None = None) -> np.ndarra
 
 
 def evaluate_model(backbones: FrozenBackbones, model: SSR, root: Path, split: str, long_side: int, infer: InferParams,
-                   *, device, pred_dir: Path | None = None, progress: bool = True, autocast_dtype=None) -> dict:
-    """Decoder predictions on `split`, scored with and without DenseCRF -> flat metrics dict."""
+                   *, device, pred_dir: Path | None = None, figures: int = 4, progress: bool = True, autocast_dtype=None) -> dict:
+    """Decoder predictions on `split`, scored with and without DenseCRF -> flat metrics dict.
+
+    With `pred_dir`, the saved predictions (after DenseCRF when `infer.crf`) go to pred_dir/{id}.png
+    and `figures` strips (image | ground truth | prediction | after DenseCRF; the lowest-mIoU images
+    and the first ones, see `FigureCandidates`) to pred_dir/figures/.
+    """
     data = WholeImages(root, split, long_side=long_side, patch_size=backbones.patch_size)
     names = data.classes
     conf = np.zeros((len(names), len(names) + 1), np.int64)
     conf_crf = np.zeros_like(conf)
+    strips = FigureCandidates(figures) if pred_dir is not None else None
     model.eval()
     for image_id in tqdm(data.ids, desc=f"evaluate {split}", disable=not progress):
         original, gt = data.original(image_id)
@@ -90,11 +97,18 @@ def evaluate_model(backbones: FrozenBackbones, model: SSR, root: Path, split: st
         probs = image_probs(backbones, model, original, long_side, infer, device=device, autocast_dtype=autocast_dtype)
         pred = probs.argmax(0).astype(np.uint8)
         conf += confusion_matrix(pred, gt, len(names))
+        pred_crf = None
         if infer.crf:
             pred_crf = dense_crf_from_params(original, probs, infer).argmax(0).astype(np.uint8)
             conf_crf += confusion_matrix(pred_crf, gt, len(names))
         if pred_dir is not None:
-            write_label_png(pred_dir / f"{image_id}.png", pred_crf if infer.crf else pred)
+            saved = pred_crf if infer.crf else pred
+            write_label_png(pred_dir / f"{image_id}.png", saved)
+            iou = segmentation_scores(confusion_matrix(saved, gt, len(names)), names)["miou"]
+            strips.offer(image_id, iou, lambda original=original, gt=gt, pred=pred, pred_crf=pred_crf, iou=iou: {
+                "image": original, "gt": gt, "pred": pred, "pred_crf": pred_crf, "iou": iou})
+    if strips is not None:
+        _write_strips(strips, pred_dir / "figures", names, scored=len(data.ids), crf=infer.crf)
     scores = segmentation_scores(conf, names)
     if progress:
         print(format_table(scores, names))
@@ -106,3 +120,15 @@ def evaluate_model(backbones: FrozenBackbones, model: SSR, root: Path, split: st
             print(format_table(crf_scores, names))
         out.update({f"crf_{k}": v for k, v in crf_scores.items()})
     return out
+
+
+def _write_strips(strips: FigureCandidates, folder: Path, names: list[str], scored: int, crf: bool) -> None:
+    """The picked images' prediction strips, titled with their id, why they were picked and their mIoU."""
+    saved = "after DenseCRF" if crf else "prediction"
+    out = {}
+    for selection, rank, image_id, data in strips.picks():
+        why = f"lowest mIoU no. {rank} of {scored} images" if selection == "worst" else f"first image no. {rank}"
+        score = "" if data["iou"] is None else f", mIoU {data['iou']:.1%} ({saved})"
+        out[figure_name(selection, rank, image_id)] = prediction_figure(
+            data["image"], data["gt"], data["pred"], data["pred_crf"], names, title=f"{image_id}\n{why}{score}")
+    replace_figures(folder, out)

@@ -20,13 +20,12 @@ from ssr.cam import class_slots
 from ssr.config import Params
 from ssr.data.dataset import WholeImages, collate
 from ssr.data.layout import write_label_png
-from ssr.figures import save_overlay
-from ssr.metrics import confusion_matrix, format_table, segmentation_scores
+from ssr.figures import ROW_TITLES, FigureCandidates, cam_figure, figure_name, replace_figures
+from ssr.metrics import confusion_matrix, format_table, iou_key, segmentation_scores
 from ssr.model import ABLATION_ROWS, SSR, FrozenBackbones, cams_to_labels, initial_cams, refined_cams
 
-ROW_TITLES = {"cam": "CAM only", "clip": "+ CLIP attention", "dino": "+ DINO attention", "sgc": "+ SGC mask",
-              "method": "configured method", "cam_without_cmpa": "CAM of plain CLIP (no CMPA heads)"}
 SCORE_KEYS = ("miou", "precision", "recall", "confusion_ratio", "class_swap_ratio")
+FIGURE_ROWS = (*ABLATION_ROWS, "method")  # Table 3's rows; the figures leave Table 4's plain-CLIP CAM out
 
 
 def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: Path, split: str, long_side: int, *,
@@ -44,7 +43,7 @@ def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: P
     conf = {row: np.zeros((len(names), len(names) + 1), np.int64) for row in rows}
     computed: set[str] = set()
     pl = params.pseudo_labels
-    figures_left = pl.figures if figures_dir is not None else 0
+    figures = FigureCandidates(pl.figures) if figures_dir is not None else None
     model.eval()
     ids = [i for i in sorted(data.ids) if export_dir is not None or score_ids is None or i in score_ids]
     index = {image_id: k for k, image_id in enumerate(data.ids)}
@@ -63,22 +62,34 @@ def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: P
             cams = dict(cam.rows, method=cam.method)
             if "cam_without_cmpa" in rows:
                 cams["cam_without_cmpa"] = initial_cams(backbones, model, images, classes, valid, attn_blocks=0, cmpa=False)[0].detach()
+            method_labels = {}  # b -> (label, its confusion matrix or None where unscored)
             for row, value in cams.items():
                 computed.add(row)
                 for b, item in enumerate(group):
                     size = item["original"].shape[:2]
                     label = cams_to_labels(value[b:b + 1], classes[b:b + 1], valid[b:b + 1], cam.grid, size,
                                            pl)[0].cpu().numpy().astype(np.uint8)
-                    if item["gt"] is not None and (score_ids is None or item["id"] in score_ids):
-                        conf[row] += confusion_matrix(label, item["gt"], len(names))
+                    scored = item["gt"] is not None and (score_ids is None or item["id"] in score_ids)
+                    image_conf = confusion_matrix(label, item["gt"], len(names)) if scored else None
+                    if scored:
+                        conf[row] += image_conf
+                    if row == "method":
+                        method_labels[b] = (label, image_conf)
                     if row == "method" and export_dir is not None:
                         write_label_png(export_dir / f"{item['id']}.png", label)
-                    if row == "method" and figures_left > 0:
-                        figures_left -= 1
-                        save_overlay(figures_dir / f"{item['id']}.png", item["original"], item["gt"],
-                                     {r: _upsampled(cams[r][b], valid[b], cam.grid, size) for r in cams}, label)
+            if figures is not None:
+                for b, item in enumerate(group):
+                    label, image_conf = method_labels[b]
+                    iou = None if image_conf is None else segmentation_scores(image_conf, names)["miou"]
+                    figures.offer(item["id"], iou, lambda b=b, item=item, label=label, iou=iou: {
+                        "image": item["original"], "gt": item["gt"], "label": label, "iou": iou,
+                        "classes": [int(c) + 1 for c in classes[b][valid[b]].tolist()],
+                        "cams": {r: _per_class(cams[r][b], valid[b], cam.grid, item["original"].shape[:2])
+                                 for r in FIGURE_ROWS if r in cams}})
             bar.update(len(group))
     bar.close()
+    if figures is not None:
+        _write_cam_figures(figures, figures_dir, names, scored=len(score_ids) if score_ids is not None else len(ids))
 
     metrics: dict = {}
     for row in rows:
@@ -89,12 +100,23 @@ def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: P
         if progress:
             print(f"[{ROW_TITLES[row]}]")
             print(format_table(scores, names))
-        for key in SCORE_KEYS:
+        for key in (*SCORE_KEYS, *(iou_key(name) for name in names)):
             metrics[f"{row}_{key}"] = scores[key]
     return metrics
 
 
-def _upsampled(cam: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """(S, N) -> max over valid slots, (H, W) in [0, 1]."""
+def _write_cam_figures(figures: FigureCandidates, folder: Path, names: list[str], scored: int) -> None:
+    """The picked images' CAM figures, titled with their id, why they were picked and the method's per-image mIoU."""
+    out = {}
+    for selection, rank, image_id, data in figures.picks():
+        why = f"lowest pseudo-label mIoU no. {rank} of {scored} scored images" if selection == "worst" else f"first image no. {rank}"
+        score = "" if data["iou"] is None else f", pseudo-label mIoU {data['iou']:.1%}"
+        out[figure_name(selection, rank, image_id)] = cam_figure(
+            data["image"], data["gt"], data["label"], data["cams"], data["classes"], names, title=f"{image_id}\n{why}{score}")
+    replace_figures(folder, out)
+
+
+def _per_class(cam: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """(S, N) -> (K, H, W) in [0, 1]: the K valid slots' maps at the image size."""
     up = F.interpolate(cam[valid].reshape(-1, 1, *grid).float(), size=size, mode="bilinear", align_corners=False)
-    return up.amax(dim=0)[0].clamp(0, 1).cpu().numpy() if len(up) else np.zeros(size, np.float32)
+    return up[:, 0].clamp(0, 1).cpu().numpy()

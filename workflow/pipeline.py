@@ -259,6 +259,41 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
     return stages
 
 
+# What `ssr report` writes into results/{ds}/report/ (ssr.report.TABLES; tests/test_report.py checks
+# the two agree): one HTML page per table, every number in metrics.csv, and curves/.
+REPORT_TABLES = ("seeds", "seeds_classes", "val", "val_classes", "train")
+
+
+def report_stage(params: dict, resources: dict, ds: str) -> Stage:
+    """Snakemake's report of one dataset: `ssr report` turns the stages' results into tables and curves.
+
+    A Snakemake rule only, outside the dataset targets and the DVC pipelines: DVC shows the same
+    results its own way (`dvc metrics show`, `dvc plots`), and `snakemake {ds}` keeps planning
+    exactly the DVC stages. It reads the metrics files (each left out while it is only the
+    committed reference, like the targets do, so that its stage runs), the models (the dvclive
+    curves lie beside them) and the figure folders, which the report shows as they are.
+    """
+    by_rule = {s.rule: s for s in dataset_stages(params, resources, ds)}
+    out = f"{params['results_root']}/{ds}/report"
+
+    def metric(rule: str) -> list[str]:
+        stage = by_rule[rule]
+        return [] if reference_only(stage) else [stage.metric]
+
+    return Stage(
+        "report", ds, f"ssr report --dataset {ds} --params {PARAMS} --threads {{threads}}",
+        inputs={"classes": by_rule["prepare"].outputs["classes"], "models": by_rule["train"].outputs["models"],
+                "train": metric("train"), "figures": by_rule["pseudo_labels"].outputs["figures"], "seeds": metric("pseudo_labels"),
+                "predictions": by_rule["evaluate"].outputs["predictions"], "miou": metric("evaluate")},
+        outputs={**{name: [f"{out}/{name}.html"] for name in REPORT_TABLES}, "numbers": [f"{out}/metrics.csv"],
+                 "curves": [f"{out}/curves"]},
+        directories=frozenset({f"{out}/curves"}),
+        params=(f"datasets.{ds}.seeds", f"datasets.{ds}.variants", "cmpa.loss"),
+        resources={"mem_mb": 2000, "runtime": 10, "gpu": 0},  # pandas and matplotlib over a few JSON files and TSVs
+        local=True,
+    )
+
+
 def stages(params: dict, resources: dict, datasets=DATASETS) -> list[Stage]:
     """demo_clip, then every dataset's stages."""
     out = [demo_clip(params, resources)] if "demo" in datasets else []
