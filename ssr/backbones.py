@@ -8,6 +8,7 @@ own `encode_image`.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,15 +174,30 @@ def encode_prompts(model, tokenizer, names: list[str], template: str) -> torch.T
 
 # ---------------------------------------------------------------- DINO (timm)
 
-def load_dino(model_name: str, *, pretrained: bool = True, device="cpu") -> nn.Module:
-    """A frozen timm ViT (e.g. `vit_small_patch16_224.dino`) accepting any input size."""
+def load_dino(model_name: str, *, pretrained: bool = True, demo_dir: str | Path | None = None, device="cpu") -> nn.Module:
+    """A frozen timm ViT (e.g. `vit_small_patch16_224.dino`) accepting any input size.
+
+    model_name "demo" loads the committed tiny DINO folder (`demo_dir`, default the
+    installed copy): its config.json names the architecture, its sizes and the
+    pretrained cfg, and timm's pretrained loader reads the weights file it points to.
+    """
     import timm
 
-    model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True)
+    if model_name == "demo":
+        demo_dir = Path(demo_dir) if demo_dir is not None else Path(__file__).parent / "assets" / "demo_dino"
+        if not (demo_dir / "config.json").is_file() or not (demo_dir / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{demo_dir}: no demo DINO weights (run `ssr demo-dino`)")
+        cfg = json.loads((demo_dir / "config.json").read_text())
+        overlay = {**cfg["pretrained_cfg"], "file": str(demo_dir / "model.safetensors")}
+        kwargs = {**cfg["model_args"], "num_classes": 0, "dynamic_img_size": True}
+        model = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    else:
+        model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True)
     return model.to(device).eval().requires_grad_(False)
 
 
 def dino_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std in the model's pretrained cfg (ImageNet's where it names none)."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
 

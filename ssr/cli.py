@@ -121,6 +121,16 @@ def cmd_demo_clip(args, params: Params) -> None:
           f"after {provenance['steps']} steps in {provenance['wall_seconds']:.0f} s")
 
 
+def cmd_demo_dino(args, params: Params) -> None:
+    from ssr.demo_dino import pretrain
+
+    out = Path(args.out) if args.out else Path(params.demo_dino.checkpoint).parent
+    provenance = pretrain(out, params.demo_dino, params.demo, clip_dir=demo_clip_dir(params), progress=not args.quiet)
+    quality = provenance["attention_iou"]
+    print(f"demo DINO written to {out}: held-out attention IoU {quality['dino']:.3f} (demo CLIP {quality['clip']:.3f}) "
+          f"after {provenance['steps']} steps in {provenance['wall_seconds']:.0f} s")
+
+
 def cmd_superpixels(args, params: Params) -> None:
     from ssr.superpixels import build_superpixels
 
@@ -326,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archives", type=Path, help="directory holding the official archives or an extracted tree (skips downloading)")
     p = stage("demo-clip", cmd_demo_clip, "pretrain the demo's tiny CLIP (its product is committed)", dataset=False)
     p.add_argument("--out", help="output folder (default: the params' demo_clip.checkpoint folder)")
+    p = stage("demo-dino", cmd_demo_dino, "pretrain the demo's tiny DINO (its product is committed)", dataset=False)
+    p.add_argument("--out", help="output folder (default: the params' demo_dino.checkpoint folder)")
     stage("superpixels", cmd_superpixels, "offline SLIC + colour k-means region maps to HDF5")
     p = stage("train", cmd_train, "single-stage SSR training")
     p.add_argument("--resume", action="store_true", help="continue each run from its results/{dataset}/{run}/seed{N}/checkpoint.pt")

@@ -74,6 +74,44 @@ class DemoClipParams:
 
 
 @dataclass(frozen=True)
+class DemoDinoParams:
+    checkpoint: str = "ssr/assets/demo_dino/model.safetensors"
+    seed: int = _f(0, 0)
+    width: int = _f(128, 8)
+    depth: int = _f(4, 1)
+    heads: int = _f(4, 1)
+    patch_size: int = _f(8, 2)
+    head_hidden: int = _f(512, 8)
+    head_bottleneck: int = _f(128, 8)
+    prototypes: int = _f(1024, 2)
+    steps: int = _f(1000, 1)
+    batch_size: int = _f(64, 2)
+    local_crops: int = _f(6, 0)
+    local_size: int = _f(32, 8)
+    global_scale_min: float = _f(0.4, 0.0, 1.0, lo_open=True)
+    local_scale_min: float = _f(0.05, 0.0, 1.0, lo_open=True)
+    local_scale_max: float = _f(0.4, 0.0, 1.0, lo_open=True)
+    colour_jitter: float = _f(1.0, 0.0)
+    blur_sigma: float = _f(0.57, 0.0, lo_open=True)
+    student_temp: float = _f(0.1, 0.0, lo_open=True)
+    teacher_temp: float = _f(0.04, 0.0, lo_open=True)
+    teacher_temp_start: float = _f(0.04, 0.0, lo_open=True)
+    teacher_temp_warmup: int = _f(0, 0)
+    centre_momentum: float = _f(0.9, 0.0, 1.0)
+    teacher_momentum: float = _f(0.996, 0.0, 1.0)
+    lr: float = _f(5e-4, 0.0, lo_open=True)
+    min_lr: float = _f(1e-6, 0.0)
+    warmup: int = _f(100, 0)
+    weight_decay: float = _f(0.04, 0.0)
+    weight_decay_end: float = _f(0.4, 0.0)
+    clip_grad: float = _f(3.0, 0.0)
+    freeze_last_layer: int = _f(100, 0)
+    attention_mass: float = _f(0.6, 0.0, 1.0, lo_open=True)
+    eval_images: int = _f(400, 8)
+    threads: int = _f(1, 1)
+
+
+@dataclass(frozen=True)
 class DatasetParams:
     train_split: str
     val_split: str
@@ -236,6 +274,7 @@ class Params:
     results_root: str
     demo: DemoParams
     demo_clip: DemoClipParams
+    demo_dino: DemoDinoParams
     datasets: dict[str, DatasetParams]
     download: DownloadParams
     superpixels: SuperpixelParams

@@ -31,9 +31,9 @@ OBJECT_COLOURS = {
 }
 TEXTURES = ("stripes", "checks", "dots", "noise", "plain")
 
-# Streams keep the dataset splits, the CLIP pretraining data and the CLIP's
+# Streams keep the dataset splits, the CLIP and DINO pretraining data and their
 # held-out evaluation images disjoint for one seed.
-STREAMS = {"train": 0, "val": 1, "clip_train": 2, "clip_eval": 3}
+STREAMS = {"train": 0, "val": 1, "clip_train": 2, "clip_eval": 3, "dino_train": 4, "dino_eval": 5}
 PLACEMENT_TRIES = 20
 
 
@@ -105,7 +105,7 @@ def _texture(rng: np.random.Generator, kind: str, size: int, contrast: float) ->
 
 
 def render_sample(params: DemoParams, stream: str, index: int, max_objects: int | None = None) -> DemoSample:
-    """Draw sample `index` of `stream` ('train', 'val', 'clip_train', 'clip_eval').
+    """Draw sample `index` of `stream` (a key of STREAMS).
 
     `max_objects` caps the object count below `params.max_objects` (CLIP pretraining
     mixes in single-object images).

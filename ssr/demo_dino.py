@@ -1,0 +1,478 @@
+"""The demo's tiny DINO: timm's VisionTransformer, a small config, trained by DINO
+self-distillation (Caron et al. 2021, "Emerging Properties in Self-Supervised
+Vision Transformers") on unlabelled demo images.
+
+The product is a folder in timm's own export layout (config.json +
+model.safetensors) that `ssr.backbones.load_dino("demo", demo_dir=...)` loads
+through `timm.create_model(..., pretrained=True)`, the loader that serves
+`vit_small_patch16_224.dino` for real runs, plus provenance.json saying how it
+was made and how well its attention finds the shapes.
+
+DINO in brief: a student and a teacher network (same architecture, teacher =
+EMA of the student) each end in a projection head giving K logits. The teacher
+sees the two global views of an image, the student all views (2 global + the
+local ones); the student is trained to match, by cross-entropy, the teacher's
+centred and sharpened distribution for every global view it did not see itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+from tqdm import tqdm
+
+from ssr.backbones import clip_normalisation, clip_visual_forward, load_clip, load_dino
+from ssr.config import DemoDinoParams, DemoParams
+from ssr.data.demo import render_sample
+from ssr.data.layout import atomic_path, write_json
+
+# The real DINO's statistics; the pretrained cfg carries them to `dino_normalisation`.
+MEAN = IMAGENET_DEFAULT_MEAN
+STD = IMAGENET_DEFAULT_STD
+# The builder of the real DINO ViT-S/16; the model args override its sizes.
+ARCHITECTURE = "vit_small_patch16_224"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+# Written at every evaluation and removed at the end: an interrupted `ssr demo-dino` resumes from it.
+RESUME_FILE = "resume.pt"
+
+# DINO's view augmentations (its BYOL-style recipe), per view: colour jitter
+# (brightness, contrast, saturation, hue; scaled by `colour_jitter`) with
+# probability 0.8, grayscale 0.2, Gaussian blur (1.0 on the first global view,
+# 0.1 on the second, 0.5 on local ones; sigma from blur_sigma / 20 to blur_sigma
+# pixels), solarisation 0.2 on the second global view.
+JITTER = (0.4, 0.4, 0.2, 0.1)
+JITTER_P, GRAY_P = 0.8, 0.2
+
+
+def model_args(p: DemoDinoParams, image_size: int) -> dict:
+    return {"img_size": image_size, "patch_size": p.patch_size, "embed_dim": p.width, "depth": p.depth,
+            "num_heads": p.heads, "num_classes": 0, "dynamic_img_size": True}
+
+
+def export_config(p: DemoDinoParams, image_size: int) -> dict:
+    """timm's export layout (what `save_config_for_hf` writes), so `local-dir:` reads it too."""
+    return {
+        "architecture": ARCHITECTURE,
+        "num_classes": 0,
+        "num_features": p.width,
+        "global_pool": "token",
+        "model_args": model_args(p, image_size),
+        "pretrained_cfg": {
+            "tag": "demo_dino",
+            "custom_load": False,
+            "input_size": [3, image_size, image_size],
+            "fixed_input_size": False,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(MEAN),
+            "std": list(STD),
+            "num_classes": 0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+
+
+class DinoHead(nn.Module):
+    """DINO's projection head: a 3-layer MLP down to a bottleneck, L2 normalisation, then a
+    weight-normalised linear layer onto K prototypes with its norm fixed at 1 (DINO's
+    `norm_last_layer`), i.e. logits are cosines between the bottleneck and each prototype."""
+
+    def __init__(self, dim: int, hidden: int, bottleneck: int, prototypes: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.prototypes = nn.Parameter(torch.empty(prototypes, bottleneck))
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, dim) -> (B, K) logits."""
+        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+
+
+class Dino(nn.Module):
+    """Backbone + head, run once per view resolution (global views batch together, local ones too)."""
+
+    def __init__(self, backbone: nn.Module, head: DinoHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """views: list of (B, 3, S_v, S_v) -> (len(views) * B, K), views in order."""
+        out, i = [], 0
+        while i < len(views):
+            j = i
+            while j < len(views) and views[j].shape[-1] == views[i].shape[-1]:
+                j += 1
+            out.append(self.backbone(torch.cat(views[i:j])))
+            i = j
+        return self.head(torch.cat(out))
+
+
+def build(p: DemoDinoParams, image_size: int) -> Dino:
+    backbone = timm.create_model(ARCHITECTURE, pretrained=False, **model_args(p, image_size))
+    return Dino(backbone, DinoHead(p.width, p.head_hidden, p.head_bottleneck, p.prototypes))
+
+
+# ------------------------------------------------------------------ views
+
+def _gaussian_blur(x: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
+    """(B, 3, H, W), per-image sigma (B,) in pixels -> blurred, separable kernels, reflect padding."""
+    b, c, h, w = x.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (t[None] / torch.as_tensor(sigma, dtype=x.dtype)[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B * 3, k)
+    y = F.pad(x.reshape(1, b * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=b * c)
+    y = F.conv2d(y, kernel[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma (ITU-R 601, as torchvision)."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _hue_shift(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Rotate the chroma of (B, 3, H, W) RGB by `turns` (B,) of a full turn, in YIQ space."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=x.dtype)
+    yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
+    cos, sin = torch.cos(2 * math.pi * turns).view(-1, 1, 1), torch.sin(2 * math.pi * turns).view(-1, 1, 1)
+    i, q = yiq[:, 1], yiq[:, 2]
+    yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], dim=1)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq)
+
+
+def augment(images: torch.Tensor, rng: np.random.Generator, size: int, scale: tuple[float, float],
+            blur_p: float, solarise_p: float, colour: float, blur_sigma: float) -> torch.Tensor:
+    """One DINO view of each image: (B, 3, H, W) in [0, 1] -> (B, 3, size, size) normalised.
+
+    Random resized crop (area share in `scale`, aspect ratio 3/4-4/3) and horizontal
+    flip as one affine resampling per image, then the photometric augmentations.
+    """
+    b = images.shape[0]
+    area = rng.uniform(*scale, b)
+    ratio = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), b))
+    half_w = np.minimum(np.sqrt(area * ratio), 1.0)  # half extents in grid_sample's [-1, 1] units
+    half_h = np.minimum(np.sqrt(area / ratio), 1.0)
+    cx = rng.uniform(-1, 1, b) * (1 - half_w)
+    cy = rng.uniform(-1, 1, b) * (1 - half_h)
+    flip = np.where(rng.random(b) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = torch.from_numpy(half_w * flip).float()
+    theta[:, 0, 2] = torch.from_numpy(cx).float()
+    theta[:, 1, 1] = torch.from_numpy(half_h).float()
+    theta[:, 1, 2] = torch.from_numpy(cy).float()
+    grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    x = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def chosen(p: float) -> torch.Tensor:
+        return torch.from_numpy(rng.random(b) < p).view(b, 1, 1, 1)
+
+    def factor(strength: float) -> torch.Tensor:
+        return torch.from_numpy(rng.uniform(max(0.0, 1 - strength), 1 + strength, b)).float().view(b, 1, 1, 1)
+
+    brightness, contrast, saturation, hue = (colour * j for j in JITTER)
+    jitter = chosen(JITTER_P)
+    y = (x * factor(brightness)).clamp(0, 1)
+    mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+    y = ((y - mean) * factor(contrast) + mean).clamp(0, 1)
+    g = _gray(y)
+    y = ((y - g) * factor(saturation) + g).clamp(0, 1)
+    y = _hue_shift(y, torch.from_numpy(rng.uniform(-hue, hue, b)).float()).clamp(0, 1)
+    x = torch.where(jitter, y, x)
+    x = torch.where(chosen(GRAY_P), _gray(x).expand_as(x), x)
+    blur = chosen(blur_p)
+    sigma = rng.uniform(blur_sigma / 20, blur_sigma, b)
+    x = torch.where(blur, _gaussian_blur(x, sigma), x)
+    x = torch.where(chosen(solarise_p), torch.where(x >= 0.5, 1 - x, x), x)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def views(images: torch.Tensor, rng: np.random.Generator, p: DemoDinoParams) -> list[torch.Tensor]:
+    """(B, 3, H, W) in [0, 1] -> [global_1, global_2, local_1, ...]: 2 of (B, 3, H, W), then
+    `p.local_crops` of (B, 3, local_size, local_size)."""
+    size = images.shape[-1]
+    style = {"colour": p.colour_jitter, "blur_sigma": p.blur_sigma}
+    out = [augment(images, rng, size, (p.global_scale_min, 1.0), blur_p=1.0, solarise_p=0.0, **style),
+           augment(images, rng, size, (p.global_scale_min, 1.0), blur_p=0.1, solarise_p=0.2, **style)]
+    out += [augment(images, rng, p.local_size, (p.local_scale_min, p.local_scale_max), blur_p=0.5, solarise_p=0.0, **style)
+            for _ in range(p.local_crops)]
+    return out
+
+
+# ------------------------------------------------------------------ loss
+
+def dino_loss(student: torch.Tensor, teacher: torch.Tensor, centre: torch.Tensor, student_temp: float,
+              teacher_temp: float) -> torch.Tensor:
+    """Cross-entropy between the teacher's centred, sharpened global views and the student's other views.
+
+    student: (V * B, K) logits, views in order (the first 2 are the global ones);
+    teacher: (2 * B, K) logits of the global views; centre: (K,).
+    """
+    targets = F.softmax((teacher - centre) / teacher_temp, dim=-1).chunk(2)
+    log_probs = F.log_softmax(student / student_temp, dim=-1).chunk(student.shape[0] // targets[0].shape[0])
+    total, pairs = 0.0, 0
+    for t, target in enumerate(targets):
+        for v, log_prob in enumerate(log_probs):
+            if v == t:  # never the same view on both sides
+                continue
+            total = total + (-target * log_prob).sum(-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+def cosine(step: int, steps: int, start: float, end: float) -> float:
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
+
+
+# ------------------------------------------------------------------ attention quality
+
+def mass_mask(attention: torch.Tensor, mass: float) -> torch.Tensor:
+    """(B, N) non-negative -> (B, N) bool: the smallest set of largest entries holding at
+    least `mass` of each row's total (DINO's protocol for masks from attention maps)."""
+    values, order = attention.sort(dim=-1, descending=True)
+    share = values / values.sum(dim=-1, keepdim=True)
+    before = share.cumsum(dim=-1) - share  # mass of the larger entries
+    return torch.zeros_like(attention, dtype=torch.bool).scatter(-1, order, before < mass)
+
+
+def attention_iou(attention: torch.Tensor, foreground: torch.Tensor, mass: float) -> torch.Tensor:
+    """Per-image IoU of the mass-thresholded attention against the foreground.
+
+    attention: (B, h, w) over the patch grid; foreground: (B, H, W) bool. The patch mask
+    is upsampled by nearest neighbour (each patch covers its H/h x W/w pixels).
+    """
+    b, h, w = attention.shape
+    keep = mass_mask(attention.reshape(b, h * w), mass).reshape(b, 1, h, w).float()
+    keep = F.interpolate(keep, size=foreground.shape[-2:], mode="nearest")[:, 0] > 0.5
+    inter = (keep & foreground).sum(dim=(1, 2)).float()
+    union = (keep | foreground).sum(dim=(1, 2)).float()
+    return inter / union.clamp(min=1)
+
+
+@torch.no_grad()
+def last_block_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) normalised -> (B, heads, T, T) softmax attention of a timm ViT's last block.
+
+    timm's fused kernel returns no weights, so the block runs its own plain path for
+    this call and a hook reads the weights where that path applies attention dropout.
+    """
+    attn = model.blocks[-1].attn
+    captured = []
+    fused = attn.fused_attn
+    attn.fused_attn = False
+    handle = attn.attn_drop.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        model.forward_features(images)
+    finally:
+        handle.remove()
+        attn.fused_attn = fused
+    return captured[0]
+
+
+def dino_cls_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) normalised -> (B, h, w): the last block's CLS-to-patch attention, head-averaged."""
+    grid = model.patch_embed.dynamic_feat_size(images.shape[-2:])
+    prefix = model.num_prefix_tokens
+    return last_block_attention(model, images).mean(dim=1)[:, 0, prefix:].reshape(-1, *grid)
+
+
+@torch.no_grad()
+def clip_cls_attention(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) normalised -> (B, h, w): an open_clip ViT's last-block CLS-to-patch attention, head-averaged."""
+    out = clip_visual_forward(visual, images, attn_blocks=1)
+    attention = out.attentions[len(visual.transformer.resblocks) - 1]
+    return attention[:, 0, 1:].reshape(-1, *out.grid)
+
+
+def eval_samples(demo: DemoParams, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out dino_eval images (N, 3, H, W) in [0, 1] and their foreground (N, H, W) bool."""
+    samples = [render_sample(demo, "dino_eval", i) for i in range(num_images)]
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
+    return images, torch.from_numpy(np.stack([s.label > 0 for s in samples]))
+
+
+@torch.no_grad()
+def attention_quality(attend: Callable[[torch.Tensor], torch.Tensor], mean, std, images: torch.Tensor,
+                      foreground: torch.Tensor, mass: float) -> float:
+    """Mean per-image IoU of `attend`'s mass-thresholded maps against the foreground.
+
+    attend: normalised (B, 3, H, W) -> (B, h, w) attention; mean/std: the model's statistics.
+    """
+    x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    ious = [attention_iou(attend(chunk), fg, mass) for chunk, fg in zip(x.split(100), foreground.split(100))]
+    return float(torch.cat(ious).mean())
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------ training
+
+def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_dir: str | Path | None = None,
+             progress: bool = True, eval_every: int = 100) -> dict:
+    """Train the demo DINO from scratch and write its timm folder atomically.
+
+    With `clip_dir`, the committed demo CLIP's last-block CLS attention is scored by
+    the same protocol, for comparison.
+    """
+    torch.manual_seed(p.seed)
+    torch.set_num_threads(p.threads)
+    student = build(p, demo.image_size)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    centre = torch.zeros(p.prototypes)
+    # DINO's groups: no weight decay on biases and normalisation parameters.
+    decay = [q for q in student.parameters() if q.ndim >= 2]
+    no_decay = [q for q in student.parameters() if q.ndim < 2]
+    optimiser = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
+    eval_images, foreground = eval_samples(demo, p.eval_images)
+
+    def lr_at(step: int) -> float:
+        if step < p.warmup:
+            return p.lr * (step + 1) / p.warmup
+        return cosine(step - p.warmup, p.steps - p.warmup, p.lr, p.min_lr)
+
+    def teacher_temp_at(step: int) -> float:
+        if step < p.teacher_temp_warmup:
+            return p.teacher_temp_start + (p.teacher_temp - p.teacher_temp_start) * step / p.teacher_temp_warmup
+        return p.teacher_temp
+
+    def evaluate() -> float:
+        teacher.eval()
+        return attention_quality(lambda x: dino_cls_attention(teacher.backbone, x), MEAN, STD, eval_images, foreground,
+                                 p.attention_mass)
+
+    start = time.time()
+    history: list[dict] = []
+    out_dir = Path(out_dir)
+    resume_path = out_dir / RESUME_FILE
+    # Thread count changes speed, not the run, so a run may resume with more or fewer threads.
+    run_id = {"config": export_config(p, demo.image_size), "params": {k: v for k, v in asdict(p).items() if k != "threads"},
+              "demo_params": asdict(demo)}
+    first = 0
+    if resume_path.is_file():
+        saved = torch.load(resume_path, map_location="cpu", weights_only=False)
+        if saved["run"] == run_id:
+            student.load_state_dict(saved["student"])
+            teacher.load_state_dict(saved["teacher"])
+            optimiser.load_state_dict(saved["optimiser"])
+            centre = saved["centre"]
+            first, history = saved["step"], saved["history"]
+            start -= saved["seconds"]
+            print(f"demo DINO: resuming from {resume_path} at step {first}", flush=True)
+    losses, entropies = [], []
+    bar = tqdm(range(first, p.steps), initial=first, total=p.steps, desc="demo DINO", disable=not progress)
+    for step in bar:
+        student.train()
+        # Each step's draws depend on (seed, step) alone, so a resumed run is the same run.
+        rng = np.random.default_rng([p.seed, 11, step])
+        samples = [render_sample(demo, "dino_train", step * p.batch_size + i) for i in range(p.batch_size)]
+        images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
+        crops = views(images, rng, p)
+        for group in optimiser.param_groups:
+            group["lr"] = lr_at(step)
+        optimiser.param_groups[0]["weight_decay"] = cosine(step, p.steps, p.weight_decay, p.weight_decay_end)
+        with torch.no_grad():
+            teacher_out = teacher(crops[:2])
+        student_out = student(crops)
+        temp = teacher_temp_at(step)
+        loss = dino_loss(student_out, teacher_out, centre, p.student_temp, temp)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        if p.clip_grad > 0:
+            nn.utils.clip_grad_norm_(student.parameters(), p.clip_grad)
+        if step < p.freeze_last_layer:  # DINO keeps the prototypes fixed at first: it stabilises the start
+            student.head.prototypes.grad = None
+        optimiser.step()
+        with torch.no_grad():
+            m = cosine(step, p.steps, p.teacher_momentum, 1.0)
+            torch._foreach_mul_(list(teacher.parameters()), m)
+            torch._foreach_add_(list(teacher.parameters()), list(student.parameters()), alpha=1 - m)
+            # Entropy of the targets just used: near log K means the teacher is flat, near 0 one-hot.
+            target = F.softmax((teacher_out - centre) / temp, dim=-1)
+            entropies.append(float(-(target * target.clamp(min=1e-12).log()).sum(-1).mean()))
+            centre = p.centre_momentum * centre + (1 - p.centre_momentum) * teacher_out.mean(dim=0)
+        losses.append(float(loss.item()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if (step + 1) % eval_every == 0 or step + 1 == p.steps:
+            history.append({"step": step + 1, "loss": float(np.mean(losses)), "teacher_entropy": float(np.mean(entropies)),
+                            "attention_iou": evaluate(), "seconds": round(time.time() - start, 1)})
+            losses, entropies = [], []
+            print(json.dumps(history[-1]), flush=True)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(resume_path) as tmp:
+                torch.save({"run": run_id, "student": student.state_dict(), "teacher": teacher.state_dict(),
+                            "optimiser": optimiser.state_dict(), "centre": centre, "step": step + 1,
+                            "history": history, "seconds": time.time() - start}, tmp)
+    wall = round(time.time() - start, 1)
+    save(out_dir, teacher.backbone, export_config(p, demo.image_size))
+    # The figures are those of the saved fp16 weights, loaded the way the pipeline loads them.
+    dino = load_dino("demo", demo_dir=out_dir)
+    quality = {"dino": attention_quality(lambda x: dino_cls_attention(dino, x), MEAN, STD, eval_images, foreground,
+                                         p.attention_mass)}
+    if clip_dir is not None:
+        clip = load_clip("demo", demo_dir=clip_dir)[0]
+        quality["clip"] = attention_quality(lambda x: clip_cls_attention(clip.visual, x), *clip_normalisation(clip),
+                                            eval_images, foreground, p.attention_mass)
+    provenance = {
+        "config": export_config(p, demo.image_size),
+        "params": asdict(p),
+        "demo_params": asdict(demo),
+        "seed": p.seed,
+        "steps": p.steps,
+        "device": f"cpu ({cpu_name()}, {p.threads} thread{'s' if p.threads > 1 else ''})",
+        "wall_seconds": wall,
+        "attention_iou": quality,
+        "attention_protocol": (f"last-block CLS-to-patch attention averaged over heads; per image, the patches holding "
+                               f"{p.attention_mass:.0%} of its mass (largest first) upsampled by nearest neighbour to "
+                               f"{demo.image_size}x{demo.image_size}; IoU with the foreground (label > 0), averaged over "
+                               f"the first {p.eval_images} images of the dino_eval stream; the fp16 weights as saved"),
+        "history": history,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
+    write_json(out_dir / "provenance.json", provenance)
+    resume_path.unlink(missing_ok=True)
+    return provenance
+
+
+def save(out_dir: str | Path, backbone: nn.Module, config: dict) -> None:
+    """Write the timm folder: config.json and the weights (provenance.json is the caller's)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # fp16 halves the committed file; timm's loader copies it into the model's fp32 parameters.
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in backbone.state_dict().items()}
+    write_json(out_dir / CONFIG_FILE, config)
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
