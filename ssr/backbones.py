@@ -174,9 +174,12 @@ def encode_prompts(model, tokenizer, names: list[str], template: str) -> torch.T
 
 # ---------------------------------------------------------------- DINO (timm)
 
-def load_dino(model_name: str, *, pretrained: bool = True, demo_dir: str | Path | None = None, device="cpu") -> nn.Module:
+def load_dino(model_name: str, *, pretrained: bool = True, weights: str | Path | None = None, demo_dir: str | Path | None = None,
+              device="cpu") -> nn.Module:
     """A frozen timm ViT (e.g. `vit_small_patch16_224.dino`) accepting any input size.
 
+    `weights`: a local weights file for `model_name`, read by timm's own pretrained loader
+    instead of its download (a mirrored checkpoint, or the random weights of a test).
     model_name "demo" loads the committed tiny DINO folder (`demo_dir`, default the
     installed copy): its config.json names the architecture, its sizes and the
     pretrained cfg, and timm's pretrained loader reads the weights file it points to.
@@ -184,13 +187,18 @@ def load_dino(model_name: str, *, pretrained: bool = True, demo_dir: str | Path 
     import timm
 
     if model_name == "demo":
-        demo_dir = Path(demo_dir) if demo_dir is not None else Path(__file__).parent / "assets" / "demo_dino"
+        demo_dir = Path(demo_dir) if demo_dir is not None else demo_asset_dir("demo_dino")
         if not (demo_dir / "config.json").is_file() or not (demo_dir / "model.safetensors").is_file():
             raise FileNotFoundError(f"{demo_dir}: no demo DINO weights (run `ssr demo-dino`)")
         cfg = json.loads((demo_dir / "config.json").read_text())
         overlay = {**cfg["pretrained_cfg"], "file": str(demo_dir / "model.safetensors")}
         kwargs = {**cfg["model_args"], "num_classes": 0, "dynamic_img_size": True}
         model = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    elif weights:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"{weights}: DINO weights file not found")
+        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, num_classes=0,
+                                  dynamic_img_size=True)
     else:
         model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True)
     return model.to(device).eval().requires_grad_(False)
@@ -198,8 +206,10 @@ def load_dino(model_name: str, *, pretrained: bool = True, demo_dir: str | Path 
 
 def dino_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean and std in the model's pretrained cfg (ImageNet's where it names none)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
 
 
 @torch.no_grad()

@@ -121,6 +121,7 @@ class DatasetParams:
     clip_model: str
     clip_pretrained: str
     dino_model: str
+    dino_weights: str = ""
     prompt_names: list[str] = _f([])
     long_side: int = _f(512, 16)
     cam_weighting: str = _f("gradcam", choices=CAM_WEIGHTINGS)

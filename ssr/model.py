@@ -83,7 +83,7 @@ def build_backbones(ds: DatasetParams, class_names: list[str], *, demo_clip_dir:
     if clip is None:
         clip, tokenizer = load_clip(ds.clip_model, ds.clip_pretrained, demo_dir=demo_clip_dir, device=device)
     if dino is None and ds.dino_model:
-        dino = load_dino(ds.dino_model, device=device, **({"demo_dir": demo_dino_dir} if ds.dino_model == "demo" else {}))
+        dino = load_dino(ds.dino_model, weights=ds.dino_weights or None, demo_dir=demo_dino_dir, device=device)
     names = ds.prompt_name_list(class_names) + list(ds.background_prompts)
     text = encode_prompts(clip, tokenizer, names, ds.prompt_template)
     mean, std = clip_normalisation(clip)
