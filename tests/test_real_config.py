@@ -37,7 +37,7 @@ import json, resource, sys, time
 from ssr.cli import main
 tic = time.time()
 code = main(sys.argv[2:])
-entry = {"stage": sys.argv[3], "seconds": round(time.time() - tic, 1), "exit": code,
+entry = {"stage": sys.argv[2], "seconds": round(time.time() - tic, 1), "exit": code,
          "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 with open(sys.argv[1], "a") as f:
     f.write(json.dumps(entry) + "\\n")
