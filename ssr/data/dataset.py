@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, read_image, read_label_png
 from ssr.superpixels import RegionMaps
@@ -133,11 +133,12 @@ class TrainCrops(WeakLabelDataset):
         crops.update({name: _scaled_window(m, size, top, left, c, Image.NEAREST, fill) for name, (m, fill) in maps.items()})
         if flip:
             crops = {name: crop[:, ::-1] for name, crop in crops.items()}
-        # numpy rather than torch for the conversions: torch's intra-op threads cost more
-        # than they save on arrays this small (and contend with each other in the main process)
-        pixels = crops.pop("image").astype(np.float32)
+        # numpy rather than torch for the conversions: torch's intra-op threads cost more than
+        # they save on arrays this small. Channels first in memory too, so that collating a
+        # batch is a plain copy rather than a transpose.
+        pixels = crops.pop("image").transpose(2, 0, 1).astype(np.float32, order="C")
         pixels /= 255
-        item = {"image": torch.from_numpy(pixels).permute(2, 0, 1)}
+        item = {"image": torch.from_numpy(pixels)}
         item.update({name: torch.from_numpy(crop.astype(np.int64)) for name, crop in crops.items()})
         item.update(labels=list(self.labels[image_id]), id=image_id)
         return item
@@ -178,7 +179,9 @@ def collate(items: list[dict]) -> dict:
     for key in items[0]:
         values = [item[key] for item in items]
         if isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
-            out[key] = torch.stack(values)
+            # in a DataLoader worker, torch's own collate stacks straight into shared memory,
+            # sparing a copy of the whole batch on its way to the main process
+            out[key] = default_collate(values)
         else:
             out[key] = values
     return out
