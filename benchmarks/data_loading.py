@@ -42,7 +42,7 @@ from superpixels import cpu_info, sample_photos  # noqa: E402  (benchmarks/super
 
 from ssr.config import load_params  # noqa: E402
 from ssr.data.dataset import TrainCrops, collate  # noqa: E402
-from ssr.data.layout import IGNORE_INDEX, DatasetLayout, write_image, write_json, write_label_png  # noqa: E402
+from ssr.data.layout import IGNORE_INDEX, DatasetLayout, atomic_path, write_image, write_json, write_label_png  # noqa: E402
 from ssr.superpixels import RegionMaps, build_superpixels  # noqa: E402
 from ssr.train import ResumableSampler  # noqa: E402
 
@@ -121,8 +121,8 @@ def main() -> None:
 
     line = json.dumps(result)
     print(line)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(line + "\n")
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(line + "\n")
 
 
 if __name__ == "__main__":

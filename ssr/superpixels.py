@@ -12,7 +12,7 @@ image id, with the parameters as file attributes:
 
 Two SLIC implementations (`backend`):
     skimage  scikit-image's `slic` (10 iterations), the reference;
-    opencv   OpenCV contrib's `ximgproc` SLIC on the same CIELAB input, 4 iterations and
+    opencv   OpenCV contrib's `ximgproc` SLIC on the same CIELAB input, 3 iterations and
              OpenCV's default minimum segment size; several times faster, and its
              maps measure as good on ground truth (benchmarks/superpixels.py).
 
@@ -39,9 +39,9 @@ METHOD = "slic+kmeans-lab"
 BACKENDS = ("skimage", "opencv")
 MAX_CLUSTERS = 256  # region ids are stored as uint8
 
-# OpenCV SLIC runs a fixed number of iterations, each about a sixth of a map's cost; on the
-# demo masks 4 score as well as 10 (benchmarks/superpixels.py), better than scikit-image's 10.
-OPENCV_ITERATIONS = 4
+# OpenCV SLIC runs a fixed number of iterations, each about a fifth of a map's cost; on the
+# demo masks 3 score as well as 10 and better than scikit-image's 10 (benchmarks/superpixels.py).
+OPENCV_ITERATIONS = 3
 # Segments under this percentage of the grid cell are merged into a neighbour (OpenCV's default;
 # scikit-image merges under 50%, which swallows thin object parts).
 OPENCV_MIN_SIZE_PERCENT = 25

@@ -41,9 +41,11 @@ def _scaled_window(image: Image.Image, size: tuple[int, int], top: int, left: in
                    fill: int) -> np.ndarray:
     """The (crop, crop) window at (top, left) of `image` resized to `size` (h, w), `fill` past its edges.
 
-    Only the window is resampled: PIL maps the output pixels through `box` onto the
-    source with the same filter centres and weights as a resize of the whole image, at
-    a fraction of the cost when the image is scaled up. Returns (crop, crop[, 3]) uint8.
+    Only the window is resampled, at a fraction of the cost of resizing the whole image
+    when it is scaled up: PIL maps the output pixels through `box` onto the source with
+    the filter centres and weights of the whole resize, up to its float32 box coordinates
+    (sample positions move by under 1e-4 px: bilinear values by at most 2 levels, nearest
+    picks only where a sample sits on a pixel boundary). Returns (crop, crop[, 3]) uint8.
     """
     h, w = size
     rows, cols = min(crop, h - top), min(crop, w - left)
