@@ -123,6 +123,20 @@ def test_region_ids_are_bounded_deterministic_and_follow_superpixels(backend):
         region_map(image[..., 0], 30, 10.0, 3, 0, backend)
 
 
+def test_opencv_maps_do_not_depend_on_opencv_threads():
+    # workers > 1 run OpenCV single-threaded, an in-process run with its default threads, and
+    # `workers` is not a file attribute: the maps must be the same either way
+    image = _scene(6, (150, 200))
+    threads = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(1)
+        single = region_map(image, 100, 10.0, 8, 0, "opencv")
+        cv2.setNumThreads(4)
+        np.testing.assert_array_equal(region_map(image, 100, 10.0, 8, 0, "opencv"), single)
+    finally:
+        cv2.setNumThreads(threads)
+
+
 def test_opencv_handles_images_smaller_than_a_grid_cell():
     rng = np.random.default_rng(0)
     for size in ((1, 1), (1, 7), (3, 40), (40, 3), (5, 5)):
