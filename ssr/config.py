@@ -162,6 +162,7 @@ class SuperpixelParams:
     n_clusters: int = _f(8, 1)
     seed: int = _f(0, 0)
     workers: int = _f(2, 1)
+    backend: str = _f("opencv", choices=("skimage", "opencv"))
 
 
 @dataclass(frozen=True)

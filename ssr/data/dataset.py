@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, read_image, read_label_png
 from ssr.superpixels import RegionMaps
@@ -25,6 +25,36 @@ def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarr
     """Resize an (H, W[, 3]) uint8 array to size (h, w)."""
     image = Image.fromarray(array)
     return np.array(image.resize((size[1], size[0]), Image.NEAREST if nearest else Image.BILINEAR))
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    """Decode an image file into an RGB PIL image; a corrupt or truncated file raises DatasetError."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(f"{path}: cannot read image ({err})") from err
+
+
+def _scaled_window(image: Image.Image, size: tuple[int, int], top: int, left: int, crop: int, resample: int,
+                   fill: int) -> np.ndarray:
+    """The (crop, crop) window at (top, left) of `image` resized to `size` (h, w), `fill` past its edges.
+
+    Only the window is resampled, at a fraction of the cost of resizing the whole image
+    when it is scaled up: PIL maps the output pixels through `box` onto the source with
+    the filter centres and weights of the whole resize, up to its float32 box coordinates
+    (sample positions move by under 1e-4 px: bilinear values by at most 2 levels, nearest
+    picks only where a sample sits on a pixel boundary). Returns (crop, crop[, 3]) uint8.
+    """
+    h, w = size
+    rows, cols = min(crop, h - top), min(crop, w - left)
+    sy, sx = image.height / h, image.width / w
+    box = (left * sx, top * sy, (left + cols) * sx, (top + rows) * sy)
+    window = np.asarray(image.resize((cols, rows), resample, box=box))
+    out = np.full((crop, crop) + window.shape[2:], fill, np.uint8)
+    out[:rows, :cols] = window
+    return out
 
 
 def snap_size(height: int, width: int, long_side: int, multiple: int) -> tuple[int, int]:
@@ -76,8 +106,10 @@ class WeakLabelDataset(Dataset):
 class TrainCrops(WeakLabelDataset):
     """Random scale, crop and flip of image and region map together.
 
-    Item: image (3, crop, crop) float in [0, 1], region map (crop, crop) long,
-    weak labels (list of 1-based classes), id.
+    Item: image (3, crop, crop) float in [0, 1] (zero padding), region map (crop, crop) long
+    (padding REGION_PAD), weak labels (list of 1-based classes), id; with `with_gt`, also
+    "gt": the ground-truth label crop (crop, crop) long (padding 255), resized with nearest
+    neighbours exactly like the region map.
     """
 
     def __init__(self, root, split, *, crop_size: int, scale_min: float, scale_max: float, superpixels=None, seed: int = 0,
@@ -91,35 +123,30 @@ class TrainCrops(WeakLabelDataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         image_id = self.ids[index]
         rng = np.random.default_rng([self.seed, epoch, index])
-        image = read_image(self.layout.image_path(image_id))
-        regions = self.region_map(image_id, image.shape[:2])
-        gt = self.ground_truth(image_id, image.shape[:2]) if self.with_gt else None
+        image = _open_rgb(self.layout.image_path(image_id))
+        shape = (image.height, image.width)
+        maps = {"regions": (Image.fromarray(self.region_map(image_id, shape)), REGION_PAD)}
+        if self.with_gt:
+            maps["gt"] = (Image.fromarray(self.ground_truth(image_id, shape)), IGNORE_INDEX)
         scale = rng.uniform(self.scale_min, self.scale_max)
-        size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
-        image, regions = _resize(image, size, False), _resize(regions, size, True)
+        size = (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
         c = self.crop_size
-        padded = np.zeros((max(c, size[0]), max(c, size[1]), 3), np.uint8)
-        padded_regions = np.full(padded.shape[:2], REGION_PAD, np.uint8)
-        padded[: size[0], : size[1]], padded_regions[: size[0], : size[1]] = image, regions
-        top = int(rng.integers(0, padded.shape[0] - c + 1))
-        left = int(rng.integers(0, padded.shape[1] - c + 1))
+        top = int(rng.integers(0, max(c, size[0]) - c + 1))
+        left = int(rng.integers(0, max(c, size[1]) - c + 1))
         flip = rng.random() < 0.5
-        item = {"image": padded[top: top + c, left: left + c], "regions": padded_regions[top: top + c, left: left + c]}
-        if gt is not None:
-            padded_gt = np.full(padded.shape[:2], IGNORE_INDEX, np.uint8)
-            padded_gt[: size[0], : size[1]] = _resize(gt, size, True)
-            item["gt"] = padded_gt[top: top + c, left: left + c]
+        crops = {"image": _scaled_window(image, size, top, left, c, Image.BILINEAR, 0)}
+        crops.update({name: _scaled_window(m, size, top, left, c, Image.NEAREST, fill) for name, (m, fill) in maps.items()})
         if flip:
-            item = {k: v[:, ::-1] for k, v in item.items()}
-        out = {
-            "image": torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).float() / 255,
-            "regions": torch.from_numpy(np.ascontiguousarray(item["regions"])).long(),
-            "labels": list(self.labels[image_id]),
-            "id": image_id,
-        }
-        if gt is not None:
-            out["gt"] = torch.from_numpy(np.ascontiguousarray(item["gt"])).long()
-        return out
+            crops = {name: crop[:, ::-1] for name, crop in crops.items()}
+        # numpy rather than torch for the conversions: torch's intra-op threads cost more than
+        # they save on arrays this small. Channels first in memory too, so that collating a
+        # batch is a plain copy rather than a transpose.
+        pixels = crops.pop("image").transpose(2, 0, 1).astype(np.float32, order="C")
+        pixels /= 255
+        item = {"image": torch.from_numpy(pixels)}
+        item.update({name: torch.from_numpy(crop.astype(np.int64)) for name, crop in crops.items()})
+        item.update(labels=list(self.labels[image_id]), id=image_id)
+        return item
 
 
 class WholeImages(WeakLabelDataset):
@@ -162,7 +189,9 @@ def collate(items: list[dict]) -> dict:
     for key in items[0]:
         values = [item[key] for item in items]
         if isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
-            out[key] = torch.stack(values)
+            # in a DataLoader worker, torch's own collate stacks straight into shared memory,
+            # sparing a copy of the whole batch on its way to the main process
+            out[key] = default_collate(values)
         else:
             out[key] = values
     return out
