@@ -8,8 +8,8 @@ and scale range, its micro-batch, `ResumableSampler` keys, `collate`; one torch 
 this process, as in a training process whose GPU does the work.
 
 For each worker count (default 0, 1, 2) it times `--batches` batches after the first (which
-pays the workers' start-up) and reports images/s. From the one-worker rate it reports how many
-workers, one free core each, keep up with a GPU step rate of `--target-images-per-second`.
+pays the workers' start-up) and reports images/s. From the best rate per worker it reports how
+many workers, one free core each, keep up with a GPU step rate of `--target-images-per-second`.
 
     PYTHONPATH=. python benchmarks/data_loading.py [--images 64] [--batches 30] [--workers 0 1 2]
                                                    [--target-images-per-second 2000] [--with-gt]
@@ -113,8 +113,9 @@ def main() -> None:
         for workers in args.workers:
             result[f"workers_{workers}_images_per_second"] = images_per_second(data, workers, micro, args.batches)
     result["load_average_after"] = os.getloadavg()[0]
-    if 1 in args.workers:
-        per_worker = result["workers_1_images_per_second"]
+    # the best rate per worker measured: one worker alone also waits on each hand-over
+    per_worker = max((result[f"workers_{n}_images_per_second"] / n for n in args.workers if n > 0), default=None)
+    if per_worker:
         result["ms_per_image_per_worker"] = 1000 / per_worker
         result["target_images_per_second"] = args.target_images_per_second
         result["workers_needed_for_target"] = math.ceil(args.target_images_per_second / per_worker)
