@@ -36,7 +36,8 @@ from ssr.affinity import average_attention, fuse_attention, propagate  # noqa: E
 from ssr.backbones import clip_visual_forward, dino_last_attention  # noqa: E402
 from ssr.cam import class_slots, minmax_normalise  # noqa: E402
 from ssr.data.voc import VOC_CLASSES  # noqa: E402
-from ssr.model import eval_mode, normalise, refined_cams  # noqa: E402
+from ssr.data.transforms import normalise  # noqa: E402
+from ssr.model import eval_mode, refined_cams  # noqa: E402
 from ssr.sgc import sgc_mask  # noqa: E402
 
 

@@ -34,8 +34,6 @@ JSON records the load average before and after.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -49,10 +47,13 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from emit import emit  # noqa: E402
 
 from ssr.config import load_params  # noqa: E402
 from ssr.data.demo import render_sample  # noqa: E402
-from ssr.data.layout import atomic_path, read_image, write_image  # noqa: E402
+from ssr.data.layout import read_image, write_image  # noqa: E402
 from ssr.superpixels import BACKENDS, backend_version, build_superpixels, region_map, stretched_lab  # noqa: E402
 
 VOC_SIZE = (375, 500)
@@ -138,7 +139,7 @@ def measure_speed(paths: list[tuple[str, Path]], params, workers: int, repeats: 
     def stage(backend, n, count):
         def run():
             out = scratch / f"{backend}_{n}.h5"
-            build_superpixels(paths[:count], out, dataclasses.replace(params, backend=backend, workers=n), progress=False)
+            build_superpixels(paths[:count], out, params.model_copy(update={"backend": backend, "workers": n}), progress=False)
             out.unlink()
         return run
 
@@ -220,11 +221,7 @@ def main() -> None:
         result[f"{name}_fixed_seconds"] = full - args.images * steady
     result["load_average_after_speed"] = os.getloadavg()[0]
     result.update(measure_quality(photos[:24], params, all_params.demo, args.demo_images))
-
-    line = json.dumps(result)
-    print(line)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(line + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from configs import REPO, build, device_name, emit, fill_bank, synthetic_batch
+from configs import build, device_name, emit, fill_bank, synthetic_batch
 
 from ssr.train import build_optimiser, optimiser_step  # noqa: E402  (configs puts the repo on sys.path)
 
@@ -62,8 +61,8 @@ class Setup:
     def __init__(self, kind, device, micro, crop, accumulation, classes_per_image, amp, fused_adamw=False, par=None):
         self.params, self.backbones, self.model = build(kind, device)
         if par is not None:     # switch WeCLIP's PAR refinement of the online labels on or off (to see its cost)
-            voc = dataclasses.replace(self.params.dataset("voc"), par=par)
-            self.params = dataclasses.replace(self.params, datasets={**self.params.datasets, "voc": voc})
+            voc = self.params.dataset("voc").model_copy(update={"par": par})
+            self.params = self.params.model_copy(update={"datasets": {**self.params.datasets, "voc": voc}})
         gen = torch.Generator().manual_seed(0)
         fill_bank(self.model, gen)
         self.preset = self.params.preset("voc")

@@ -1,4 +1,4 @@
-"""Initial CAMs: CLIP-ES softmax GradCAM with background prompts (DESIGN 4.2).
+"""Initial CAMs: CLIP-ES softmax GradCAM with background prompts (CLIP-ES, Lin et al. CVPR 2023, which the paper follows).
 
 Images in a batch never interact in the CLIP forward pass, so the gradient of
 `sum_b p[b, slot_b]` with respect to the batch's activations is, for image b,
@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssr.config import CAM_WEIGHTINGS
+# gradcam's ways of weighting activations by gradients (datasets.{ds}.cam_weighting): GradCAM averages
+# the gradient over patches (CLIP-ES, the paper); HiResCAM weights each patch by its own gradient.
+CAM_WEIGHTINGS = ("gradcam", "hirescam")
 
 
 def class_slots(labels: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""WeCLIP-style segmentation decoder on frozen CLIP tokens (DESIGN 4.5)."""
+"""WeCLIP-style segmentation decoder on frozen CLIP tokens (WeCLIP, Zhang et al. CVPR 2024, which SSR builds on)."""
 
 from __future__ import annotations
 

@@ -54,6 +54,16 @@ def _bare(ax) -> None:
     ax.set_yticks([])
 
 
+def _panel(ax, name: str, panel: np.ndarray | None) -> None:
+    """An image or label-colour panel titled `name`; "none" where there is nothing to show (no ground truth)."""
+    _bare(ax)
+    ax.set_title(name)
+    if panel is None:
+        ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.imshow(panel, interpolation="nearest")
+
+
 def _legend(fig: Figure, handles: list[Patch]) -> None:
     # below the panels, in rows: the title above stays clear whatever its length
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), title="classes", frameon=False)
@@ -103,13 +113,7 @@ def cam_figure(image: np.ndarray, gt: np.ndarray | None, label: np.ndarray, cams
     grid = fig.add_gridspec(1 + len(groups), columns)
     header = [("image", image), ("ground truth", None if gt is None else colourise(gt)), ("pseudo-label", colourise(label))]
     for k, (name, panel) in enumerate(header):
-        ax = fig.add_subplot(grid[0, k])
-        _bare(ax)
-        ax.set_title(name)
-        if panel is None:
-            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
-        else:
-            ax.imshow(panel, interpolation="nearest")
+        _panel(fig.add_subplot(grid[0, k]), name, panel)
     heat = None
     cam_axes = []
     for r, (row, names) in enumerate(groups.items(), start=1):
@@ -144,13 +148,7 @@ def prediction_figure(image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray
         panels.append(("after DenseCRF", colourise(pred_crf)))
     fig = Figure(figsize=(PANEL_INCHES * len(panels) + 1.6, PANEL_INCHES + 0.6), layout="constrained")
     for k, (name, panel) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
-        _bare(ax)
-        ax.set_title(name)
-        if panel is None:
-            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
-        else:
-            ax.imshow(panel, interpolation="nearest")
+        _panel(fig.add_subplot(1, len(panels), k + 1), name, panel)
     _legend(fig, class_legend(_present(gt, pred, pred_crf), class_names))
     if title:
         fig.suptitle(title, fontsize="medium")

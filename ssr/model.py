@@ -30,6 +30,7 @@ from ssr.cam import gradcam, present_class_probs
 from ssr.cmpa import PrototypeBank, Temperature, build_head
 from ssr.config import AffinityParams, CmpaParams, DatasetParams, PseudoLabelParams, SgcParams
 from ssr.data.layout import IGNORE_INDEX
+from ssr.data.transforms import normalise
 from ssr.decoder import SegDecoder
 from ssr.par import par_refine
 from ssr.sgc import sgc_mask
@@ -153,11 +154,6 @@ def eval_mode(*modules: nn.Module):
     finally:
         for m, state in zip(modules, states):
             m.train(state)
-
-
-def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> normalised with a backbone's own statistics."""
-    return (images - mean) / std
 
 
 @dataclass

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ssr.cam import class_slots
 from ssr.config import Params
@@ -23,6 +22,7 @@ from ssr.data.layout import write_label_png
 from ssr.figures import ROW_TITLES, FigureCandidates, cam_figure, figure_name, replace_figures
 from ssr.metrics import confusion_matrix, format_table, iou_key, segmentation_scores
 from ssr.model import ABLATION_ROWS, SSR, FrozenBackbones, cams_to_labels, initial_cams, refined_cams
+from ssr.progress import progress_bar
 
 SCORE_KEYS = ("miou", "precision", "recall", "confusion_ratio", "class_swap_ratio")
 FIGURE_ROWS = (*ABLATION_ROWS, "method")  # Table 3's rows; the figures leave Table 4's plain-CLIP CAM out
@@ -47,7 +47,7 @@ def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: P
     model.eval()
     ids = [i for i in sorted(data.ids) if export_dir is not None or score_ids is None or i in score_ids]
     index = {image_id: k for k, image_id in enumerate(data.ids)}
-    bar = tqdm(total=len(ids), desc=f"seeds {split}", disable=not progress)
+    bar = progress_bar(total=len(ids), desc=f"seeds {split}", progress=progress)
     for start in range(0, len(ids), batch_size):
         items = [data[index[i]] for i in ids[start:start + batch_size]]
         groups: dict[tuple, list] = {}

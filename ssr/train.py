@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
-from tqdm import tqdm
 
 from ssr.cam import class_slots
 from ssr.checkpoint import save_model
@@ -40,6 +39,8 @@ from ssr.data.dataset import TrainCrops, collate
 from ssr.data.layout import IGNORE_INDEX, atomic_path
 from ssr.decoder import affinity_loss_sums, affinity_pairs
 from ssr.model import SSR, FrozenBackbones, ModelDims, cams_to_labels, eval_mode, initial_cams, refined_cams
+from ssr.progress import progress_bar
+from ssr.schedules import poly
 
 
 class NonFiniteLoss(RuntimeError):
@@ -77,10 +78,7 @@ class TrainState:
 
 def lr_at(iteration: int, preset: PresetParams) -> float:
     """Linear warmup, then poly decay (power 0.9) to zero at the last iteration."""
-    if iteration < preset.warmup:
-        return preset.lr * (iteration + 1) / preset.warmup
-    progress = (iteration - preset.warmup) / max(1, preset.iterations - preset.warmup)
-    return preset.lr * (1 - min(progress, 1.0)) ** 0.9
+    return poly(iteration, preset.iterations, preset.lr, warmup=preset.warmup)
 
 
 def build_optimiser(model: SSR, preset: PresetParams) -> torch.optim.Optimizer:
@@ -490,8 +488,8 @@ def _run(trainer: Trainer, stop_after: int | None) -> dict:
     batches = iter(trainer.loader(state.iteration * preset.accumulation))
     end = preset.iterations if stop_after is None else min(preset.iterations, stop_after)
     first = state.iteration
-    bar = tqdm(total=preset.iterations, initial=first, desc=f"train {trainer.dataset} {trainer.run} seed {trainer.seed}",
-               disable=not trainer.progress)
+    bar = progress_bar(total=preset.iterations, initial=first, desc=f"train {trainer.dataset} {trainer.run} seed {trainer.seed}",
+                       progress=trainer.progress)
     model.train()
     tic = run_start = time.time()
     try:

@@ -81,8 +81,7 @@ def test_prepare_from_archive_zips_never_downloads(tmp_path, zips):
     for path in zips.values():
         shutil.copy(path, archives)
     params = _params(zips, missing_dir=tmp_path / "no-server")
-    prepare_coco(tmp_path / "coco", params, archives=archives, cache_dir=tmp_path / "cache", progress=False,
-                 workers=2)
+    prepare_coco(tmp_path / "coco", params, archives=archives, cache_dir=tmp_path / "cache", progress=False)
     _check_layout(tmp_path / "coco")
 
 

@@ -1,4 +1,4 @@
-"""The demo dataset (DESIGN 5) is written in the canonical layout and is a pure function of its params."""
+"""The demo dataset (README, "The offline demo") is written in the canonical layout and is a pure function of its params."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-equation tests of the refinement path (DESIGN 4.3-4.4, paper Eq. 1-11) on hand-made tensors.
+"""Per-equation tests of the refinement path (SGC and CMPA, paper Eq. 1-11) on hand-made tensors.
 
 Every expected value is computed independently in the test (explicit loops,
 the documented formula written out), never copied from the implementation.

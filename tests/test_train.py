@@ -9,7 +9,6 @@ Nothing from a library is mocked: the only monkeypatches wrap `ssr` functions
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import signal
@@ -310,7 +309,7 @@ def test_cli_diverging_run_exits_non_zero_with_a_clear_message(demo, capsys):
 
 
 def test_lr_is_linear_warmup_then_poly_decay(demo):
-    preset = dataclasses.replace(demo("lr")[1].preset("demo"), lr=2e-3, warmup=5, iterations=50)
+    preset = demo("lr")[1].preset("demo").model_copy(update={"lr": 2e-3, "warmup": 5, "iterations": 50})
     for i in range(5):
         assert lr_at(i, preset) == pytest.approx(2e-3 * (i + 1) / 5, rel=1e-12)
     for i in range(5, 51):
@@ -320,7 +319,7 @@ def test_lr_is_linear_warmup_then_poly_decay(demo):
     assert all(lr_at(i, preset) > 0 for i in range(50))
     decay = [lr_at(i, preset) for i in range(5, 51)]
     assert all(a > b for a, b in zip(decay, decay[1:]))
-    no_warmup = dataclasses.replace(preset, warmup=0)
+    no_warmup = preset.model_copy(update={"warmup": 0})
     assert lr_at(0, no_warmup) == pytest.approx(2e-3) and lr_at(25, no_warmup) == pytest.approx(2e-3 * 0.5 ** 0.9)
 
 
