@@ -57,7 +57,7 @@ def build_dataset(root: Path, count: int, superpixel_params) -> None:
     """
     layout = DatasetLayout(root)
     ids = [f"{k:05d}" for k in range(count)]
-    for image_id, photo in zip(ids, sample_photos(count)):
+    for image_id, photo in zip(ids, sample_photos(count), strict=True):
         write_image(layout.images_dir / f"{image_id}.jpg", photo, quality=90)
     build_superpixels([(i, layout.images_dir / f"{i}.jpg") for i in ids], layout.superpixels_path, superpixel_params,
                       progress=False)

@@ -163,7 +163,8 @@ def measure_quality(photos: list[np.ndarray], params, demo_params, demo_images: 
     out = {"demo_images": len(demo), "photos": len(photos)}
     reference = [region_map(x, p.n_segments, p.compactness, p.n_clusters, p.seed, "skimage") for x in photos]
     reseeded = [region_map(x, p.n_segments, p.compactness, p.n_clusters, p.seed + 1, "skimage") for x in photos]
-    out["photo_ari_skimage_seed_plus_1_vs_skimage"] = float(np.mean([adjusted_rand_index(a, b) for a, b in zip(reseeded, reference)]))
+    ari = [adjusted_rand_index(a, b) for a, b in zip(reseeded, reference, strict=True)]
+    out["photo_ari_skimage_seed_plus_1_vs_skimage"] = float(np.mean(ari))
     labs = [stretched_lab(x) for x in photos]
     asa = {}
     for backend in BACKENDS:
@@ -175,8 +176,10 @@ def measure_quality(photos: list[np.ndarray], params, demo_params, demo_images: 
         out[f"{backend}_demo_asa_p1"] = float(np.percentile(scores[:, 1], 1))
         out[f"{backend}_demo_asa_min"] = float(scores[:, 1].min())
         asa[backend] = scores[:, 1]
-        out[f"{backend}_photo_ari_vs_skimage"] = float(np.mean([adjusted_rand_index(a, b) for a, b in zip(maps, reference)]))
-        out[f"{backend}_photo_explained_variation"] = float(np.mean([explained_variation(m, lab) for m, lab in zip(maps, labs)]))
+        ari = [adjusted_rand_index(a, b) for a, b in zip(maps, reference, strict=True)]
+        out[f"{backend}_photo_ari_vs_skimage"] = float(np.mean(ari))
+        explained = [explained_variation(m, lab) for m, lab in zip(maps, labs, strict=True)]
+        out[f"{backend}_photo_explained_variation"] = float(np.mean(explained))
     # per image: how often one backend's ASA beats the other's by more than a point
     out["demo_images_opencv_asa_above_skimage_by_0.01"] = int((asa["opencv"] - asa["skimage"] > 0.01).sum())
     out["demo_images_opencv_asa_below_skimage_by_0.01"] = int((asa["opencv"] - asa["skimage"] < -0.01).sum())

@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 
 import torch
+from configs import build, device_name, emit, fill_bank, synthetic_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
-
-from configs import build, device_name, emit, fill_bank, synthetic_batch
 
 from ssr.train import build_optimiser, optimiser_step  # noqa: E402  (configs puts the repo on sys.path)
 
@@ -153,7 +152,8 @@ def profile_table(setup: Setup, rows: int = 15) -> tuple[str, list[dict]]:
     total = sum(getattr(e, key) for e in averages) or 1
     top = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:rows]
     table = averages.table(sort_by=key, row_limit=rows)
-    return table, [{"op": e.key, "self_ms": getattr(e, key) / 1000, "share": getattr(e, key) / total, "calls": e.count} for e in top]
+    return table, [{"op": e.key, "self_ms": getattr(e, key) / 1000, "share": getattr(e, key) / total,
+                    "calls": e.count} for e in top]
 
 
 SPEED_OPTIONS = {
@@ -203,7 +203,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-amp", action="store_true", help="float32 on CUDA (bf16 autocast otherwise; CPU is float32)")
-    ap.add_argument("--par", choices=("on", "off"), help="force PAR refinement of the online labels on or off (default: datasets.voc.par)")
+    ap.add_argument("--par", choices=("on", "off"),
+                    help="force PAR refinement of the online labels on or off (default: datasets.voc.par)")
     ap.add_argument("--profile", action="store_true", help="print the top operators of one step (first micro-batch size)")
     ap.add_argument("--compare", action="store_true", help="time the speed options against the baseline (first micro-batch size)")
     ap.add_argument("--threads", type=int)
@@ -243,8 +244,9 @@ def main(argv=None):
         report["sizes"].append(entry)
         mem = f"{entry['peak_memory_gib']:.1f} GiB" if entry["peak_memory_gib"] is not None else "n/a"
         mfu = f", MFU {100 * entry['mfu_vs_measured']:.1f}% of measured bf16" if "mfu_vs_measured" in entry else ""
-        print(f"micro-batch {micro:3d} x {args.accumulation}: {1000 * median:8.1f} ms/step, {entry['images_per_s']:8.1f} images/s, "
-              f"{entry['flops_per_image'] / 1e9:6.1f} GFLOP/image, peak {mem}{mfu}", flush=True)
+        print(f"micro-batch {micro:3d} x {args.accumulation}: {1000 * median:8.1f} ms/step, "
+              f"{entry['images_per_s']:8.1f} images/s, {entry['flops_per_image'] / 1e9:6.1f} GFLOP/image, peak {mem}{mfu}",
+              flush=True)
         if args.profile and micro == micros[0]:
             table, top = profile_table(setup)
             print(table, flush=True)

@@ -127,6 +127,7 @@ def load_model(path: str | Path, *, device="cpu", demo_clip_dir: str | Path | No
                                 demo_clip_dir=demo_clip_dir or demo_asset_dir("demo_clip"),
                                 demo_dino_dir=demo_dino_dir or demo_asset_dir("demo_dino"))
     if ModelDims.of(backbones) != model.dims:
-        raise DatasetError(f"{model_files(path)[1]}: recorded dims {model.dims} do not match the backbones {ModelDims.of(backbones)}")
+        raise DatasetError(f"{model_files(path)[1]}: recorded dims {model.dims} do not match the backbones "
+                           f"{ModelDims.of(backbones)}")
     return TrainedModel(backbones, model, config)
 

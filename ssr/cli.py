@@ -183,7 +183,8 @@ def cmd_train(args, params: Params) -> None:
     for run, runs in summaries.items():
         quality = aggregate_seeds([{k: v for k, v in s.items() if k not in TIMING_KEYS} for s in runs])
         metrics.update(quality if run == "method" else _prefixed(run, quality))
-    _write_timings(params, args.dataset, "train", {run: [{k: s[k] for k in TIMING_KEYS} for s in runs] for run, runs in summaries.items()})
+    timings = {run: [{k: s[k] for k in TIMING_KEYS} for s in runs] for run, runs in summaries.items()}
+    _write_timings(params, args.dataset, "train", timings)
     write_json(Path(params.results_root) / f"{args.dataset}_train.json", metrics)
     if not args.quiet:
         print(json.dumps(metrics, indent=1))
@@ -216,8 +217,9 @@ def cmd_pseudo_labels(args, params: Params) -> None:
                                progress=args.progress)
         for run in params.runs(args.dataset)[1:]:
             variant = params.for_run(args.dataset, run)
-            metrics.update(_prefixed(run, seed_metrics(backbones, _load_run(params, args.dataset, run, seed, device), variant, root,
-                                                       split, ds.long_side, device=device, score_ids=score_ids, rows=("cam", "method"),
+            model = _load_run(params, args.dataset, run, seed, device)
+            metrics.update(_prefixed(run, seed_metrics(backbones, model, variant, root, split, ds.long_side, device=device,
+                                                       score_ids=score_ids, rows=("cam", "method"),
                                                        progress=False)))
         per_seed.append(metrics)
         timings[f"seed{seed}"] = round(time.time() - tic, 1)
@@ -253,9 +255,11 @@ def cmd_evaluate(args, params: Params | None) -> None:
         tic = time.time()
         metrics = {}
         for run in params.runs(args.dataset):
-            scores = evaluate_model(backbones, _load_run(params, args.dataset, run, seed, device), root, ds.val_split, ds.long_side,
+            model = _load_run(params, args.dataset, run, seed, device)
+            predictions = results_dir(params, args.dataset) / "predictions" if k == 0 and run == "method" else None
+            scores = evaluate_model(backbones, model, root, ds.val_split, ds.long_side,
                                     params.infer, device=device, progress=args.progress and run == "method",
-                                    pred_dir=results_dir(params, args.dataset) / "predictions" if k == 0 and run == "method" else None,
+                                    pred_dir=predictions,
                                     autocast_dtype=_autocast(params, device))
             if run == "method":
                 metrics.update(scores)
@@ -329,7 +333,8 @@ def cmd_report(args, params: Params) -> None:
         seeds=metrics("seeds", "pseudo-labels"), miou=metrics("miou", "evaluate"), train=metrics("train", "train"),
         class_names=DatasetLayout(params.dataset_root(args.dataset)).classes(),
         variants=params.dataset(args.dataset).variants, cmpa_loss=params.cmpa.loss,
-        run_dirs={run: {seed: run_dir(params, args.dataset, run, seed) for seed in _seeds(args, params)} for run in params.runs(args.dataset)})
+        run_dirs={run: {seed: run_dir(params, args.dataset, run, seed) for seed in _seeds(args, params)}
+                  for run in params.runs(args.dataset)})
     print(f"wrote {len(written)} report files to {written[0].parent}")
 
 

@@ -202,7 +202,8 @@ class DatasetParams(Section):
             problems.append(("overrides", "may not change datasets.* (set them in the dataset itself)"))
         for run, overrides in self.variants.items():
             if run == METHOD_RUN or not re.fullmatch(r"[a-z0-9_]+", run):
-                problems.append((f"variants.{run}", f"a variant name is lower-case letters, digits and '_', and not {METHOD_RUN!r}"))
+                problems.append((f"variants.{run}",
+                                 f"a variant name is lower-case letters, digits and '_', and not {METHOD_RUN!r}"))
             if not isinstance(overrides, dict) or not overrides:
                 problems.append((f"variants.{run}", "expected a non-empty mapping of dotted params keys to values"))
             elif any(key.startswith("datasets.") for key in overrides):

@@ -102,9 +102,11 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
     model = open_clip.CLIP(**cfg)
     tokenizer = open_clip.SimpleTokenizer(context_length=p.context_length)
     loss_fn = open_clip.ClipLoss()
-    decay = [q for n, q in model.named_parameters() if q.ndim >= 2 and "token_embedding" not in n and "positional" not in n]
-    no_decay = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "token_embedding" not in n and "positional" not in n)]
-    optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
+    decays = {n: q.ndim >= 2 and "token_embedding" not in n and "positional" not in n for n, q in model.named_parameters()}
+    decay = [q for n, q in model.named_parameters() if decays[n]]
+    no_decay = [q for n, q in model.named_parameters() if not decays[n]]
+    optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=p.lr)
 
     token_cache: dict[str, torch.Tensor] = {}
     start = time.time()

@@ -22,8 +22,8 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import timm
@@ -318,7 +318,7 @@ def attention_quality(attend: Callable[[torch.Tensor], torch.Tensor], mean, std,
     attend: normalised (B, 3, H, W) -> (B, h, w) attention; mean/std: the model's statistics.
     """
     x = normalise(images, mean, std)
-    ious = [attention_iou(attend(chunk), fg, mass) for chunk, fg in zip(x.split(100), foreground.split(100))]
+    ious = [attention_iou(attend(chunk), fg, mass) for chunk, fg in zip(x.split(100), foreground.split(100), strict=True)]
     return float(torch.cat(ious).mean())
 
 

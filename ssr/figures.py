@@ -11,9 +11,9 @@ first images and the lowest-IoU ones so far, and hands back the `n` to draw at t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -165,7 +165,7 @@ def curve_figure(name: str, runs: Mapping[str, Mapping[int, tuple[np.ndarray, np
     fig = Figure(figsize=(4.5 * len(runs), 3.4), layout="constrained")
     # each run its own y scale: the variants' losses are other losses (Table 4), not the same one lower
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
-    for ax, (run, seeds) in zip(axes, runs.items()):
+    for ax, (run, seeds) in zip(axes, runs.items(), strict=True):
         for seed, (steps, values) in sorted(seeds.items()):
             ax.plot(steps, values, label=f"seed {seed}", linewidth=1)
         ax.set_title(run)

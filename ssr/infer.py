@@ -36,7 +36,8 @@ def decoder_probs(backbones: FrozenBackbones, model: SSR, image: torch.Tensor, s
         x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
         views = [x, x.flip(-1)] if flip else [x]
         batch = torch.cat(views)
-        amp = torch.autocast(image.device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(image.device.type, enabled=False)
+        amp = (torch.autocast(image.device.type, dtype=autocast_dtype) if autocast_dtype
+               else torch.autocast(image.device.type, enabled=False))
         with amp:
             visual = clip_visual_forward(backbones.clip.visual, normalise(batch, backbones.clip_mean, backbones.clip_std))
             logits, _ = model.decoder(visual.tokens[: backbones.depth - 1], visual.grid)
@@ -92,7 +93,8 @@ def predict(trained, image: np.ndarray, *, crf: bool | None = None) -> np.ndarra
         raise ValueError(f"predict: expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
     infer = trained.infer
     device = trained.backbones.text.device
-    probs = image_probs(trained.backbones, trained.model, image, trained.config["dataset_params"]["long_side"], infer, device=device)
+    probs = image_probs(trained.backbones, trained.model, image, trained.config["dataset_params"]["long_side"], infer,
+                        device=device)
     if infer.crf if crf is None else crf:
         probs = dense_crf_from_params(image, probs, infer)
     return probs.argmax(0).astype(np.uint8)

@@ -56,7 +56,8 @@ def test_help_is_fast_and_needs_no_torch():
 
 def test_logging_goes_to_stderr_once_per_command_and_quiet_keeps_warnings_only(capsys):
     log = logging.getLogger("ssr.data.download")
-    for argv, shown in ((["schema"], {"INFO", "WARNING"}), (["schema", "-q"], {"WARNING"}), (["schema", "-v"], {"DEBUG", "INFO", "WARNING"})):
+    cases = ((["schema"], {"INFO", "WARNING"}), (["schema", "-q"], {"WARNING"}), (["schema", "-v"], {"DEBUG", "INFO", "WARNING"}))
+    for argv, shown in cases:
         cli.configure_logging(*(lambda a: (a.verbose, a.quiet))(cli.build_parser().parse_args(argv)))
         log.debug("a debug line")
         log.info("an info line")
@@ -107,7 +108,8 @@ def test_missing_superpixels_and_model_name_their_stage(tmp_path, capsys):
     from ssr.data.dataset import TrainCrops
     from ssr.data.layout import DatasetError
 
-    with pytest.raises(DatasetError, match=r"superpixels\.h5: superpixels file not found \(run `ssr superpixels --dataset demo` first\)"):
+    hint = r"superpixels\.h5: superpixels file not found \(run `ssr superpixels --dataset demo` first\)"
+    with pytest.raises(DatasetError, match=hint):
         TrainCrops(tmp_path / "data" / "demo", "train", crop_size=16, scale_min=1.0, scale_max=1.0,
                    superpixels=tmp_path / "data" / "demo" / "superpixels.h5")[0]
     with pytest.raises(FileNotFoundError, match=r"model\.json: trained model not found \(run `ssr train --dataset demo` first\)"):

@@ -2,12 +2,12 @@ import json
 import re
 import shutil
 
+import archives as A
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-import archives as A
 from ssr.data.coco import ann_to_mask, prepare_coco, semantic_label
 from ssr.data.layout import DatasetError, DatasetLayout, voc_palette
 

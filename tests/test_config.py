@@ -433,10 +433,10 @@ def test_demo_seed_is_a_param():
     a = [render_sample(_demo(seed=3), "train", i) for i in range(4)]
     b = [render_sample(_demo(seed=3), "train", i) for i in range(4)]
     c = [render_sample(_demo(seed=4), "train", i) for i in range(4)]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(x.image, y.image) and np.array_equal(x.label, y.label) and x.caption == y.caption
-    assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c))
-    assert any(not np.array_equal(x.label, z.label) for x, z in zip(a, c))
+    assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c, strict=True))
+    assert any(not np.array_equal(x.label, z.label) for x, z in zip(a, c, strict=True))
     # Streams are disjoint draws for one seed.
     assert not np.array_equal(render_sample(_demo(seed=3), "val", 0).image, a[0].image)
 

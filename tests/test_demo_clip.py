@@ -61,7 +61,8 @@ def test_zero_shot_map_rewards_a_model_that_knows_the_classes(tmp_path):
     oracle = Oracle()
     oracle.logit_scale = torch.tensor(math.log(100.0))
     samples = [demo_clip.render_sample(demo, "clip_eval", i) for i in range(40)]
-    oracle.truth = torch.tensor(np.array([[(s.label == c + 1).any() for c in range(4)] + [0] * 4 for s in samples]), dtype=torch.float32)
+    oracle.truth = torch.tensor(np.array([[(s.label == c + 1).any() for c in range(4)] + [0] * 4 for s in samples]),
+                                dtype=torch.float32)
     tokenizer = lambda texts: torch.zeros(len(texts), 4)  # noqa: E731
     assert demo_clip.zero_shot_map(oracle, tokenizer, demo, 40)["map"] == pytest.approx(1.0)
     oracle.truth = torch.rand(40, 8)

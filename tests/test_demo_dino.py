@@ -112,7 +112,7 @@ def test_views_are_a_function_of_the_rng_and_have_the_right_sizes():
     a = demo_dino.views(images, np.random.default_rng(5), TINY)
     b = demo_dino.views(images, np.random.default_rng(5), TINY)
     assert [tuple(v.shape) for v in a] == [(4, 3, 64, 64)] * 2 + [(4, 3, 16, 16)] * TINY.local_crops
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], demo_dino.views(images, np.random.default_rng(6), TINY)[0])
 
 

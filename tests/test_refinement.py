@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from ssr.affinity import clip_affinity, clip_es_transform, fuse_attention, propagate, row_normalise
 from ssr.cmpa import (
-    PrototypeBank,
     ProjectionHead,
+    PrototypeBank,
     ResidualHead,
     Temperature,
     masked_average_pool,

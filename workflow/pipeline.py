@@ -272,7 +272,8 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
               metric=f"{results}/{ds}_retrain.json",
               params=(f"datasets.{ds}.train_split", f"datasets.{ds}.seeds", "retrain"),
               local=retrain_local,
-              **(job("retrain", gpu=gpu) if not retrain_local else {"threads": 1, "resources": {"mem_mb": 1000, "runtime": 5, "gpu": 0}})),
+              **(job("retrain", gpu=gpu) if not retrain_local
+                 else {"threads": 1, "resources": {"mem_mb": 1000, "runtime": 5, "gpu": 0}})),
         Stage("evaluate", ds, ssr("evaluate"),
               # The retrained segmenter is read only with retrain.enabled; the edge keeps
               # the two runners' DAGs identical either way.
@@ -311,7 +312,8 @@ def report_stage(params: dict, resources: dict, ds: str) -> Stage:
     return Stage(
         "report", ds, f"ssr report --dataset {ds} --params {PARAMS} --threads {{threads}}",
         inputs={"classes": by_rule["prepare"].outputs["classes"], "models": by_rule["train"].outputs["models"],
-                "train": metric("train"), "figures": by_rule["pseudo_labels"].outputs["figures"], "seeds": metric("pseudo_labels"),
+                "train": metric("train"), "figures": by_rule["pseudo_labels"].outputs["figures"],
+                "seeds": metric("pseudo_labels"),
                 "predictions": by_rule["evaluate"].outputs["predictions"], "miou": metric("evaluate")},
         outputs={**{name: [f"{out}/{name}.html"] for name in REPORT_TABLES}, "numbers": [f"{out}/metrics.csv"],
                  "curves": [f"{out}/curves"]},

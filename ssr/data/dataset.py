@@ -54,7 +54,8 @@ class WeakLabelDataset(Dataset):
         labels = self.layout.image_labels()
         missing = [i for i in self.ids if i not in labels]
         if missing:
-            raise DatasetError(f"{self.layout.root / 'image_labels.json'}: no labels for {len(missing)} ids of split {split!r}, e.g. {missing[0]!r}")
+            raise DatasetError(f"{self.layout.root / 'image_labels.json'}: no labels for {len(missing)} ids of split {split!r}, "
+                               f"e.g. {missing[0]!r} ({self.layout.prepare_hint} again)")
         self.labels = {i: labels[i] for i in self.ids}
         self.superpixels = Path(superpixels) if superpixels else None
         self._regions: RegionMaps | None = None

@@ -24,9 +24,10 @@ import urllib.request
 import uuid
 import zipfile
 import zlib
+from collections.abc import Iterator
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from tqdm import tqdm
 

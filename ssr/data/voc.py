@@ -15,8 +15,8 @@ or from a pre-converted `SegmentationClassAug/{id}.png`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import scipy.io
