@@ -1,6 +1,7 @@
 # Entry points for a fresh machine (README quick start):
 #   make demo        set up .venv and run the offline demo DAG (Snakemake) from scratch where needed
-#   make test        set up .venv and run the test suite
+#   make test        set up .venv, lint (ruff check .) and run the test suite
+#   make schema      rewrite workflow/schemas/params.schema.json from ssr/config.py
 #   make dvc         rewrite dvc.yaml (and workflow/dvc/*/dvc.yaml) from params.yaml and workflow/resources.yaml
 #   make reference   the demo's reference run: a clean demo, then `dvc commit` -> dvc.lock; commit what it lists
 # Each creates .venv on first use; torch and torchvision are pinned in pyproject.toml.
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: demo test setup dvc reference clean-results
+.PHONY: demo test lint schema setup dvc reference clean-results
 
 setup: $(STAMP)
 
@@ -30,8 +31,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(RUN) $(BIN)/snakemake --cores $(CORES) demo
 
-test: $(STAMP)
+test: lint
 	$(RUN) $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# params.yaml's JSON Schema, which the Snakefile validates against (tests/test_config.py checks it is current)
+schema: $(STAMP)
+	$(BIN)/ssr schema --out workflow/schemas/params.schema.json
 
 dvc: $(STAMP)
 	$(BIN)/python workflow/pipeline.py dvc
@@ -41,6 +49,9 @@ dvc: $(STAMP)
 # dvc.lock from what is on disk (and caches data and models), and `dvc status`
 # must agree that every stage is up to date.
 reference: $(STAMP)
+	@test -z "$$SSR_DATA_ROOT$$SSR_RESULTS_ROOT" -a ! -f params.local.yaml || \
+	  { echo "make reference: DVC records params.yaml's paths; unset SSR_DATA_ROOT/SSR_RESULTS_ROOT and move params.local.yaml away"; exit 1; }
+	$(BIN)/ssr schema --out workflow/schemas/params.schema.json --check
 	$(BIN)/python workflow/pipeline.py dvc --check
 	rm -rf data/demo results/demo results/demo_*.json
 	$(RUN) $(BIN)/snakemake --cores $(CORES) demo

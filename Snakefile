@@ -23,13 +23,16 @@
 # params.yaml is the one configuration file, and the `ssr` stages read it
 # themselves. Change settings there, not with `--config`: an override would
 # reshape this DAG while the commands still read params.yaml, so the Snakefile
-# refuses overrides that disagree with the file.
+# refuses overrides that disagree with the file. The exceptions are the per-site
+# paths data_root and results_root, which params.local.yaml (git-ignored) or
+# SSR_DATA_ROOT / SSR_RESULTS_ROOT may set (docs/workflow.md, "Per-site paths").
 
 import os
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
 sys.path.insert(0, os.path.join(workflow.basedir, "workflow"))
 import pipeline  # noqa: E402
@@ -38,18 +41,25 @@ import pipeline  # noqa: E402
 configfile: pipeline.PARAMS
 
 
-PARAMS, RESOURCES = pipeline.load(pipeline.PARAMS)
-_changed = pipeline.config_overrides(PARAMS, config)
+TRACKED, RESOURCES = pipeline.load(pipeline.PARAMS)
+_changed = pipeline.config_overrides(TRACKED, config)
 if _changed:
     raise WorkflowError(
         f"--config/--configfile changes {', '.join(_changed)}, but the ssr stages read {pipeline.PARAMS}: "
         f"edit {pipeline.PARAMS} instead, so the DAG and the commands see the same settings"
     )
+# Types, bounds and keys of params.yaml (the schema is written from ssr/config.py by
+# `ssr schema`); the `ssr` commands validate the file again, with every message at once.
+validate(TRACKED, pipeline.SCHEMA, set_default=False)
+# data_root and results_root as this machine sets them (params.local.yaml, SSR_DATA_ROOT,
+# SSR_RESULTS_ROOT), as the `ssr` commands of the rules will read them.
+PARAMS = pipeline.with_site(TRACKED, pipeline.PARAMS)
 # equal overrides may still be strings ("false" is truthy): keep the typed values
 config.update(PARAMS)
 
 STAGES = pipeline.stages(PARAMS, RESOURCES)
-_stale = pipeline.stale_dvc_files(Path(workflow.basedir), PARAMS, RESOURCES)
+# the dvc.yaml files are written from the tracked params.yaml, whatever this machine's paths
+_stale = pipeline.stale_dvc_files(Path(workflow.basedir), TRACKED, RESOURCES)
 if _stale:
     print(
         f"warning: {', '.join(_stale)} out of date with params.yaml / workflow/resources.yaml "

@@ -28,7 +28,6 @@ import argparse
 from pathlib import Path
 
 import torch
-
 from configs import build, demo_batch, device_name, emit, synthetic_batch
 
 from ssr.cam import class_slots  # noqa: E402
@@ -41,7 +40,8 @@ def compare(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> dict:
     a, b = a[valid].float(), b[valid].float()
     diff = (a - b).abs().flatten()
     return {"relative": float((a - b).norm() / b.norm().clamp_min(1e-12)), "mean_abs": float(diff.mean()),
-            "p99_abs": float(diff.quantile(0.99)) if diff.numel() < 2**24 else float(diff.kthvalue(int(0.99 * diff.numel())).values),
+            "p99_abs": (float(diff.quantile(0.99)) if diff.numel() < 2**24
+                        else float(diff.kthvalue(int(0.99 * diff.numel())).values)),
             "max_abs": float(diff.max())}
 
 
@@ -82,7 +82,8 @@ def main(argv=None):
                                   and report["label_agreement"] >= TOLERANCE["label_agreement"])
     for k in ("gradcam", "refined"):
         c = report[k]
-        print(f"{k:8s}: relative {c['relative']:.2e}, mean |diff| {c['mean_abs']:.2e}, p99 {c['p99_abs']:.2e}, max {c['max_abs']:.2e}")
+        print(f"{k:8s}: relative {c['relative']:.2e}, mean |diff| {c['mean_abs']:.2e}, p99 {c['p99_abs']:.2e}, "
+              f"max {c['max_abs']:.2e}")
     print(f"pseudo-label agreement {100 * report['label_agreement']:.2f}%  within tolerance: {report['within_tolerance']}")
     emit(report, args.out)
 

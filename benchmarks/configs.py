@@ -9,17 +9,19 @@ Weights are random (nothing downloads); speed and memory do not depend on their 
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import timm
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from emit import emit  # noqa: E402,F401  (benchmarks/emit.py; the benchmarks import it from here)
 
 from ssr.backbones import load_dino  # noqa: E402
 from ssr.config import load_params  # noqa: E402
@@ -32,15 +34,6 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 32, "layers": 3, "width": 24, "head_width": 8, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
 }
-
-
-def emit(report: dict, out: Path | None) -> None:
-    """Print the benchmark's JSON line last, and write it to `out` too when given."""
-    line = json.dumps(report)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(line + "\n")
-    print(line)
 
 
 def device_name(device: torch.device) -> str:
@@ -110,9 +103,10 @@ def demo_batch(params, batch: int, generator: torch.Generator) -> dict:
     """A collated micro-batch of real demo images (64 px shapes), with random blocky region maps."""
     from ssr.data.demo import render_sample
     from ssr.data.layout import image_labels_from_mask
+    from ssr.data.transforms import to_unit
 
     samples = [render_sample(params.demo, "val", i) for i in range(batch)]
-    images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in samples])
+    images = to_unit(np.stack([s.image for s in samples]))
     size = images.shape[-1]
     blocks = torch.randint(0, params.superpixels.n_clusters, (batch, 1, size // 16, size // 16), generator=generator).float()
     regions = torch.nn.functional.interpolate(blocks, size=(size, size), mode="nearest")[:, 0].long()

@@ -22,7 +22,6 @@ JSON records the load average before and after.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -38,12 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from emit import emit  # noqa: E402
 from superpixels import cpu_info, sample_photos  # noqa: E402  (benchmarks/superpixels.py)
 
 from ssr.config import load_params  # noqa: E402
 from ssr.data.dataset import TrainCrops, collate  # noqa: E402
-from ssr.data.layout import IGNORE_INDEX, DatasetLayout, atomic_path, write_image, write_json, write_label_png  # noqa: E402
-from ssr.superpixels import RegionMaps, build_superpixels  # noqa: E402
+from ssr.data.layout import IGNORE_INDEX, DatasetLayout, write_image, write_json, write_label_png  # noqa: E402
+from ssr.data.regions import RegionMaps  # noqa: E402
+from ssr.superpixels import build_superpixels  # noqa: E402
 from ssr.train import ResumableSampler  # noqa: E402
 
 VOC_CLASSES = 21
@@ -56,7 +57,7 @@ def build_dataset(root: Path, count: int, superpixel_params) -> None:
     """
     layout = DatasetLayout(root)
     ids = [f"{k:05d}" for k in range(count)]
-    for image_id, photo in zip(ids, sample_photos(count)):
+    for image_id, photo in zip(ids, sample_photos(count), strict=True):
         write_image(layout.images_dir / f"{image_id}.jpg", photo, quality=90)
     build_superpixels([(i, layout.images_dir / f"{i}.jpg") for i in ids], layout.superpixels_path, superpixel_params,
                       progress=False)
@@ -119,11 +120,7 @@ def main() -> None:
         result["ms_per_image_per_worker"] = 1000 / per_worker
         result["target_images_per_second"] = args.target_images_per_second
         result["workers_needed_for_target"] = math.ceil(args.target_images_per_second / per_worker)
-
-    line = json.dumps(result)
-    print(line)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(line + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

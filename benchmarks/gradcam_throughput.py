@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from configs import build, device_name, emit
 
 from ssr.affinity import average_attention, fuse_attention, propagate  # noqa: E402
 from ssr.backbones import clip_visual_forward, dino_last_attention  # noqa: E402
 from ssr.cam import class_slots, minmax_normalise  # noqa: E402
+from ssr.data.transforms import normalise  # noqa: E402
 from ssr.data.voc import VOC_CLASSES  # noqa: E402
-from ssr.model import eval_mode, normalise, refined_cams  # noqa: E402
+from ssr.model import eval_mode, refined_cams  # noqa: E402
 from ssr.sgc import sgc_mask  # noqa: E402
 
 
@@ -184,12 +184,14 @@ def main(argv=None):
         med = statistics.median(times[name])
         report[name] = {"median_s": med, "images_per_s": batch / med, "times_s": times[name], "memory": memory[name]}
         mem = memory[name]
-        mem_text = f"peak {mem['peak_mib']:.0f} MiB ({mem['above_resident_mib']:.0f} MiB above resident)" if mem else "peak memory n/a on CPU"
+        mem_text = (f"peak {mem['peak_mib']:.0f} MiB ({mem['above_resident_mib']:.0f} MiB above resident)" if mem
+                    else "peak memory n/a on CPU")
         backwards = report["backwards_batched"] if name == "batched" else report["backwards_loop"]
         print(f"  {name:8s} {backwards:4d} backward(s): {med * 1000:9.1f} ms/step  {batch / med:9.1f} images/s  {mem_text}")
     report["speedup"] = report["loop"]["median_s"] / report["batched"]["median_s"]
     report["max_abs_diff"] = {"cam": cam_diff, "refined": method_diff}
-    print(f"  speedup batched / loop: {report['speedup']:.2f}x   max |CAM diff| {cam_diff:.2e}, max |refined diff| {method_diff:.2e}")
+    print(f"  speedup batched / loop: {report['speedup']:.2f}x   max |CAM diff| {cam_diff:.2e}, "
+          f"max |refined diff| {method_diff:.2e}")
     emit(report, args.out)
 
 

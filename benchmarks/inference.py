@@ -1,7 +1,7 @@
 """Images/s of the evaluate stage's inference: multi-scale + flip decoder, then DenseCRF.
 
 `ssr.infer.image_probs` (scales 1.0 and 0.75, each with its flip, as params.yaml's `infer`)
-and `ssr.crf.dense_crf_from_params`, timed per image:
+and `ssr.infer.dense_crf_from_params`, timed per image:
 - demo: the committed demo CLIP on 64 px demo images;
 - real: ViT-B/16 (random weights) at long side 512 on a 375x500 image, VOC's size.
 
@@ -13,18 +13,17 @@ Prints a line per configuration and, last, a JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
 from configs import build, device_name, emit
 
-from ssr.crf import dense_crf_from_params  # noqa: E402
 from ssr.data.demo import render_sample  # noqa: E402
-from ssr.infer import image_probs  # noqa: E402
+from ssr.infer import dense_crf_from_params, image_probs  # noqa: E402
 
 
 def timed(fn, device) -> tuple[float, object]:
@@ -63,9 +62,10 @@ def main(argv=None):
         image_probs(backbones, model, images[0], long_side, infer, device=device)   # warm-up
         decoder, crf = [], []
         for image in images:
-            seconds, probs = timed(lambda: image_probs(backbones, model, image, long_side, infer, device=device), device)
+            predict = functools.partial(image_probs, backbones, model, image, long_side, infer, device=device)
+            seconds, probs = timed(predict, device)
             decoder.append(seconds)
-            crf.append(timed(lambda: dense_crf_from_params(image, probs, infer), device)[0])
+            crf.append(timed(functools.partial(dense_crf_from_params, image, probs, infer), device)[0])
         entry = {"image_size": list(images[0].shape[:2]), "long_side": long_side, "scales": infer.scales, "flip": infer.flip,
                  "decoder_images_per_s": 1 / statistics.median(decoder), "crf_images_per_s": 1 / statistics.median(crf),
                  "images_per_s": 1 / (statistics.median(decoder) + statistics.median(crf)), "images": len(images)}

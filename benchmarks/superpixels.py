@@ -34,8 +34,6 @@ JSON records the load average before and after.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -49,10 +47,13 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from emit import emit  # noqa: E402
 
 from ssr.config import load_params  # noqa: E402
 from ssr.data.demo import render_sample  # noqa: E402
-from ssr.data.layout import atomic_path, read_image, write_image  # noqa: E402
+from ssr.data.layout import read_image, write_image  # noqa: E402
 from ssr.superpixels import BACKENDS, backend_version, build_superpixels, region_map, stretched_lab  # noqa: E402
 
 VOC_SIZE = (375, 500)
@@ -138,7 +139,7 @@ def measure_speed(paths: list[tuple[str, Path]], params, workers: int, repeats: 
     def stage(backend, n, count):
         def run():
             out = scratch / f"{backend}_{n}.h5"
-            build_superpixels(paths[:count], out, dataclasses.replace(params, backend=backend, workers=n), progress=False)
+            build_superpixels(paths[:count], out, params.model_copy(update={"backend": backend, "workers": n}), progress=False)
             out.unlink()
         return run
 
@@ -162,7 +163,8 @@ def measure_quality(photos: list[np.ndarray], params, demo_params, demo_images: 
     out = {"demo_images": len(demo), "photos": len(photos)}
     reference = [region_map(x, p.n_segments, p.compactness, p.n_clusters, p.seed, "skimage") for x in photos]
     reseeded = [region_map(x, p.n_segments, p.compactness, p.n_clusters, p.seed + 1, "skimage") for x in photos]
-    out["photo_ari_skimage_seed_plus_1_vs_skimage"] = float(np.mean([adjusted_rand_index(a, b) for a, b in zip(reseeded, reference)]))
+    ari = [adjusted_rand_index(a, b) for a, b in zip(reseeded, reference, strict=True)]
+    out["photo_ari_skimage_seed_plus_1_vs_skimage"] = float(np.mean(ari))
     labs = [stretched_lab(x) for x in photos]
     asa = {}
     for backend in BACKENDS:
@@ -174,8 +176,10 @@ def measure_quality(photos: list[np.ndarray], params, demo_params, demo_images: 
         out[f"{backend}_demo_asa_p1"] = float(np.percentile(scores[:, 1], 1))
         out[f"{backend}_demo_asa_min"] = float(scores[:, 1].min())
         asa[backend] = scores[:, 1]
-        out[f"{backend}_photo_ari_vs_skimage"] = float(np.mean([adjusted_rand_index(a, b) for a, b in zip(maps, reference)]))
-        out[f"{backend}_photo_explained_variation"] = float(np.mean([explained_variation(m, lab) for m, lab in zip(maps, labs)]))
+        ari = [adjusted_rand_index(a, b) for a, b in zip(maps, reference, strict=True)]
+        out[f"{backend}_photo_ari_vs_skimage"] = float(np.mean(ari))
+        explained = [explained_variation(m, lab) for m, lab in zip(maps, labs, strict=True)]
+        out[f"{backend}_photo_explained_variation"] = float(np.mean(explained))
     # per image: how often one backend's ASA beats the other's by more than a point
     out["demo_images_opencv_asa_above_skimage_by_0.01"] = int((asa["opencv"] - asa["skimage"] > 0.01).sum())
     out["demo_images_opencv_asa_below_skimage_by_0.01"] = int((asa["opencv"] - asa["skimage"] < -0.01).sum())
@@ -220,11 +224,7 @@ def main() -> None:
         result[f"{name}_fixed_seconds"] = full - args.images * steady
     result["load_average_after_speed"] = os.getloadavg()[0]
     result.update(measure_quality(photos[:24], params, all_params.demo, args.demo_images))
-
-    line = json.dumps(result)
-    print(line)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(line + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

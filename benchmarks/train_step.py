@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from configs import build, device_name, emit, fill_bank, synthetic_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
-
-from configs import REPO, build, device_name, emit, fill_bank, synthetic_batch
 
 from ssr.train import build_optimiser, optimiser_step  # noqa: E402  (configs puts the repo on sys.path)
 
@@ -62,8 +60,8 @@ class Setup:
     def __init__(self, kind, device, micro, crop, accumulation, classes_per_image, amp, fused_adamw=False, par=None):
         self.params, self.backbones, self.model = build(kind, device)
         if par is not None:     # switch WeCLIP's PAR refinement of the online labels on or off (to see its cost)
-            voc = dataclasses.replace(self.params.dataset("voc"), par=par)
-            self.params = dataclasses.replace(self.params, datasets={**self.params.datasets, "voc": voc})
+            voc = self.params.dataset("voc").model_copy(update={"par": par})
+            self.params = self.params.model_copy(update={"datasets": {**self.params.datasets, "voc": voc}})
         gen = torch.Generator().manual_seed(0)
         fill_bank(self.model, gen)
         self.preset = self.params.preset("voc")
@@ -154,7 +152,8 @@ def profile_table(setup: Setup, rows: int = 15) -> tuple[str, list[dict]]:
     total = sum(getattr(e, key) for e in averages) or 1
     top = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:rows]
     table = averages.table(sort_by=key, row_limit=rows)
-    return table, [{"op": e.key, "self_ms": getattr(e, key) / 1000, "share": getattr(e, key) / total, "calls": e.count} for e in top]
+    return table, [{"op": e.key, "self_ms": getattr(e, key) / 1000, "share": getattr(e, key) / total,
+                    "calls": e.count} for e in top]
 
 
 SPEED_OPTIONS = {
@@ -204,7 +203,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-amp", action="store_true", help="float32 on CUDA (bf16 autocast otherwise; CPU is float32)")
-    ap.add_argument("--par", choices=("on", "off"), help="force PAR refinement of the online labels on or off (default: datasets.voc.par)")
+    ap.add_argument("--par", choices=("on", "off"),
+                    help="force PAR refinement of the online labels on or off (default: datasets.voc.par)")
     ap.add_argument("--profile", action="store_true", help="print the top operators of one step (first micro-batch size)")
     ap.add_argument("--compare", action="store_true", help="time the speed options against the baseline (first micro-batch size)")
     ap.add_argument("--threads", type=int)
@@ -244,8 +244,9 @@ def main(argv=None):
         report["sizes"].append(entry)
         mem = f"{entry['peak_memory_gib']:.1f} GiB" if entry["peak_memory_gib"] is not None else "n/a"
         mfu = f", MFU {100 * entry['mfu_vs_measured']:.1f}% of measured bf16" if "mfu_vs_measured" in entry else ""
-        print(f"micro-batch {micro:3d} x {args.accumulation}: {1000 * median:8.1f} ms/step, {entry['images_per_s']:8.1f} images/s, "
-              f"{entry['flops_per_image'] / 1e9:6.1f} GFLOP/image, peak {mem}{mfu}", flush=True)
+        print(f"micro-batch {micro:3d} x {args.accumulation}: {1000 * median:8.1f} ms/step, "
+              f"{entry['images_per_s']:8.1f} images/s, {entry['flops_per_image'] / 1e9:6.1f} GFLOP/image, peak {mem}{mfu}",
+              flush=True)
         if args.profile and micro == micros[0]:
             table, top = profile_table(setup)
             print(table, flush=True)

@@ -196,7 +196,8 @@ def load_dino(model_name: str, *, pretrained: bool = True, weights: str | Path |
         model = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     elif weights:
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"{weights}: DINO weights file not found")
+            raise FileNotFoundError(f"{weights}: DINO weights file not found (datasets.{{ds}}.dino_weights names it; "
+                                    f'"" downloads {model_name} through timm instead)')
         model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, num_classes=0,
                                   dynamic_img_size=True)
     else:

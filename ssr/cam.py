@@ -1,4 +1,4 @@
-"""Initial CAMs: CLIP-ES softmax GradCAM with background prompts (DESIGN 4.2).
+"""Initial CAMs: CLIP-ES softmax GradCAM with background prompts (CLIP-ES, Lin et al. CVPR 2023, which the paper follows).
 
 Images in a batch never interact in the CLIP forward pass, so the gradient of
 `sum_b p[b, slot_b]` with respect to the batch's activations is, for image b,
@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssr.config import CAM_WEIGHTINGS
+# gradcam's ways of weighting activations by gradients (datasets.{ds}.cam_weighting): GradCAM averages
+# the gradient over patches (CLIP-ES, the paper); HiResCAM weights each patch by its own gradient.
+CAM_WEIGHTINGS = ("gradcam", "hirescam")
 
 
 def class_slots(labels: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,7 +22,7 @@ def class_slots(labels: list[list[int]], device=None) -> tuple[torch.Tensor, tor
 
     -> classes (B, S) long (0-based foreground index, 0 where padded), valid (B, S) bool.
     """
-    slots = max(1, max((len(l) for l in labels), default=0))
+    slots = max(1, max((len(present) for present in labels), default=0))
     classes = torch.zeros(len(labels), slots, dtype=torch.long, device=device)
     valid = torch.zeros(len(labels), slots, dtype=torch.bool, device=device)
     for b, present in enumerate(labels):
@@ -45,7 +47,8 @@ def present_class_probs(
     """
     logits = logit_scale * F.normalize(image_embedding, dim=-1) @ F.normalize(text_embedding, dim=-1).T
     present = torch.zeros(logits.shape[0], num_foreground, dtype=torch.bool, device=logits.device)
-    present[valid.nonzero(as_tuple=True)[0], classes[valid]] = True  # not scatter_: padded slots (class 0, False) would overwrite a present class 0
+    # not scatter_: padded slots (class 0, False) would overwrite a present class 0
+    present[valid.nonzero(as_tuple=True)[0], classes[valid]] = True
     keep = torch.cat([present, torch.ones_like(logits[:, num_foreground:], dtype=torch.bool)], dim=1)
     probs = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     return probs.gather(1, classes) * valid

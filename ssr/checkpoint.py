@@ -37,9 +37,9 @@ def save_model(run_dir: str | Path, model: SSR, params: Params, dataset: str, *,
         "seed": seed,
         "classes": list(classes),
         "dims": dataclasses.asdict(model.dims),
-        "cmpa": dataclasses.asdict(params.cmpa),
-        "dataset_params": dataclasses.asdict(params.dataset(dataset)),
-        "infer": dataclasses.asdict(params.infer),
+        "cmpa": params.cmpa.model_dump(),
+        "dataset_params": params.dataset(dataset).model_dump(),
+        "infer": params.infer.model_dump(),
         "identity": training_identity(params, dataset),
         "summary": summary,
     }
@@ -60,7 +60,9 @@ def read_config(path: str | Path) -> dict:
     """The model.json of a saved model; DatasetError if it is missing or not an ssr model."""
     _, config_path = model_files(path)
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: trained model not found (run `ssr train` first)")
+        # results/{ds}/{run}/seed{S}/model.json names its dataset
+        dataset = config_path.parents[2].name if config_path.parent.name.startswith("seed") else "DATASET"
+        raise FileNotFoundError(f"{config_path}: trained model not found (run `ssr train --dataset {dataset}` first)")
     config = read_json(config_path)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise DatasetError(f"{config_path}: not an ssr model description (format {FORMAT!r} expected)")
@@ -125,6 +127,7 @@ def load_model(path: str | Path, *, device="cpu", demo_clip_dir: str | Path | No
                                 demo_clip_dir=demo_clip_dir or demo_asset_dir("demo_clip"),
                                 demo_dino_dir=demo_dino_dir or demo_asset_dir("demo_dino"))
     if ModelDims.of(backbones) != model.dims:
-        raise DatasetError(f"{model_files(path)[1]}: recorded dims {model.dims} do not match the backbones {ModelDims.of(backbones)}")
+        raise DatasetError(f"{model_files(path)[1]}: recorded dims {model.dims} do not match the backbones "
+                           f"{ModelDims.of(backbones)}")
     return TrainedModel(backbones, model, config)
 

@@ -1,17 +1,33 @@
-"""`ssr <stage>`: the one implementation of every DAG stage (Snakemake and DVC both call it)."""
+"""`ssr <stage>`: the one implementation of every DAG stage (Snakemake and DVC both call it).
+
+Each stage reads params.yaml (`--params`), works on one dataset (`--dataset demo|voc|coco`)
+and writes under data_root / results_root. `ssr <stage> --help` shows a stage's options and
+examples; `python -m ssr <stage>` is the same command.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import textwrap
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ssr.config import ConfigError, Params, load_params
+from ssr import __version__
 from ssr.data.layout import DatasetError, DatasetLayout, read_json, write_json
 
+if TYPE_CHECKING:
+    from ssr.config import Params
+
 DATASETS = ("demo", "voc", "coco")
+logger = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    """Options that do not go together; the message says which."""
 
 
 def demo_clip_dir(params: Params) -> Path:
@@ -80,16 +96,15 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
 def _limit_threads(threads: int, params: Params | None) -> Params | None:
     """Hold the stage to `threads` CPU threads: torch's pool, the superpixel processes, the demo CLIP's pretraining."""
     if threads < 1:
-        raise ConfigError(f"--threads: must be >= 1, got {threads}")
-    import dataclasses
-
+        raise UsageError(f"--threads: must be >= 1, got {threads}")
     import torch
 
     torch.set_num_threads(threads)
     if params is None:
         return params
-    return dataclasses.replace(params, superpixels=dataclasses.replace(params.superpixels, workers=min(params.superpixels.workers, threads)),
-                               demo_clip=dataclasses.replace(params.demo_clip, threads=threads))
+    return params.model_copy(update={
+        "superpixels": params.superpixels.model_copy(update={"workers": min(params.superpixels.workers, threads)}),
+        "demo_clip": params.demo_clip.model_copy(update={"threads": threads})})
 
 
 # ------------------------------------------------------------------ stages
@@ -99,15 +114,15 @@ def cmd_prepare(args, params: Params) -> None:
     if args.dataset == "demo":
         from ssr.data.demo import prepare_demo
 
-        prepare_demo(root, params.demo, progress=not args.quiet)
+        prepare_demo(root, params.demo, progress=args.progress)
     elif args.dataset == "voc":
         from ssr.data.voc import prepare_voc
 
-        prepare_voc(root, params.download, archives=args.archives, progress=not args.quiet)
+        prepare_voc(root, params.download, archives=args.archives, progress=args.progress)
     else:
         from ssr.data.coco import prepare_coco
 
-        prepare_coco(root, params.download, archives=args.archives, progress=not args.quiet)
+        prepare_coco(root, params.download, archives=args.archives, progress=args.progress)
     print(f"prepared {args.dataset} in {root}")
 
 
@@ -115,7 +130,7 @@ def cmd_demo_clip(args, params: Params) -> None:
     from ssr.demo_clip import pretrain
 
     out = Path(args.out) if args.out else Path(params.demo_clip.checkpoint).parent
-    provenance = pretrain(out, params.demo_clip, params.demo, progress=not args.quiet)
+    provenance = pretrain(out, params.demo_clip, params.demo, progress=args.progress)
     print(f"demo CLIP written to {out}: held-out zero-shot mAP {provenance['held_out_zero_shot_map']:.3f} "
           f"(raw cosine {provenance['held_out_zero_shot_map_cosine']:.3f}) "
           f"after {provenance['steps']} steps in {provenance['wall_seconds']:.0f} s")
@@ -125,7 +140,7 @@ def cmd_demo_dino(args, params: Params) -> None:
     from ssr.demo_dino import pretrain
 
     out = Path(args.out) if args.out else Path(params.demo_dino.checkpoint).parent
-    provenance = pretrain(out, params.demo_dino, params.demo, clip_dir=demo_clip_dir(params), progress=not args.quiet)
+    provenance = pretrain(out, params.demo_dino, params.demo, clip_dir=demo_clip_dir(params), progress=args.progress)
     quality = provenance["attention_iou"]
     print(f"demo DINO written to {out}: held-out attention IoU {quality['dino']:.3f} (demo CLIP {quality['clip']:.3f}) "
           f"after {provenance['steps']} steps in {provenance['wall_seconds']:.0f} s")
@@ -138,7 +153,8 @@ def cmd_superpixels(args, params: Params) -> None:
     ds = params.dataset(args.dataset)
     ids = list(dict.fromkeys(layout.split(ds.train_split) + layout.split(ds.val_split)))
     tic = time.time()
-    build_superpixels([(i, layout.image_path(i)) for i in ids], layout.superpixels_path, params.superpixels, progress=not args.quiet)
+    build_superpixels([(i, layout.image_path(i)) for i in ids], layout.superpixels_path, params.superpixels,
+                      progress=args.progress)
     _write_timings(params, args.dataset, "superpixels", {"seconds": round(time.time() - tic, 1), "images": len(ids)})
     print(f"wrote {len(ids)} region maps to {layout.superpixels_path}")
 
@@ -159,7 +175,7 @@ def cmd_train(args, params: Params) -> None:
     for run in params.runs(args.dataset):
         for seed in _seeds(args, params):
             summary = train(params.for_run(args.dataset, run), args.dataset, run_dir(params, args.dataset, run, seed), seed=seed,
-                            run=run, resume=args.resume, device=device, backbones=backbones, progress=not args.quiet)
+                            run=run, resume=args.resume, device=device, backbones=backbones, progress=args.progress)
             summaries.setdefault(run, []).append(summary)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
@@ -167,7 +183,8 @@ def cmd_train(args, params: Params) -> None:
     for run, runs in summaries.items():
         quality = aggregate_seeds([{k: v for k, v in s.items() if k not in TIMING_KEYS} for s in runs])
         metrics.update(quality if run == "method" else _prefixed(run, quality))
-    _write_timings(params, args.dataset, "train", {run: [{k: s[k] for k in TIMING_KEYS} for s in runs] for run, runs in summaries.items()})
+    timings = {run: [{k: s[k] for k in TIMING_KEYS} for s in runs] for run, runs in summaries.items()}
+    _write_timings(params, args.dataset, "train", timings)
     write_json(Path(params.results_root) / f"{args.dataset}_train.json", metrics)
     if not args.quiet:
         print(json.dumps(metrics, indent=1))
@@ -186,6 +203,8 @@ def cmd_pseudo_labels(args, params: Params) -> None:
     score_ids = set(layout.split(ds.seed_split))
     outside = score_ids - set(layout.split(split))
     if outside:
+        from ssr.config import ConfigError
+
         raise ConfigError(f"datasets.{args.dataset}.seed_split: {len(outside)} of its images are not in split {split!r} "
                           f"(e.g. {sorted(outside)[0]!r}); seeds are scored on the labels exported for {split!r}")
     per_seed, timings = [], {}
@@ -195,11 +214,12 @@ def cmd_pseudo_labels(args, params: Params) -> None:
         metrics = seed_metrics(backbones, _load_run(params, args.dataset, "method", seed, device), params, root, split,
                                ds.long_side, device=device, score_ids=score_ids, export_dir=out / "pseudo_labels",
                                figures_dir=results_dir(params, args.dataset) / "figures" if k == 0 else None,
-                               progress=not args.quiet)
+                               progress=args.progress)
         for run in params.runs(args.dataset)[1:]:
             variant = params.for_run(args.dataset, run)
-            metrics.update(_prefixed(run, seed_metrics(backbones, _load_run(params, args.dataset, run, seed, device), variant, root,
-                                                       split, ds.long_side, device=device, score_ids=score_ids, rows=("cam", "method"),
+            model = _load_run(params, args.dataset, run, seed, device)
+            metrics.update(_prefixed(run, seed_metrics(backbones, model, variant, root, split, ds.long_side, device=device,
+                                                       score_ids=score_ids, rows=("cam", "method"),
                                                        progress=False)))
         per_seed.append(metrics)
         timings[f"seed{seed}"] = round(time.time() - tic, 1)
@@ -213,14 +233,15 @@ def cmd_evaluate(args, params: Params | None) -> None:
         from ssr.metrics import evaluate_label_dirs, format_table
 
         if not (args.pred and args.gt and args.num_classes and args.out):
-            raise ConfigError("evaluate: --pred, --gt, --num-classes and --out go together")
+            raise UsageError("--pred, --gt, --num-classes and --out go together")
         names = read_json(args.classes) if args.classes else [str(i) for i in range(args.num_classes)]
         scores = evaluate_label_dirs(Path(args.pred), Path(args.gt), args.num_classes, names)
-        print(format_table(scores, names))
+        if not args.quiet:
+            print(format_table(scores, names))
         write_json(args.out, scores)
         return
     if not args.dataset:
-        raise ConfigError("evaluate: give --dataset, or --pred/--gt/--num-classes/--out")
+        raise UsageError("give --dataset, or --pred/--gt/--num-classes/--out")
     from ssr.infer import evaluate_model
     from ssr.metrics import aggregate_seeds
 
@@ -234,9 +255,11 @@ def cmd_evaluate(args, params: Params | None) -> None:
         tic = time.time()
         metrics = {}
         for run in params.runs(args.dataset):
-            scores = evaluate_model(backbones, _load_run(params, args.dataset, run, seed, device), root, ds.val_split, ds.long_side,
-                                    params.infer, device=device, progress=not args.quiet and run == "method",
-                                    pred_dir=results_dir(params, args.dataset) / "predictions" if k == 0 and run == "method" else None,
+            model = _load_run(params, args.dataset, run, seed, device)
+            predictions = results_dir(params, args.dataset) / "predictions" if k == 0 and run == "method" else None
+            scores = evaluate_model(backbones, model, root, ds.val_split, ds.long_side,
+                                    params.infer, device=device, progress=args.progress and run == "method",
+                                    pred_dir=predictions,
                                     autocast_dtype=_autocast(params, device))
             if run == "method":
                 metrics.update(scores)
@@ -251,12 +274,12 @@ def cmd_evaluate(args, params: Params | None) -> None:
         timings[f"seed{seed}"] = round(time.time() - tic, 1)
     out = aggregate_seeds(per_seed)
     if params.retrain.enabled:
-        out.update(_evaluate_retrained(params, args.dataset, device, quiet=args.quiet))
+        out.update(_evaluate_retrained(params, args.dataset, device))
     _write_timings(params, args.dataset, "evaluate", timings)
     write_json(args.out or Path(params.results_root) / f"{args.dataset}_miou.json", out)
 
 
-def _evaluate_retrained(params: Params, dataset: str, device, quiet: bool) -> dict:
+def _evaluate_retrained(params: Params, dataset: str, device) -> dict:
     import numpy as np
 
     from ssr.data.dataset import WholeImages
@@ -287,17 +310,13 @@ def cmd_retrain(args, params: Params) -> None:
         return
     from ssr.retrain import retrain
 
-    r = params.retrain
     ds = params.dataset(args.dataset)
     root = params.dataset_root(args.dataset)
     layout = DatasetLayout(root)
     out = results_dir(params, args.dataset)
     labels = run_dir(params, args.dataset, "method", ds.seeds[0]) / "pseudo_labels"
-    stats = retrain(root, labels, layout.split(ds.train_split), out / "retrain" / "model.pt",
-                    model_name=r.model, num_classes=len(layout.classes()), iterations=r.iterations, batch_size=r.batch_size,
-                    lr=r.lr, crop_size=r.crop_size, scale_range=(r.scale_min, r.scale_max), momentum=r.momentum,
-                    weight_decay=r.weight_decay, weights_backbone=r.weights_backbone or None,
-                    device=str(_device(args.device)), progress=not args.quiet)
+    stats = retrain(root, labels, layout.split(ds.train_split), out / "retrain" / "model.pt", params.retrain,
+                    num_classes=len(layout.classes()), device=str(_device(args.device)), progress=args.progress)
     write_json(out_json, {"retrain_enabled": 1, **stats})
 
 
@@ -305,75 +324,219 @@ def cmd_report(args, params: Params) -> None:
     from ssr.report import write_report
 
     results = Path(params.results_root)
+
+    def metrics(name: str, stage: str):
+        return read_json(results / f"{args.dataset}_{name}.json", f"run `ssr {stage} --dataset {args.dataset}` first")
+
     written = write_report(
         Path(args.out) if args.out else results_dir(params, args.dataset) / "report",
-        seeds=read_json(results / f"{args.dataset}_seeds.json"), miou=read_json(results / f"{args.dataset}_miou.json"),
-        train=read_json(results / f"{args.dataset}_train.json"), class_names=DatasetLayout(params.dataset_root(args.dataset)).classes(),
+        seeds=metrics("seeds", "pseudo-labels"), miou=metrics("miou", "evaluate"), train=metrics("train", "train"),
+        class_names=DatasetLayout(params.dataset_root(args.dataset)).classes(),
         variants=params.dataset(args.dataset).variants, cmpa_loss=params.cmpa.loss,
-        run_dirs={run: {seed: run_dir(params, args.dataset, run, seed) for seed in _seeds(args, params)} for run in params.runs(args.dataset)})
+        run_dirs={run: {seed: run_dir(params, args.dataset, run, seed) for seed in _seeds(args, params)}
+                  for run in params.runs(args.dataset)})
     print(f"wrote {len(written)} report files to {written[0].parent}")
+
+
+def cmd_schema(args, params: Params | None) -> None:
+    from ssr.config import json_schema_text
+
+    text = json_schema_text()
+    if not args.out:
+        sys.stdout.write(text)
+        return
+    out = Path(args.out)
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            raise UsageError(f"{out}: out of date with ssr/config.py; run `ssr schema --out {out}` (make schema)")
+        print(f"{out} is current")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
 
 
 # ------------------------------------------------------------------ parser
 
+STAGES = {
+    # name: (function, one-line help, description, examples, which options: "params", "dataset" (required), "dataset?")
+    "prepare": (cmd_prepare, "download or read the official archives and write data/{dataset}/ in the canonical layout",
+                "Downloads are resumable and MD5-checked; --archives reads archives or extracted trees instead, and the "
+                "demo is drawn procedurally from the `demo` params. Writes images/, labels/, splits/, classes.json and "
+                "image_labels.json under data_root/{dataset}.",
+                ["ssr prepare --dataset demo",
+                 "ssr prepare --dataset voc --archives ~/archives    # VOCtrainval_11-May-2012.tar, benchmark.tgz"],
+                ("params", "dataset")),
+    "demo-clip": (cmd_demo_clip, "pretrain the demo's tiny CLIP on demo captions (its product is committed)",
+                  "Trains open_clip's CLIP class with the `demo_clip` params on captioned demo images and writes an "
+                  "open_clip local-dir folder (config, weights, provenance.json). Resumes from resume.pt in that folder.",
+                  ["ssr demo-clip --threads 2", "ssr demo-clip --out /tmp/demo_clip"], ("params",)),
+    "demo-dino": (cmd_demo_dino, "pretrain the demo's tiny DINO ViT by self-distillation (not used by default)",
+                  "Trains a timm ViT with the `demo_dino` params on unlabelled demo images and scores its attention "
+                  "against the demo CLIP's.",
+                  ["ssr demo-dino --threads 1", "ssr demo-dino --out /tmp/demo_dino"], ("params",)),
+    "superpixels": (cmd_superpixels, "SLIC + colour k-means region maps of the train and val images (SGC, paper Eq. 8)",
+                    "Writes data_root/{dataset}/superpixels.h5 (one map per image, the `superpixels` params as file "
+                    "attributes); resumes from superpixels.h5.partial.h5.",
+                    ["ssr superpixels --dataset demo", "ssr superpixels --dataset voc --threads 16"], ("params", "dataset")),
+    "train": (cmd_train, "train SSR: every run (the method, then datasets.{dataset}.variants) and seed",
+              "Writes results_root/{dataset}/{run}/seed{S}/ (model.safetensors, model.json, dvclive/, checkpoint.pt) and "
+              "results_root/{dataset}_train.json. On SIGTERM it writes a checkpoint and exits with 130.",
+              ["ssr train --dataset demo",
+               "ssr train --dataset voc --resume --device cuda:0",
+               "torchrun --standalone --nproc_per_node 4 -m ssr train --dataset coco --resume"],
+              ("params", "dataset")),
+    "pseudo-labels": (cmd_pseudo_labels, "export the refined-CAM pseudo-labels and score the seed ablation (Table 3)",
+                      "Writes results_root/{dataset}/method/seed{S}/pseudo_labels/*.png, results_root/{dataset}_seeds.json "
+                      "and the CAM figures.",
+                      ["ssr pseudo-labels --dataset demo", "ssr pseudo-labels --dataset voc --seeds 0"],
+                      ("params", "dataset")),
+    "retrain": (cmd_retrain, "optional: train a fully supervised segmenter on the pseudo-labels (retrain.enabled)",
+                "With retrain.enabled false it only writes {\"retrain_enabled\": 0} to results_root/{dataset}_retrain.json.",
+                ["ssr retrain --dataset voc --device cuda"], ("params", "dataset")),
+    "evaluate": (cmd_evaluate, "score the trained models on val (mIoU with and without DenseCRF), or two folders of label PNGs",
+                 "With --dataset: multi-scale + flip inference on the val split, results_root/{dataset}_miou.json and the "
+                 "prediction figures. With --pred/--gt/--num-classes/--out: scores any two folders of label PNGs matched "
+                 "by file name (255 ignored), with no params file.",
+                 ["ssr evaluate --dataset demo",
+                  "ssr evaluate --pred preds/ --gt data/voc/labels --num-classes 21 --classes data/voc/classes.json "
+                  "--out scores.json"],
+                 ("params", "dataset?")),
+    "report": (cmd_report, "tables (HTML, CSV) of every metrics file and figures of the training curves",
+               "Writes results_root/{dataset}/report/, which `snakemake --report` collects (docs/workflow.md).",
+               ["ssr report --dataset demo", "ssr report --dataset voc --out /tmp/voc_report"], ("params", "dataset")),
+    "schema": (cmd_schema, "write params.yaml's JSON Schema (types, bounds, choices, descriptions, P/W/O sources)",
+               "Generated from ssr/config.py; the Snakefile validates params.yaml against the committed copy.",
+               ["ssr schema | less", "ssr schema --out workflow/schemas/params.schema.json    # make schema",
+                "ssr schema --out workflow/schemas/params.schema.json --check"], ()),
+}
+
+MAIN_EPILOG = """\
+examples:
+  ssr prepare --dataset demo && ssr superpixels --dataset demo && ssr train --dataset demo
+  ssr evaluate --dataset voc --device cuda
+  ssr schema --out workflow/schemas/params.schema.json
+
+Every stage reads params.yaml (--params); data_root and results_root may also come from
+params.local.yaml beside it or SSR_DATA_ROOT / SSR_RESULTS_ROOT. Snakemake and DVC run
+these same commands (README, docs/workflow.md).
+"""
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes: output and logging."""
+    common = argparse.ArgumentParser(add_help=False)
+    out = common.add_argument_group("output")
+    out.add_argument("-v", "--verbose", action="count", default=0,
+                     help="more log detail: -v debug messages of ssr, -vv also of the libraries it uses")
+    out.add_argument("-q", "--quiet", action="store_true",
+                     help="no tables or summaries, and only warnings and errors in the log (bars: see --no-progress)")
+    out.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bars (they are also off whenever stderr is not a terminal, e.g. in Snakemake logs)")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssr", description=__doc__)
-    sub = parser.add_subparsers(dest="stage", required=True)
-
-    def stage(name: str, func, help: str, dataset: bool = True, dataset_required: bool = True):
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-        p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
-        p.add_argument("--threads", type=int, metavar="N",
-                       help="CPU threads this stage may use: torch's intra-op threads, and at most N superpixel processes "
-                            "(default: torch's own choice and superpixels.workers); Snakemake passes its {threads}")
-        if dataset:
-            p.add_argument("--dataset", choices=DATASETS, required=dataset_required)
+    common = _common_options()
+    parser = argparse.ArgumentParser(prog="ssr", description=__doc__, epilog=MAIN_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ssr {__version__}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    parsers = {}
+    for name, (func, help, description, examples, options) in STAGES.items():
+        epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+        p = sub.add_parser(name, parents=[common], help=help, epilog=epilog,
+                           description=help[0].upper() + help[1:] + ".\n\n" + textwrap.fill(description, 100),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if "params" in options:
+            p.add_argument("--params", default="params.yaml", metavar="FILE",
+                           help="the params file (default: params.yaml); data_root and results_root also come from "
+                                "params.local.yaml beside it and SSR_DATA_ROOT / SSR_RESULTS_ROOT")
+            p.add_argument("--threads", type=int, metavar="N",
+                           help="CPU threads this stage may use: torch's intra-op threads, and at most N superpixel "
+                                "processes (default: torch's own choice and superpixels.workers); Snakemake passes its "
+                                "{threads}")
+        if "dataset" in options or "dataset?" in options:
+            p.add_argument("--dataset", choices=DATASETS, required="dataset" in options,
+                           help="which dataset: a key of `datasets` in params.yaml")
         p.set_defaults(func=func)
-        return p
+        parsers[name] = p
+    device = "torch device: cpu, cuda, cuda:1 (default: cuda if available)"
+    seeds = "training seeds to use (default: datasets.{dataset}.seeds)"
 
-    p = stage("prepare", cmd_prepare, "download/convert a dataset into data/{dataset}/")
-    p.add_argument("--archives", type=Path, help="directory holding the official archives or an extracted tree (skips downloading)")
-    p = stage("demo-clip", cmd_demo_clip, "pretrain the demo's tiny CLIP (its product is committed)", dataset=False)
-    p.add_argument("--out", help="output folder (default: the params' demo_clip.checkpoint folder)")
-    p = stage("demo-dino", cmd_demo_dino, "pretrain the demo's tiny DINO (its product is committed)", dataset=False)
-    p.add_argument("--out", help="output folder (default: the params' demo_dino.checkpoint folder)")
-    stage("superpixels", cmd_superpixels, "offline SLIC + colour k-means region maps to HDF5")
-    p = stage("train", cmd_train, "single-stage SSR training")
-    p.add_argument("--resume", action="store_true", help="continue each run from its results/{dataset}/{run}/seed{N}/checkpoint.pt")
-    p.add_argument("--seeds", type=int, nargs="+", help="train these seeds (default: datasets.{dataset}.seeds)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available); torchrun sets it per rank")
-    p = stage("pseudo-labels", cmd_pseudo_labels, "export refined-CAM pseudo-labels and the seed ablation")
-    p.add_argument("--split", help="split to label (default: the dataset's train split)")
-    p.add_argument("--seeds", type=int, nargs="+", help="score these seeds (default: datasets.{dataset}.seeds)")
-    p.add_argument("--device")
-    p = stage("evaluate", cmd_evaluate, "score the trained model on val, or score label PNG folders", dataset_required=False)
-    p.add_argument("--seeds", type=int, nargs="+", help="evaluate these seeds (default: datasets.{dataset}.seeds)")
-    p.add_argument("--device")
-    p.add_argument("--pred", help="folder of predicted label PNGs")
-    p.add_argument("--gt", help="folder of ground-truth label PNGs")
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--classes", help="classes.json naming the classes (optional)")
-    p.add_argument("--out", help="metrics JSON to write")
-    p = stage("retrain", cmd_retrain, "optional: train a fully supervised segmenter on the pseudo-labels")
-    p.add_argument("--device")
-    p = stage("report", cmd_report, "tables (HTML, CSV) of every metrics file and figures of the training curves, for "
-                                    "`snakemake --report`")
-    p.add_argument("--out", help="output folder (default: results/{dataset}/report/)")
-    p.add_argument("--seeds", type=int, nargs="+", help="draw these seeds' training curves (default: datasets.{dataset}.seeds)")
+    p = parsers["prepare"]
+    p.add_argument("--archives", type=Path, metavar="DIR",
+                   help="folder holding the official archives or an extracted tree: nothing is downloaded")
+    for name, product in (("demo-clip", "demo_clip"), ("demo-dino", "demo_dino")):
+        parsers[name].add_argument("--out", metavar="DIR", help=f"output folder (default: the folder of {product}.checkpoint)")
+    p = parsers["train"]
+    p.add_argument("--resume", action="store_true",
+                   help="continue each run from its results/{dataset}/{run}/seed{N}/checkpoint.pt (refused if written "
+                        "under other params)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S", help=seeds)
+    p.add_argument("--device", help=device + "; torchrun sets it per rank")
+    p = parsers["pseudo-labels"]
+    p.add_argument("--split", help="split to label (default: datasets.{dataset}.train_split)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S", help=seeds)
+    p.add_argument("--device", help=device)
+    p = parsers["evaluate"]
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S", help=seeds)
+    p.add_argument("--device", help=device)
+    folders = p.add_argument_group("scoring two folders of label PNGs (no params needed)")
+    folders.add_argument("--pred", metavar="DIR", help="folder of predicted label PNGs")
+    folders.add_argument("--gt", metavar="DIR", help="folder of ground-truth label PNGs (file names match --pred's)")
+    folders.add_argument("--num-classes", type=int, metavar="N", help="classes, background included (255 is ignore)")
+    folders.add_argument("--classes", metavar="FILE", help="classes.json naming the classes (optional)")
+    folders.add_argument("--out", metavar="FILE",
+                         help="metrics JSON to write (with --dataset: instead of results_root/{dataset}_miou.json)")
+    parsers["retrain"].add_argument("--device", help=device)
+    p = parsers["report"]
+    p.add_argument("--out", metavar="DIR", help="output folder (default: results_root/{dataset}/report/)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S", help="draw these seeds' training curves "
+                                                                      "(default: datasets.{dataset}.seeds)")
+    p = parsers["schema"]
+    p.add_argument("--out", metavar="FILE", help="write the schema here (default: print it)")
+    p.add_argument("--check", action="store_true", help="write nothing; fail if --out is not current")
     return parser
+
+
+_HANDLER_FLAG = "_ssr_cli"
+
+
+def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """The `ssr` loggers to stderr: INFO by default, DEBUG with -v, WARNING with --quiet; -vv also the libraries'.
+
+    Called once per command; calling it again (tests run several commands in one process)
+    replaces the handler it added before.
+    """
+    package = logging.getLogger("ssr")
+    for handler in [h for h in package.handlers if getattr(h, _HANDLER_FLAG, False)]:
+        package.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    setattr(handler, _HANDLER_FLAG, True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
+                                           else "%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    package.addHandler(handler)
+    package.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    package.propagate = False
+    if verbose > 1:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
     stage = f"ssr {args.stage}"
     try:
-        # Scoring two label folders needs no params file.
-        folders_only = args.stage == "evaluate" and (args.pred or args.gt)
-        params = None if folders_only else load_params(args.params)
-        if params is not None and getattr(args, "dataset", None):
-            params = params.for_dataset(args.dataset)
-        if args.threads is not None:
+        from ssr.config import ConfigError, load_params
+
+        params = None
+        # Scoring two label folders, or writing the schema, needs no params file.
+        if hasattr(args, "params") and not (args.stage == "evaluate" and (args.pred or args.gt)):
+            params = load_params(args.params)
+            if getattr(args, "dataset", None):
+                params = params.for_dataset(args.dataset)
+        if getattr(args, "threads", None) is not None:
             params = _limit_threads(args.threads, params)
         args.func(args, params)
     except (ConfigError, DatasetError, FileNotFoundError, NotImplementedError, ValueError) as err:

@@ -1,136 +1,215 @@
 """Typed, validated view of params.yaml.
 
-Each section of params.yaml is a frozen dataclass. Bounds live next to the
-field (`_f(default, lo, hi)`), so a wrong value stops the run at start with a
-message naming the key (`train_presets.demo.lr: must be > 0, got -1.0`).
+Each section of params.yaml is a frozen pydantic model; every field carries its meaning
+(`description`), its bounds and its source (`json_schema_extra["source"]`: P = the SSR
+paper, W = WeCLIP's reference code, O = our choice; the comment on its params.yaml line
+says the same and is the text the description repeats, which tests/test_config.py checks).
+Validation reports every problem at once, one line per dotted key:
+
+    train_presets.demo.lr: must be > 0, got -1.0
+    sgc.colour: unknown key (did you mean 'rho'?)
+
+`ssr schema` writes the same models as JSON Schema (workflow/schemas/params.schema.json),
+which the Snakefile checks params.yaml against. The per-site paths (`data_root`,
+`results_root`) may also come from params.local.yaml or SSR_DATA_ROOT / SSR_RESULTS_ROOT
+(`ssr.site`).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import difflib
+import json
 import re
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic_core import PydanticCustomError
+
+from ssr.cam import CAM_WEIGHTINGS
+from ssr.site import SiteError, apply_site
 
 
 class ConfigError(ValueError):
-    """params.yaml has an unknown key, a wrong type or an out-of-range value."""
+    """params.yaml has unknown keys, wrong types or out-of-range values (one line each)."""
 
 
-def _f(default=dataclasses.MISSING, lo=None, hi=None, *, lo_open=False, choices=None):
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-# ssr.cam.gradcam's ways of weighting activations by gradients.
-CAM_WEIGHTINGS = ("gradcam", "hirescam")
 # ssr.cmpa.prototype_loss's readings of Table 4.
 CMPA_LOSSES = ("cross_modal", "in_modal", "feature")
+SEGMENTERS = ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "lraspp_mobilenet_v3_large")
+# Where a value comes from, for the fields whose value (and source) differs per dataset or preset:
+# each entry's params.yaml comment says it.
+PER_ENTRY = "per entry (see its params.yaml comment)"
+OFFICIAL = "official"
 
 
-@dataclass(frozen=True)
-class DemoParams:
-    seed: int = _f(0, 0)
-    image_size: int = _f(64, 16, 1024)
-    num_train: int = _f(400, 1)
-    num_val: int = _f(100, 1)
-    classes: list[str] = _f(["circle", "square", "triangle", "cross"])
-    min_objects: int = _f(1, 1, 8)
-    max_objects: int = _f(3, 1, 8)
-    min_object_size: float = _f(0.28, 0.05, 1.0)
-    max_object_size: float = _f(0.45, 0.05, 1.0)
-    max_overlap: float = _f(0.25, 0.0, 1.0)
-    texture_contrast: float = _f(60.0, 0.0, 255.0)
-    max_rotation: float = _f(0.0, 0.0, 180.0)
+def _f(default: Any = ..., description: str = "", source: str = "O", **bounds) -> Any:
+    """A field with its description, its source (P, W, O) and its bounds (ge, gt, le, lt, min_length)."""
+    return Field(default, description=description, json_schema_extra={"source": source}, **bounds)
 
 
-@dataclass(frozen=True)
-class DemoClipParams:
-    checkpoint: str = "ssr/assets/demo_clip/open_clip_model.safetensors"
-    seed: int = _f(0, 0)
-    embed_dim: int = _f(64, 8)
-    vision_width: int = _f(96, 8)
-    vision_layers: int = _f(3, 1)
-    vision_heads: int = _f(3, 1)
-    patch_size: int = _f(8, 2)
-    text_width: int = _f(64, 8)
-    text_layers: int = _f(2, 1)
-    text_heads: int = _f(2, 1)
-    context_length: int = _f(16, 4)
-    steps: int = _f(5000, 1)
-    batch_size: int = _f(64, 2)
-    single_object_fraction: float = _f(0.5, 0.0, 1.0)
-    lr: float = _f(1e-3, 0.0, lo_open=True)
-    weight_decay: float = _f(0.05, 0.0)
-    warmup: int = _f(300, 0)
-    eval_images: int = _f(400, 8)
-    threads: int = _f(2, 1)
+def _problems(problems: list[tuple[str, str]]) -> None:
+    """Raise every cross-field problem of one model at once: (key relative to the model, message) pairs."""
+    if problems:
+        raise PydanticCustomError("ssr_checks", "{text}", {"text": "; ".join(f"{k}: {m}" for k, m in problems),
+                                                          "problems": problems})
 
 
-@dataclass(frozen=True)
-class DemoDinoParams:
-    checkpoint: str = "ssr/assets/demo_dino/model.safetensors"
-    seed: int = _f(0, 0)
-    width: int = _f(128, 8)
-    depth: int = _f(4, 1)
-    heads: int = _f(4, 1)
-    patch_size: int = _f(8, 2)
-    head_hidden: int = _f(512, 8)
-    head_bottleneck: int = _f(128, 8)
-    prototypes: int = _f(1024, 2)
-    steps: int = _f(1000, 1)
-    batch_size: int = _f(64, 2)
-    local_crops: int = _f(6, 0)
-    local_size: int = _f(32, 8)
-    global_scale_min: float = _f(0.4, 0.0, 1.0, lo_open=True)
-    local_scale_min: float = _f(0.05, 0.0, 1.0, lo_open=True)
-    local_scale_max: float = _f(0.4, 0.0, 1.0, lo_open=True)
-    colour_jitter: float = _f(1.0, 0.0)
-    blur_sigma: float = _f(0.57, 0.0, lo_open=True)
-    student_temp: float = _f(0.1, 0.0, lo_open=True)
-    teacher_temp: float = _f(0.04, 0.0, lo_open=True)
-    teacher_temp_start: float = _f(0.04, 0.0, lo_open=True)
-    teacher_temp_warmup: int = _f(0, 0)
-    centre_momentum: float = _f(0.9, 0.0, 1.0)
-    teacher_momentum: float = _f(0.996, 0.0, 1.0)
-    lr: float = _f(5e-4, 0.0, lo_open=True)
-    min_lr: float = _f(1e-6, 0.0)
-    warmup: int = _f(100, 0)
-    weight_decay: float = _f(0.04, 0.0)
-    weight_decay_end: float = _f(0.4, 0.0)
-    clip_grad: float = _f(3.0, 0.0)
-    freeze_last_layer: int = _f(100, 0)
-    attention_mass: float = _f(0.6, 0.0, 1.0, lo_open=True)
-    eval_images: int = _f(400, 8)
-    threads: int = _f(1, 1)
+class Section(BaseModel):
+    """A params.yaml section: immutable, strict types (an int is also a float, nothing else converts), no unknown keys."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-@dataclass(frozen=True)
-class DatasetParams:
-    train_split: str
-    val_split: str
-    preset: str
-    prompt_template: str
-    background_prompts: list[str]
-    clip_model: str
-    clip_pretrained: str
-    dino_model: str
-    dino_weights: str = ""
-    prompt_names: list[str] = _f([])
-    long_side: int = _f(512, 16)
-    cam_weighting: str = _f("gradcam", choices=CAM_WEIGHTINGS)
-    par: bool = False
-    seed_split: str = "train"
-    seeds: list[int] = _f([0])
-    gpus: int = _f(1, 1)
-    variants: dict[str, dict[str, object]] = field(default_factory=dict)
-    overrides: dict[str, object] = field(default_factory=dict)
+class DemoParams(Section):
+    """The offline procedural dataset (README, "The offline demo")."""
+
+    seed: int = _f(0, "same seed -> byte-identical dataset", ge=0)
+    image_size: int = _f(64, "square images, pixels", ge=16, le=1024)
+    num_train: int = _f(400, "train split size", ge=1)
+    num_val: int = _f(100, "val split size", ge=1)
+    classes: list[str] = _f(["circle", "square", "triangle", "cross"], "class = shape; colour and texture are distractors",
+                            min_length=1)
+    min_objects: int = _f(1, "objects per image, inclusive", ge=1, le=8)
+    max_objects: int = _f(3, "most objects per image", ge=1, le=8)
+    min_object_size: float = _f(0.28, "object bounding-box side as a fraction of the image side", ge=0.05, le=1.0)
+    max_object_size: float = _f(0.45, "largest object bounding-box side as a fraction of the image side", ge=0.05, le=1.0)
+    max_overlap: float = _f(0.25, "an object may hide at most this share of its area under earlier ones", ge=0.0, le=1.0)
+    texture_contrast: float = _f(60.0, "max per-channel difference of a background's two colours", ge=0.0, le=255.0)
+    max_rotation: float = _f(0.0, "rotation range, degrees either way; upright: the tiny CLIP learns rotated shapes far slower "
+                                  "(README)", ge=0.0, le=180.0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> DemoParams:
+        problems = []
+        if self.min_objects > self.max_objects:
+            problems.append(("min_objects", f"{self.min_objects} exceeds max_objects {self.max_objects}"))
+        if self.min_object_size > self.max_object_size:
+            problems.append(("min_object_size", f"{self.min_object_size} exceeds max_object_size {self.max_object_size}"))
+        _problems(problems)
+        return self
+
+
+class DemoClipParams(Section):
+    """The tiny open_clip model pretrained on demo captions (`ssr demo-clip`)."""
+
+    checkpoint: str = _f("ssr/assets/demo_clip/open_clip_model.safetensors", "committed product of the stage")
+    seed: int = _f(0, "pretraining seed", ge=0)
+    embed_dim: int = _f(64, "joint embedding width", ge=8)
+    vision_width: int = _f(96, "ViT width: sized for CPU pretraining", ge=8)
+    vision_layers: int = _f(3, "ViT blocks", ge=1)
+    vision_heads: int = _f(3, "ViT attention heads", ge=1)
+    patch_size: int = _f(8, "64 px -> 8x8 patch grid", ge=2)
+    text_width: int = _f(64, "text transformer width", ge=8)
+    text_layers: int = _f(2, "text transformer blocks", ge=1)
+    text_heads: int = _f(2, "text transformer attention heads", ge=1)
+    context_length: int = _f(16, "captions are short", ge=4)
+    steps: int = _f(5000, "optimiser steps; held-out mAP flattens from about 6,000 (README)", ge=1)
+    batch_size: int = _f(64, "captioned images per step", ge=2)
+    single_object_fraction: float = _f(0.5, "share of single-object pretraining images: clean captions speed up learning",
+                                       ge=0.0, le=1.0)
+    lr: float = _f(1e-3, "AdamW, cosine after warmup; 1e-3 learnt shapes slower in trials", gt=0.0)
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on embeddings, gains and biases)", ge=0.0)
+    warmup: int = _f(300, "steps", ge=0)
+    eval_images: int = _f(400, "held-out images for zero-shot mAP", ge=8)
+    threads: int = _f(2, "torch CPU threads", ge=1)
+
+
+class DemoDinoParams(Section):
+    """The tiny timm ViT pretrained by DINO self-distillation on unlabelled demo images (`ssr demo-dino`)."""
+
+    checkpoint: str = _f("ssr/assets/demo_dino/model.safetensors",
+                         "product of the stage; not committed: its attention avoids the shapes")
+    seed: int = _f(0, "pretraining seed", ge=0)
+    width: int = _f(128, "ViT width: sized for CPU pretraining, as the demo CLIP's", ge=8)
+    depth: int = _f(4, "ViT blocks", ge=1)
+    heads: int = _f(4, "ViT attention heads", ge=1)
+    patch_size: int = _f(8, "64 px -> 8x8 patch grid, the demo CLIP's", ge=2)
+    head_hidden: int = _f(512, "projection MLP width (DINO: 2048)", ge=8)
+    head_bottleneck: int = _f(128, "width before the prototype layer (DINO: 256)", ge=8)
+    prototypes: int = _f(1024, "output dimension K (DINO: 65536)", ge=2)
+    steps: int = _f(1000, "optimiser steps: a bounded attempt on 1 CPU thread", ge=1)
+    batch_size: int = _f(64, "images per step", ge=2)
+    local_crops: int = _f(6, "local views per image besides the 2 global ones (DINO: 8 or 10)", ge=0)
+    local_size: int = _f(32, "local view side, pixels; global views keep demo.image_size (DINO: 96 vs 224)", ge=8)
+    global_scale_min: float = _f(0.4, "global crops cover this to all of the image area (DINO: 0.4)", gt=0.0, le=1.0)
+    local_scale_min: float = _f(0.05, "local crops cover at least this share of the image area (DINO: 0.05)", gt=0.0, le=1.0)
+    local_scale_max: float = _f(0.4, "local crops cover at most this share of the image area (DINO: 0.4)", gt=0.0, le=1.0)
+    colour_jitter: float = _f(1.0, "colour-jitter strength; 1 = DINO's (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1)",
+                              ge=0.0)
+    blur_sigma: float = _f(0.57, "largest Gaussian-blur sigma, pixels (DINO: 2 px at 224 px)", gt=0.0)
+    student_temp: float = _f(0.1, "student softmax temperature (DINO: 0.1)", gt=0.0)
+    teacher_temp: float = _f(0.04, "teacher temperature, below the student's: sharpening (DINO: 0.04-0.07)", gt=0.0)
+    teacher_temp_start: float = _f(0.04, "teacher temperature at step 0 (DINO: 0.04)", gt=0.0)
+    teacher_temp_warmup: int = _f(0, "steps of linear warmup to teacher_temp; 0.07 after 300 steps drifted to uniform in trials",
+                                  ge=0)
+    centre_momentum: float = _f(0.9, "EMA of the teacher-output centre (DINO: 0.9)", ge=0.0, le=1.0)
+    teacher_momentum: float = _f(0.996, "teacher EMA momentum at step 0, cosine to 1 at the end (DINO: 0.996)", ge=0.0, le=1.0)
+    lr: float = _f(5e-4, "AdamW peak, cosine after warmup (DINO: 0.0005 x batch / 256)", gt=0.0)
+    min_lr: float = _f(1e-6, "end of the cosine (DINO: 1e-6)", ge=0.0)
+    warmup: int = _f(100, "steps of linear lr warmup", ge=0)
+    weight_decay: float = _f(0.04, "weight decay at step 0, cosine to weight_decay_end (DINO: 0.04)", ge=0.0)
+    weight_decay_end: float = _f(0.4, "weight decay at the last step (DINO: 0.4)", ge=0.0)
+    clip_grad: float = _f(3.0, "gradient-norm clip; 0 = off (DINO: 3.0)", ge=0.0)
+    freeze_last_layer: int = _f(100, "steps the prototype layer stays fixed (DINO: 1 epoch)", ge=0)
+    attention_mass: float = _f(0.6, "attention masks keep the top patches holding this share of the mass (DINO: 0.6)",
+                               gt=0.0, le=1.0)
+    eval_images: int = _f(400, "held-out dino_eval images for the attention IoU", ge=8)
+    threads: int = _f(1, "torch CPU threads", ge=1)
+
+
+Overrides = dict[str, Any]
+
+
+class DatasetParams(Section):
+    """One dataset: where it is split, how it is prompted and which backbones and runs it uses."""
+
+    train_split: str = _f(..., "split the model trains on (data/{ds}/splits/{name}.txt)", PER_ENTRY, min_length=1)
+    val_split: str = _f(..., "split the evaluate stage scores", PER_ENTRY, min_length=1)
+    preset: str = _f(..., "training preset, see train_presets", PER_ENTRY)
+    prompt_template: str = _f(..., "CLIP prompt; {} stands for the class name", PER_ENTRY)
+    background_prompts: list[str] = _f(..., "background classes prompted beside the foreground classes", PER_ENTRY)
+    clip_model: str = _f(..., 'open_clip model name; "demo" = the committed tiny CLIP', PER_ENTRY)
+    clip_pretrained: str = _f(..., "open_clip pretrained tag (unused for demo)", PER_ENTRY)
+    dino_model: str = _f(..., 'timm model name of the DINO ViT; "" = no DINO (the DINO row is skipped)', PER_ENTRY)
+    dino_weights: str = _f("", 'a local weights file for dino_model instead of timm\'s download ("" = download)', PER_ENTRY)
+    prompt_names: list[str] = _f([], "the text each foreground class is prompted with, in class order; [] = the class names "
+                                     "themselves", PER_ENTRY)
+    long_side: int = _f(512, "inference resizes the long side to this, pixels", PER_ENTRY, ge=16)
+    cam_weighting: Literal[CAM_WEIGHTINGS] = _f(  # type: ignore[valid-type]
+        "gradcam", "gradcam: gradient averaged over patches (CLIP-ES); hirescam: each patch weighted by its own gradient",
+        PER_ENTRY)
+    par: bool = _f(False, "PAR refinement of the online pseudo-labels", PER_ENTRY)
+    seed_split: str = _f("train", "split whose ground truth scores the exported seeds", PER_ENTRY, min_length=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = _f([0], "training seeds; every metric is their mean, with std, min and max",
+                                                  PER_ENTRY, min_length=1)
+    gpus: int = _f(1, "training processes; > 1 runs torchrun --nproc_per_node", PER_ENTRY, ge=1)
+    variants: dict[str, Overrides] = _f({}, "extra training runs per seed, each the method with these params changed: "
+                                            "{name: {dotted.key: value}}", PER_ENTRY)
+    overrides: Overrides = _f({}, "params set for this dataset only: {dotted.key: value}", PER_ENTRY)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetParams:
+        problems = []
+        if "{}" not in self.prompt_template:
+            problems.append(("prompt_template", f"must contain '{{}}' where the class name goes, got {self.prompt_template!r}"))
+        if len(set(self.seeds)) != len(self.seeds):
+            problems.append(("seeds", f"must be distinct, got {self.seeds}"))
+        if any(key.startswith("datasets.") for key in self.overrides):
+            problems.append(("overrides", "may not change datasets.* (set them in the dataset itself)"))
+        for run, overrides in self.variants.items():
+            if run == METHOD_RUN or not re.fullmatch(r"[a-z0-9_]+", run):
+                problems.append((f"variants.{run}",
+                                 f"a variant name is lower-case letters, digits and '_', and not {METHOD_RUN!r}"))
+            if not isinstance(overrides, dict) or not overrides:
+                problems.append((f"variants.{run}", "expected a non-empty mapping of dotted params keys to values"))
+            elif any(key.startswith("datasets.") for key in overrides):
+                problems.append((f"variants.{run}", "a variant may not change datasets.*"))
+        _problems(problems)
+        return self
 
     def prompt_name_list(self, class_names: list[str]) -> list[str]:
         """The text each foreground class is prompted with: its synonyms, else its name."""
@@ -141,153 +220,226 @@ class DatasetParams:
         return list(self.prompt_names)
 
 
-@dataclass(frozen=True)
-class DownloadParams:
-    voc_url: str
-    voc_md5: str
-    sbd_url: str
-    sbd_md5: str
-    coco_train_url: str
-    coco_train_md5: str
-    coco_val_url: str
-    coco_val_md5: str
-    coco_annotations_url: str
-    coco_annotations_md5: str
+class DownloadParams(Section):
+    """The official archives: URLs and MD5 sums (docs/datasets.md)."""
+
+    voc_url: str = _f(..., "VOC 2012 trainval archive", OFFICIAL)
+    voc_md5: str = _f(..., "MD5 of the VOC archive", OFFICIAL)
+    sbd_url: str = _f(..., "SBD archive (benchmark.tgz)", OFFICIAL)
+    sbd_md5: str = _f(..., "MD5 of the SBD archive", OFFICIAL)
+    coco_train_url: str = _f(..., "COCO 2014 train images", OFFICIAL)
+    coco_train_md5: str = _f(..., "MD5 of the COCO train archive", OFFICIAL)
+    coco_val_url: str = _f(..., "COCO 2014 val images", OFFICIAL)
+    coco_val_md5: str = _f(..., "MD5 of the COCO val archive", OFFICIAL)
+    coco_annotations_url: str = _f(..., "COCO 2014 train/val annotations", OFFICIAL)
+    coco_annotations_md5: str = _f(..., "MD5 of the COCO annotations archive", OFFICIAL)
 
 
-@dataclass(frozen=True)
-class SuperpixelParams:
-    n_segments: int = _f(100, 2)
-    compactness: float = _f(10.0, 0.0, lo_open=True)
-    n_clusters: int = _f(8, 1)
-    seed: int = _f(0, 0)
-    workers: int = _f(2, 1)
-    backend: str = _f("opencv", choices=("skimage", "opencv"))
+class SuperpixelParams(Section):
+    """SGC step 1: SLIC superpixels, then k-means on their mean colour (paper Eq. 8)."""
+
+    n_segments: int = _f(100, "SLIC target segment count", ge=2)
+    compactness: float = _f(10.0, "SLIC compactness", gt=0.0)
+    n_clusters: int = _f(8, "k-means clusters on superpixel mean Lab colour", ge=1)
+    seed: int = _f(0, "k-means initialisation", ge=0)
+    workers: int = _f(2, "parallel processes over images", ge=1)
+    backend: Literal["skimage", "opencv"] = _f(
+        "opencv", "SLIC implementation: opencv (several times faster, as good on the demo masks: benchmarks/superpixels.py) "
+                  "or skimage (the reference)")
 
 
-@dataclass(frozen=True)
-class AffinityParams:
-    use_clip: bool = True
-    use_dino: bool = True
-    use_sgc: bool = True
-    clip_weight: float = _f(0.4, 0.0)
-    dino_weight: float = _f(0.6, 0.0)
-    clip_blocks: int = _f(8, 1)
-    sinkhorn_rounds: int = _f(3, 0)
-    power: int = _f(2, 1)
-    fusion: str = _f("transform_then_fuse", choices=("transform_then_fuse", "fuse_then_transform"))
+class AffinityParams(Section):
+    """Attention affinity and propagation (paper Eq. 9-11); the Table 3 switches."""
+
+    use_clip: bool = _f(True, 'Table 3 row "+ CLIP attention"', "P")
+    use_dino: bool = _f(True, 'Table 3 row "+ DINO attention"', "P")
+    use_sgc: bool = _f(True, 'Table 3 row "+ SGC mask"', "P")
+    clip_weight: float = _f(0.4, "A = 0.4 A_CLIP + 0.6 A_DINO", "P", ge=0.0)
+    dino_weight: float = _f(0.6, "weight of A_DINO in the fusion", "P", ge=0.0)
+    clip_blocks: int = _f(8, "average the attention of the last 8 blocks (capped at depth)", "W", ge=1)
+    sinkhorn_rounds: int = _f(3, "alternating column/row normalisation rounds", "W", ge=0)
+    power: int = _f(2, "square the symmetrised affinity", "W", ge=1)
+    fusion: Literal["transform_then_fuse", "fuse_then_transform"] = _f(
+        "transform_then_fuse", "Eq. 9 leaves open whether the CLIP-ES transform comes before the 0.4:0.6 fusion "
+                               "(transform_then_fuse) or after it (fuse_then_transform); chosen on the train split (README)")
 
 
-@dataclass(frozen=True)
-class SgcParams:
-    t_hi: float = _f(0.5, 0.0, 1.0)
-    rho: float = _f(0.5, 0.0, 1.0)
-    patch_area: float = _f(0.5, 0.0, 1.0)
-    keep_best: bool = True
-    denominator: str = _f("region", choices=("region", "image"))
+class SgcParams(Section):
+    """Superpixel-guided target regions (paper Eq. 7-8)."""
+
+    t_hi: float = _f(0.5, "high-confidence CAM threshold; paper leaves it unnamed", ge=0.0, le=1.0)
+    rho: float = _f(0.5, "min share of high-confidence activation for a target region", ge=0.0, le=1.0)
+    patch_area: float = _f(0.5, "a patch belongs to a region if more than this share of it lies there", ge=0.0, le=1.0)
+    keep_best: bool = _f(True, "a class with no region over rho keeps its best region, never vanishes")
+    denominator: Literal["region", "image"] = _f(
+        "region", "\"the total activation\" of Eq. 8: the region's own (region) or the image's (image); chosen on the train "
+                  "split (README)")
 
 
-@dataclass(frozen=True)
-class CmpaParams:
-    enabled: bool = True
-    head: str = _f("projection", choices=("projection", "residual"))
-    proj_dim: int = _f(256, 1)
-    hidden_dim: int = _f(512, 1)
-    num_layers: int = _f(2, 1)
-    tau_init: float = _f(0.05, 0.0, lo_open=True)
-    loss: str = _f("cross_modal", choices=CMPA_LOSSES)
-    text_prototype_term: bool = True
-    bank_size: int = _f(4096, 1)
-    warmup_per_class: int = _f(8, 1)
-    kmeans_iters: int = _f(20, 1)
+class CmpaParams(Section):
+    """Cross-Modal Prototype Alignment (paper Eq. 1-6)."""
+
+    enabled: bool = _f(True, "CMPA heads and prototype loss on; off = plain CLIP features", "P")
+    head: Literal["projection", "residual"] = _f(
+        "projection", 'ISA/TSA: stacked Linear+BN+ReLU reducing d1 to d2; "residual" = x + MLP(x), zero-init (O)', "P")
+    proj_dim: int = _f(256, "d2: the paper reduces the width but gives no value; capped at d1", ge=1)
+    hidden_dim: int = _f(512, "MLP width of ISA and TSA", ge=1)
+    num_layers: int = _f(2, "stacked layers; (O) depth", "P", ge=1)
+    tau_init: float = _f(0.05, "learnable temperature, initial value", "P", gt=0.0)
+    loss: Literal[CMPA_LOSSES] = _f("cross_modal", "Table 4: cross_modal (the method), in_modal, feature", "P")  # type: ignore[valid-type]
+    text_prototype_term: bool = _f(True, "constraint (2): text prototypes gather with same-class visual prototypes", "P")
+    bank_size: int = _f(4096, "memory of (image, class) features that k-means clusters", ge=1)
+    warmup_per_class: int = _f(8, "features of every class collected before the first k-means", ge=1)
+    kmeans_iters: int = _f(20, "spherical k-means iterations per prototype refresh", ge=1)
 
 
-@dataclass(frozen=True)
-class PseudoLabelParams:
-    bg_power: float = _f(1.0, 0.0, lo_open=True)
-    ignore_low: float = _f(0.0, 0.0, 1.0)
-    ignore_high: float = _f(0.0, 0.0, 1.0)
-    par_iterations: int = _f(20, 1)
-    par_dilations: list[int] = _f([1, 2, 4, 8, 12, 24])
-    par_w_colour: float = _f(0.3, 0.0, lo_open=True)
-    par_w_position: float = _f(0.01, 0.0)
-    figures: int = _f(4, 0)
+class PseudoLabelParams(Section):
+    """Online and exported pseudo-labels (WeCLIP's conventions, PAR)."""
+
+    bg_power: float = _f(1.0, "background score = (1 - max_c CAM) ** bg_power", "W", gt=0.0)
+    ignore_low: float = _f(0.0, "scores in [ignore_low, ignore_high) -> 255; equal = off", ge=0.0, le=1.0)
+    ignore_high: float = _f(0.0, "upper end of the ignore band", ge=0.0, le=1.0)
+    par_iterations: int = _f(20, "PAR propagation steps", "W", ge=1)
+    par_dilations: list[Annotated[int, Field(ge=1)]] = _f([1, 2, 4, 8, 12, 24], "PAR neighbourhood dilations, pixels", "W",
+                                                         min_length=1)
+    par_w_colour: float = _f(0.3, "PAR colour-affinity temperature", "W", gt=0.0)
+    par_w_position: float = _f(0.01, "PAR weight of the neighbour-distance term", "W", ge=0.0)
+    figures: int = _f(4, "overlay figures written per stage", ge=0)
+
+    @model_validator(mode="after")
+    def _band(self) -> PseudoLabelParams:
+        if self.ignore_low > self.ignore_high:
+            _problems([("ignore_low", f"{self.ignore_low} exceeds ignore_high {self.ignore_high}")])
+        return self
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    amp_bf16: bool = True
-    checkpoint_every: int = _f(500, 1)
-    log_every: int = _f(10, 1)
-    affinity_loss: bool = True
-    num_workers: int = _f(2, 0)
-    supervision: str = _f("pseudo", choices=("pseudo", "gt"))
+class TrainParams(Section):
+    """Training run settings shared by every preset."""
+
+    amp_bf16: bool = _f(True, "bf16 autocast on GPU; ignored on CPU")
+    checkpoint_every: int = _f(500, "iterations between checkpoints", ge=1)
+    log_every: int = _f(10, "iterations between dvclive points", ge=1)
+    affinity_loss: bool = _f(True, "decoder affinity loss, weight in the preset", "W")
+    num_workers: int = _f(2, "dataloader workers", ge=0)
+    supervision: Literal["pseudo", "gt"] = _f(
+        "pseudo", "pseudo = the method's online labels; gt = true masks, the fully supervised bound (diagnosis only)")
 
 
-@dataclass(frozen=True)
-class PresetParams:
-    batch_size: int = _f(16, 1)
-    accumulation: int = _f(1, 1)
-    iterations: int = _f(300, 1)
-    lr: float = _f(1e-3, 0.0, lo_open=True)
-    weight_decay: float = _f(0.002, 0.0)
-    decoder_lr_mult: float = _f(1.0, 0.0, lo_open=True)
-    warmup: int = _f(0, 0)
-    gamma: float = _f(0.1, 0.0)
-    affinity_weight: float = _f(0.1, 0.0)
-    crop_size: int = _f(320, 16)
-    scale_min: float = _f(0.5, 0.0, lo_open=True)
-    scale_max: float = _f(2.0, 0.0, lo_open=True)
-    refresh_every: int = _f(5000, 1)
+class PresetParams(Section):
+    """A training schedule, selected per dataset by datasets.{ds}.preset."""
+
+    batch_size: int = _f(16, "images per optimiser step, all accumulated micro-batches together", PER_ENTRY, ge=1)
+    accumulation: int = _f(1, "micro-batches per optimiser step; divides batch_size", PER_ENTRY, ge=1)
+    iterations: int = _f(300, "optimiser steps", PER_ENTRY, ge=1)
+    lr: float = _f(1e-3, "AdamW learning rate of the CMPA heads (poly decay after warmup)", PER_ENTRY, gt=0.0)
+    weight_decay: float = _f(0.002, "AdamW weight decay", PER_ENTRY, ge=0.0)
+    decoder_lr_mult: float = _f(1.0, "the decoder's learning rate is lr times this", PER_ENTRY, gt=0.0)
+    warmup: int = _f(0, "iterations of linear lr warmup", PER_ENTRY, ge=0)
+    gamma: float = _f(0.1, "L = L_proto + gamma L_seg", PER_ENTRY, ge=0.0)
+    affinity_weight: float = _f(0.1, "weight of the decoder affinity loss", PER_ENTRY, ge=0.0)
+    crop_size: int = _f(320, "training crop side, pixels", PER_ENTRY, ge=16)
+    scale_min: float = _f(0.5, "smallest random rescale factor of a training image", PER_ENTRY, gt=0.0)
+    scale_max: float = _f(2.0, "largest random rescale factor of a training image", PER_ENTRY, gt=0.0)
+    refresh_every: int = _f(5000, "iterations between prototype (k-means) refreshes", PER_ENTRY, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PresetParams:
+        problems = []
+        if self.scale_min > self.scale_max:
+            problems.append(("scale_min", f"{self.scale_min} exceeds scale_max {self.scale_max}"))
+        if self.batch_size % self.accumulation:
+            problems.append(("accumulation", f"must divide batch_size {self.batch_size}, got {self.accumulation}"))
+        _problems(problems)
+        return self
 
 
-@dataclass(frozen=True)
-class InferParams:
-    scales: list[float] = _f([1.0, 0.75])
-    flip: bool = True
-    crf: bool = True
-    crf_iterations: int = _f(10, 1)
-    crf_pos_xy_std: float = _f(3.0, 0.0, lo_open=True)
-    crf_pos_w: float = _f(3.0, 0.0)
-    crf_bi_xy_std: float = _f(64.0, 0.0, lo_open=True)
-    crf_bi_rgb_std: float = _f(5.0, 0.0, lo_open=True)
-    crf_bi_w: float = _f(4.0, 0.0)
-    crf_reference_size: int = _f(500, 0)
+class InferParams(Section):
+    """Evaluation inference: multi-scale + flip, DenseCRF (WeCLIP's settings)."""
+
+    scales: list[Annotated[float, Field(gt=0.0)]] = _f([1.0, 0.75], "inference scales, averaged", "W", min_length=1)
+    flip: bool = _f(True, "also average the horizontally flipped image", "W")
+    crf: bool = _f(True, "DenseCRF post-processing (both figures are reported)", "W")
+    crf_iterations: int = _f(10, "DenseCRF mean-field iterations", "W", ge=1)
+    crf_pos_xy_std: float = _f(3.0, "DenseCRF smoothness kernel std, pixels", "W", gt=0.0)
+    crf_pos_w: float = _f(3.0, "DenseCRF smoothness kernel weight", "W", ge=0.0)
+    crf_bi_xy_std: float = _f(64.0, "DenseCRF appearance kernel position std, pixels", "W", gt=0.0)
+    crf_bi_rgb_std: float = _f(5.0, "DenseCRF appearance kernel colour std", "W", gt=0.0)
+    crf_bi_w: float = _f(4.0, "DenseCRF appearance kernel weight", "W", ge=0.0)
+    crf_reference_size: int = _f(500, "the stds above are for ~500 px images; scaled by long side / this (0 = never scaled)",
+                                 ge=0)
 
 
-@dataclass(frozen=True)
-class RetrainParams:
-    enabled: bool = False
-    model: str = _f("deeplabv3_resnet50", choices=("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "lraspp_mobilenet_v3_large"))
-    iterations: int = _f(20000, 1)
-    batch_size: int = _f(16, 1)
-    lr: float = _f(0.01, 0.0, lo_open=True)
-    crop_size: int = _f(512, 16)
-    scale_min: float = _f(0.5, 0.0, lo_open=True)
-    scale_max: float = _f(2.0, 0.0, lo_open=True)
-    momentum: float = _f(0.9, 0.0, 1.0)
-    weight_decay: float = _f(1e-4, 0.0)
-    weights_backbone: str = ""
+class RetrainParams(Section):
+    """The optional multi-stage protocol: a fully supervised segmenter on the exported pseudo-labels."""
+
+    enabled: bool = _f(False, "off by default")
+    model: Literal[SEGMENTERS] = _f("deeplabv3_resnet50", "torchvision segmenter")  # type: ignore[valid-type]
+    iterations: int = _f(20000, "SGD steps", ge=1)
+    batch_size: int = _f(16, "images per step (BatchNorm needs 2 or more)", ge=2)
+    lr: float = _f(0.01, "SGD, poly", gt=0.0)
+    crop_size: int = _f(512, "training crop side, pixels", ge=16)
+    scale_min: float = _f(0.5, "random rescale range of the crops", gt=0.0)
+    scale_max: float = _f(2.0, "largest random rescale factor of the crops", gt=0.0)
+    momentum: float = _f(0.9, "SGD", ge=0.0, le=1.0)
+    weight_decay: float = _f(1e-4, "SGD weight decay", ge=0.0)
+    weights_backbone: str = _f("", 'torchvision backbone weights, e.g. IMAGENET1K_V1 (downloads); "" = random init')
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RetrainParams:
+        if self.scale_min > self.scale_max:
+            _problems([("scale_min", f"{self.scale_min} exceeds scale_max {self.scale_max}")])
+        return self
 
 
-@dataclass(frozen=True)
-class Params:
-    data_root: str
-    results_root: str
-    demo: DemoParams
-    demo_clip: DemoClipParams
-    demo_dino: DemoDinoParams
-    datasets: dict[str, DatasetParams]
-    download: DownloadParams
-    superpixels: SuperpixelParams
-    affinity: AffinityParams
-    sgc: SgcParams
-    cmpa: CmpaParams
-    pseudo_labels: PseudoLabelParams
-    train: TrainParams
-    train_presets: dict[str, PresetParams]
-    infer: InferParams
-    retrain: RetrainParams
+# The run that trains the configured method; variants are named in datasets.{ds}.variants.
+METHOD_RUN = "method"
+
+
+class Params(Section):
+    """params.yaml: the one configuration file (Snakemake configfile, DVC params)."""
+
+    model_config = ConfigDict(title="SSR params.yaml")
+
+    data_root: str = _f(..., "datasets live in data/{ds}/ (per site: params.local.yaml or $SSR_DATA_ROOT)", min_length=1)
+    results_root: str = _f(..., "stage outputs live in results/ (per site: params.local.yaml or $SSR_RESULTS_ROOT)",
+                           min_length=1)
+    demo: DemoParams = _f(..., DemoParams.__doc__, PER_ENTRY)
+    demo_clip: DemoClipParams = _f(..., DemoClipParams.__doc__, PER_ENTRY)
+    demo_dino: DemoDinoParams = _f(..., DemoDinoParams.__doc__, PER_ENTRY)
+    datasets: dict[str, DatasetParams] = _f(..., "per dataset: where it lives and how it is split", PER_ENTRY)
+    download: DownloadParams = _f(..., DownloadParams.__doc__, OFFICIAL)
+    superpixels: SuperpixelParams = _f(..., SuperpixelParams.__doc__, PER_ENTRY)
+    affinity: AffinityParams = _f(..., AffinityParams.__doc__, PER_ENTRY)
+    sgc: SgcParams = _f(..., SgcParams.__doc__, PER_ENTRY)
+    cmpa: CmpaParams = _f(..., CmpaParams.__doc__, PER_ENTRY)
+    pseudo_labels: PseudoLabelParams = _f(..., PseudoLabelParams.__doc__, PER_ENTRY)
+    train: TrainParams = _f(..., TrainParams.__doc__, PER_ENTRY)
+    train_presets: dict[str, PresetParams] = _f(..., "training schedules, selected per dataset by datasets.{ds}.preset",
+                                                PER_ENTRY)
+    infer: InferParams = _f(..., InferParams.__doc__, PER_ENTRY)
+    retrain: RetrainParams = _f(..., RetrainParams.__doc__, PER_ENTRY)
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> Params:
+        problems = []
+        for name, ds in self.datasets.items():
+            if ds.preset not in self.train_presets:
+                problems.append((f"datasets.{name}.preset",
+                                 f"unknown preset {ds.preset!r}{_suggestion(ds.preset, list(self.train_presets))}"))
+        # The overridden params of each dataset and variant must be valid params too. Checked once,
+        # at the top: the params they make are validated without this step (no recursion).
+        if not (info.context or {}).get("overridden"):
+            raw = self.model_dump()
+            for name, ds in self.datasets.items():
+                todo = [(f"datasets.{name}.overrides", ds.overrides)] if ds.overrides else []
+                todo += [(f"datasets.{name}.variants.{run}", v) for run, v in ds.variants.items() if isinstance(v, dict) and v]
+                for where, overrides in todo:
+                    try:
+                        Params.model_validate(_override(raw, overrides), context={"overridden": True})
+                    except (ConfigError, ValidationError) as err:
+                        problems += [(where, line) for line in _lines(err)]
+        _problems(problems)
+        return self
 
     def dataset(self, name: str) -> DatasetParams:
         if name not in self.datasets:
@@ -309,7 +461,7 @@ class Params:
         overrides = self.dataset(dataset).overrides
         if not overrides:
             return self
-        return _validate(_build(Params, _override(dataclasses.asdict(self), overrides, f"datasets.{dataset}.overrides"), ""))
+        return _validated(_override(self.model_dump(), overrides), f"datasets.{dataset}.overrides: ")
 
     def runs(self, dataset: str) -> list[str]:
         """The training runs of a dataset: the method, then its variants in params order."""
@@ -322,27 +474,114 @@ class Params:
         variants = self.dataset(dataset).variants
         if run not in variants:
             raise ConfigError(f"datasets.{dataset}.variants: no variant {run!r} (known: {', '.join(variants) or 'none'})")
-        return _validate(_build(Params, _override(dataclasses.asdict(self), variants[run], f"datasets.{dataset}.variants.{run}"), ""))
+        return _validated(_override(self.model_dump(), variants[run]), f"datasets.{dataset}.variants.{run}: ")
 
 
-# The run that trains the configured method; variants are named in datasets.{ds}.variants.
-METHOD_RUN = "method"
-
-
-def _override(raw: dict, overrides: dict, where: str) -> dict:
-    """A copy of `raw` with dotted-key `overrides` set; an unknown key names `where`."""
+def _override(raw: dict, overrides: dict) -> dict:
+    """A copy of `raw` with dotted-key `overrides` set; ConfigError for a key params.yaml does not have."""
     raw = copy.deepcopy(raw)
     for dotted, value in overrides.items():
-        node, parts = raw, dotted.split(".")
+        node, parts = raw, str(dotted).split(".")
         for key in parts[:-1]:
-            if not isinstance(node, dict) or key not in node:
-                raise ConfigError(f"{where}: {dotted}: unknown key")
-            node = node[key]
+            node = node.get(key) if isinstance(node, dict) else None
         if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"{where}: {dotted}: unknown key")
+            raise ConfigError(f"{dotted}: unknown key{_suggestion(str(dotted), _dotted_keys(raw))}")
         node[parts[-1]] = value
     return raw
 
+
+def _dotted_keys(raw: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in raw.items():
+        out.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            out += _dotted_keys(value, f"{prefix}{key}.")
+    return out
+
+
+def _validated(raw: dict, where: str = "") -> Params:
+    """Params from a dict; ConfigError listing every problem, one line each, `where` before each."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError("\n".join(f"{where}{line}" for line in _lines(err))) from None
+
+
+# ---------------------------------------------------------------- error messages
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _suggestion(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known: {', '.join(known)})" if known and len(known) <= 20 else ""
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The keys params.yaml allows at a location (a section's fields), for 'did you mean'."""
+    node: Any = Params
+    for part in loc:
+        if typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        elif isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        else:
+            return []
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def _got(value) -> str:
+    text = repr(value)
+    return f"got {type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "true/false", "string_type": "a string",
+              "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping"}
+BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+          "less_than": ("<", "lt")}
+
+
+def _explain(error: dict) -> str:
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return "unknown key" + _suggestion(str(error["loc"][-1]), _fields_at(tuple(error["loc"][:-1])))
+    if kind == "missing":
+        return "missing"
+    if kind in TYPE_NAMES:
+        return f"expected {TYPE_NAMES[kind]}, {_got(value)}"
+    if kind in BOUNDS:
+        sign, name = BOUNDS[kind]
+        return f"must be {sign} {ctx[name]}, got {value!r}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected'].replace(' or ', ', ')}, got {value!r}"
+    if kind == "too_short":
+        return f"must have at least {ctx['min_length']} item{'s' if ctx['min_length'] != 1 else ''}, got {value!r}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {value!r}"
+    return error["msg"]
+
+
+def _lines(err: ValidationError | ConfigError) -> list[str]:
+    """One 'dotted.key: problem' line per problem."""
+    if isinstance(err, ConfigError):
+        return str(err).splitlines()
+    out = []
+    for error in err.errors(include_url=False):
+        where = _dotted(tuple(error["loc"]))
+        if error["type"] == "ssr_checks":
+            out += [f"{where}.{key}: {message}" if where else f"{key}: {message}" for key, message in error["ctx"]["problems"]]
+        else:
+            out.append(f"{where}: {_explain(error)}" if where else _explain(error))
+    return out
+
+
+# ---------------------------------------------------------------- training identity
 
 def training_identity(params: Params, dataset: str) -> dict:
     """Every setting that shapes a trained model, as flat dotted keys.
@@ -351,17 +590,15 @@ def training_identity(params: Params, dataset: str) -> dict:
     error naming the keys, since the weights would silently belong to another configuration.
     Run-time choices (seeds list, workers, logging, inference, retraining) are not part of it.
     """
-    ds = dataclasses.asdict(params.dataset(dataset))
-    for key in ("seeds", "gpus", "variants", "overrides", "long_side", "seed_split", "train_split", "val_split"):
-        ds.pop(key)
-    train = dataclasses.asdict(params.train)
-    for key in ("checkpoint_every", "log_every", "num_workers"):
-        train.pop(key)
+    ds = params.dataset(dataset).model_dump(exclude={"seeds", "gpus", "variants", "overrides", "long_side", "seed_split",
+                                                     "train_split", "val_split"})
     sections = {
-        f"datasets.{dataset}": ds, f"train_presets.{params.dataset(dataset).preset}": dataclasses.asdict(params.preset(dataset)),
-        "train": train, "superpixels": {k: v for k, v in dataclasses.asdict(params.superpixels).items() if k != "workers"},
-        "affinity": dataclasses.asdict(params.affinity), "sgc": dataclasses.asdict(params.sgc), "cmpa": dataclasses.asdict(params.cmpa),
-        "pseudo_labels": {k: v for k, v in dataclasses.asdict(params.pseudo_labels).items() if k != "figures"},
+        f"datasets.{dataset}": ds,
+        f"train_presets.{params.dataset(dataset).preset}": params.preset(dataset).model_dump(),
+        "train": params.train.model_dump(exclude={"checkpoint_every", "log_every", "num_workers"}),
+        "superpixels": params.superpixels.model_dump(exclude={"workers"}),
+        "affinity": params.affinity.model_dump(), "sgc": params.sgc.model_dump(), "cmpa": params.cmpa.model_dump(),
+        "pseudo_labels": params.pseudo_labels.model_dump(exclude={"figures"}),
     }
     return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
 
@@ -379,114 +616,51 @@ def _jsonable(value):
     return list(map(_jsonable, value)) if isinstance(value, (list, tuple)) else value
 
 
-def _check_value(key: str, value, hint, meta):
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    if origin is dict:
-        _, value_hint = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return {k: _check_value(f"{key}.{k}", v, value_hint, {}) for k, v in value.items()}
-    if origin is list:
-        (item_hint,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
-        return [_check_value(f"{key}[{i}]", v, item_hint, {}) for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if hint in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
-    if not isinstance(value, hint):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
-        raise ConfigError(f"{key}: must be {'>' if meta.get('lo_open') else '>='} {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key}: must be <= {hi}, got {value!r}")
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{key}: must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-    return value
-
-
-def _build(cls, raw, prefix: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(fields)})")
-    values = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{key}: missing")
-            continue
-        values[name] = _check_value(key, raw[name], hints[name], f.metadata)
-    return cls(**values)
-
-
-def _validate(params: Params) -> Params:
-    d = params.demo
-    if d.min_objects > d.max_objects:
-        raise ConfigError(f"demo.min_objects: {d.min_objects} exceeds demo.max_objects {d.max_objects}")
-    if d.min_object_size > d.max_object_size:
-        raise ConfigError("demo.min_object_size: exceeds demo.max_object_size")
-    for name, preset in params.train_presets.items():
-        if preset.scale_min > preset.scale_max:
-            raise ConfigError(f"train_presets.{name}.scale_min: exceeds scale_max")
-        if preset.batch_size % preset.accumulation:
-            raise ConfigError(f"train_presets.{name}.accumulation: must divide batch_size {preset.batch_size}")
-    for name, ds in params.datasets.items():
-        if ds.preset not in params.train_presets:
-            raise ConfigError(f"datasets.{name}.preset: unknown preset {ds.preset!r}")
-        if "{}" not in ds.prompt_template:
-            raise ConfigError(f"datasets.{name}.prompt_template: must contain '{{}}'")
-        if not ds.seeds or len(set(ds.seeds)) != len(ds.seeds) or any(s < 0 for s in ds.seeds):
-            raise ConfigError(f"datasets.{name}.seeds: must be a non-empty list of distinct non-negative ints, got {ds.seeds}")
-        if any(key.startswith("datasets.") for key in ds.overrides):
-            raise ConfigError(f"datasets.{name}.overrides: may not change datasets.* (set them in datasets.{name} itself)")
-        if ds.overrides:
-            _build(Params, _override(dataclasses.asdict(params), ds.overrides, f"datasets.{name}.overrides"), "")
-        for run, overrides in ds.variants.items():
-            where = f"datasets.{name}.variants.{run}"
-            if run == METHOD_RUN or not re.fullmatch(r"[a-z0-9_]+", run):
-                raise ConfigError(f"{where}: a variant name is lower-case letters, digits and '_', and not {METHOD_RUN!r}")
-            if not isinstance(overrides, dict) or not overrides:
-                raise ConfigError(f"{where}: expected a non-empty mapping of dotted params keys to values")
-            if any(key.startswith("datasets.") for key in overrides):
-                raise ConfigError(f"{where}: a variant may not change datasets.*")
-            _build(Params, _override(dataclasses.asdict(params), overrides, where), "")
-    if params.retrain.scale_min > params.retrain.scale_max:
-        raise ConfigError("retrain.scale_min: exceeds retrain.scale_max")
-    pl = params.pseudo_labels
-    if pl.ignore_low > pl.ignore_high:
-        raise ConfigError("pseudo_labels.ignore_low: exceeds pseudo_labels.ignore_high")
-    if not params.infer.scales or any(s <= 0 for s in params.infer.scales):
-        raise ConfigError("infer.scales: must be a non-empty list of positive numbers")
-    return params
-
+# ---------------------------------------------------------------- loading
 
 def params_from_dict(raw: dict) -> Params:
-    return _validate(_build(Params, raw, ""))
+    """Validated params from a dict shaped like params.yaml; ConfigError listing every problem, one per line."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping of params.yaml sections, got {type(raw).__name__}")
+    return _validated(raw)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", *, site: bool = True) -> Params:
+    """params.yaml, validated; with `site`, data_root and results_root as params.local.yaml and SSR_* set them (ssr.site)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
+        raise ConfigError(f"{path}: params file not found (run from the repository root, or pass --params FILE)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     try:
+        if site:
+            raw = apply_site(raw, path)
+    except SiteError as err:
+        raise ConfigError(str(err)) from None
+    try:
         return params_from_dict(raw)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        lines = str(err).splitlines()
+        if len(lines) == 1:
+            raise ConfigError(f"{path}: {lines[0]}") from None
+        raise ConfigError(f"{path}: {len(lines)} problems\n" + "\n".join(f"  {line}" for line in lines)) from None
+
+
+# ---------------------------------------------------------------- JSON Schema
+
+SCHEMA_PATH = "workflow/schemas/params.schema.json"
+
+
+def json_schema() -> dict:
+    """params.yaml's JSON Schema (draft 2020-12), from the models: types, bounds, choices, descriptions, sources."""
+    schema = Params.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "description": "params.yaml of ssr; generated from ssr/config.py by `ssr schema` (make schema): edit those, "
+                           "not this file. `source`: P = the SSR paper, W = WeCLIP's code, O = our choice.",
+            **{k: v for k, v in schema.items() if k != "description"}}
+
+
+def json_schema_text() -> str:
+    return json.dumps(json_schema(), indent=2) + "\n"

@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
-from ssr.config import InferParams
-
 # Probabilities are clipped before the log so that a hard zero does not become
 # an infinite unary that no pairwise evidence could ever overturn.
 _PROB_FLOOR = 1e-5
@@ -78,24 +76,3 @@ def dense_crf(
         )
     q = np.array(crf.inference(iterations), dtype=np.float32)
     return q.reshape(num_classes, height, width)
-
-
-def dense_crf_from_params(image: np.ndarray, probs: np.ndarray, params: InferParams) -> np.ndarray:
-    """`dense_crf` with the `infer.crf_*` settings of params.yaml, kernels sized to the image.
-
-    The reference spatial standard deviations are for images of about
-    `crf_reference_size` px on the long side (VOC's 500); they scale with the image's
-    long side, so a 64 px demo image gets kernels of the same relative extent.
-    image (H, W, 3) uint8, probs (C, H, W) -> (C, H, W) float32.
-    """
-    scale = max(image.shape[:2]) / params.crf_reference_size if params.crf_reference_size else 1.0
-    return dense_crf(
-        image,
-        probs,
-        iterations=params.crf_iterations,
-        pos_xy_std=params.crf_pos_xy_std * scale,
-        pos_w=params.crf_pos_w,
-        bi_xy_std=params.crf_bi_xy_std * scale,
-        bi_rgb_std=params.crf_bi_rgb_std,
-        bi_w=params.crf_bi_w,
-    )

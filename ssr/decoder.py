@@ -1,4 +1,4 @@
-"""WeCLIP-style segmentation decoder on frozen CLIP tokens (DESIGN 4.5)."""
+"""WeCLIP-style segmentation decoder on frozen CLIP tokens (WeCLIP, Zhang et al. CVPR 2024, which SSR builds on)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ class SegDecoder(nn.Module):
         self.num_blocks = num_blocks
         self.project = nn.ModuleList([nn.Linear(in_dim, width) for _ in range(num_blocks)])
         self.fuse = nn.Conv2d(width * num_blocks, width, kernel_size=1)
-        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True,
+                                           norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.classify = nn.Conv2d(width, num_classes, kernel_size=1)
 
@@ -28,7 +29,7 @@ class SegDecoder(nn.Module):
             raise ValueError(f"decoder expects {self.num_blocks} blocks of tokens, got {len(tokens)}")
         h, w = grid
         dtype = self.fuse.weight.dtype
-        feats = [proj(t[:, 1:].to(dtype)) for proj, t in zip(self.project, tokens)]
+        feats = [proj(t[:, 1:].to(dtype)) for proj, t in zip(self.project, tokens, strict=True)]
         x = torch.cat(feats, dim=-1).transpose(1, 2).reshape(feats[0].shape[0], -1, h, w)
         x = self.fuse(x).flatten(2).transpose(1, 2)                 # (B, N, width)
         x = self.transformer(x)
@@ -47,7 +48,8 @@ def affinity_pairs(labels: torch.Tensor, ignore_index: int = 255) -> tuple[torch
     return same, pair_valid & ~same
 
 
-def affinity_loss_sums(features: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+def affinity_loss_sums(features: torch.Tensor, labels: torch.Tensor,
+                       ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
     """The pairwise affinity loss on decoder features (WeCLIP-style), as sums over pairs.
 
     features (B, N, d), labels (B, N) patch pseudo-labels -> (sum over same-label pairs of

@@ -13,22 +13,23 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
-from tqdm import tqdm
 
 from ssr.config import DemoClipParams, DemoParams
 from ssr.data.demo import render_sample
 from ssr.data.layout import atomic_path, write_json
+from ssr.data.transforms import normalise, to_unit
+from ssr.progress import progress_bar
+from ssr.schedules import cosine
 
 # open_clip's OpenAI statistics; the demo model is trained with them, and
 # every consumer reads them back from the model's preprocess config.
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+MEAN = open_clip.OPENAI_DATASET_MEAN
+STD = open_clip.OPENAI_DATASET_STD
 # Written at every evaluation and removed at the end: an interrupted `ssr demo-clip` resumes from it.
 RESUME_FILE = "resume.pt"
 
@@ -53,12 +54,9 @@ def model_config(p: DemoClipParams, image_size: int) -> dict:
     }
 
 
-def normalise(images: torch.Tensor) -> torch.Tensor:
+def clip_input(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float, normalised with the model's statistics."""
-    x = images.permute(0, 3, 1, 2).float() / 255
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalise(to_unit(images), MEAN, STD)
 
 
 def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -82,7 +80,7 @@ def zero_shot_map(model, tokenizer, demo: DemoParams, num_images: int, template:
     """
     model.eval()
     samples = [render_sample(demo, "clip_eval", i) for i in range(num_images)]
-    images = normalise(torch.from_numpy(np.stack([s.image for s in samples])))
+    images = clip_input(np.stack([s.image for s in samples]))
     text = model.encode_text(tokenizer([template.format(c) for c in demo.classes]), normalize=True)
     image = torch.cat([model.encode_image(chunk, normalize=True) for chunk in images.split(256)])
     cosine = image @ text.T
@@ -104,14 +102,11 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
     model = open_clip.CLIP(**cfg)
     tokenizer = open_clip.SimpleTokenizer(context_length=p.context_length)
     loss_fn = open_clip.ClipLoss()
-    decay = [q for n, q in model.named_parameters() if q.ndim >= 2 and "token_embedding" not in n and "positional" not in n]
-    no_decay = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "token_embedding" not in n and "positional" not in n)]
-    optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
-
-    def lr_at(step: int) -> float:
-        if step < p.warmup:
-            return p.lr * (step + 1) / p.warmup
-        return 0.5 * p.lr * (1 + math.cos(math.pi * (step - p.warmup) / max(1, p.steps - p.warmup)))
+    decays = {n: q.ndim >= 2 and "token_embedding" not in n and "positional" not in n for n, q in model.named_parameters()}
+    decay = [q for n, q in model.named_parameters() if decays[n]]
+    no_decay = [q for n, q in model.named_parameters() if not decays[n]]
+    optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=p.lr)
 
     token_cache: dict[str, torch.Tensor] = {}
     start = time.time()
@@ -119,7 +114,7 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
     out_dir = Path(out_dir)
     resume_path = out_dir / RESUME_FILE
     # Thread count changes speed, not the run, so a run may resume with more or fewer threads.
-    run_id = {"config": cfg, "params": {k: v for k, v in asdict(p).items() if k != "threads"}, "demo_params": asdict(demo)}
+    run_id = {"config": cfg, "params": p.model_dump(exclude={"threads"}), "demo_params": demo.model_dump()}
     first, ev = 0, None
     if resume_path.is_file():
         saved = torch.load(resume_path, map_location="cpu", weights_only=False)
@@ -134,19 +129,19 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
     single_rng = np.random.default_rng([p.seed, 7])
     for _ in range(first):  # replay the draws of the steps already done, so a resumed run is the same run
         single_rng.random(p.batch_size)
-    bar = tqdm(range(first, p.steps), initial=first, total=p.steps, desc="demo CLIP", disable=not progress)
+    bar = progress_bar(range(first, p.steps), initial=first, total=p.steps, desc="demo CLIP", progress=progress)
     for step in bar:
         model.train()
         single = single_rng.random(p.batch_size) < p.single_object_fraction
         samples = [render_sample(demo, "clip_train", step * p.batch_size + i, max_objects=1 if single[i] else None)
                    for i in range(p.batch_size)]
-        images = normalise(torch.from_numpy(np.stack([s.image for s in samples])))
+        images = clip_input(np.stack([s.image for s in samples]))
         for s in samples:
             if s.caption not in token_cache:
                 token_cache[s.caption] = tokenizer([s.caption])[0]
         texts = torch.stack([token_cache[s.caption] for s in samples])
         for group in optimiser.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = cosine(step, p.steps, p.lr, warmup=p.warmup)
         image_features, text_features, logit_scale = model(images, texts)
         loss = loss_fn(image_features, text_features, logit_scale)
         optimiser.zero_grad(set_to_none=True)
@@ -168,8 +163,8 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
     final = ev if ev is not None else zero_shot_map(model, tokenizer, demo, p.eval_images)
     provenance = {
         "config": cfg,
-        "params": asdict(p),
-        "demo_params": asdict(demo),
+        "params": p.model_dump(),
+        "demo_params": demo.model_dump(),
         "seed": p.seed,
         "steps": p.steps,
         "device": f"cpu ({platform.processor() or platform.machine()}, {p.threads} threads)",

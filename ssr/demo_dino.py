@@ -22,9 +22,8 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import timm
@@ -32,12 +31,14 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from tqdm import tqdm
 
 from ssr.backbones import clip_normalisation, clip_visual_forward, load_clip, load_dino
 from ssr.config import DemoDinoParams, DemoParams
 from ssr.data.demo import render_sample
 from ssr.data.layout import atomic_path, write_json
+from ssr.data.transforms import normalise, to_unit
+from ssr.progress import progress_bar
+from ssr.schedules import cosine
 
 # The real DINO's statistics; the pretrained cfg carries them to `dino_normalisation`.
 MEAN = IMAGENET_DEFAULT_MEAN
@@ -206,8 +207,7 @@ def augment(images: torch.Tensor, rng: np.random.Generator, size: int, scale: tu
     sigma = rng.uniform(blur_sigma / 20, blur_sigma, b)
     x = torch.where(blur, _gaussian_blur(x, sigma), x)
     x = torch.where(chosen(solarise_p), torch.where(x >= 0.5, 1 - x, x), x)
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalise(x, MEAN, STD)
 
 
 def views(images: torch.Tensor, rng: np.random.Generator, p: DemoDinoParams) -> list[torch.Tensor]:
@@ -241,10 +241,6 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, centre: torch.Tensor
             total = total + (-target * log_prob).sum(-1).mean()
             pairs += 1
     return total / pairs
-
-
-def cosine(step: int, steps: int, start: float, end: float) -> float:
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
 
 
 # ------------------------------------------------------------------ attention quality
@@ -310,7 +306,7 @@ def clip_cls_attention(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def eval_samples(demo: DemoParams, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out dino_eval images (N, 3, H, W) in [0, 1] and their foreground (N, H, W) bool."""
     samples = [render_sample(demo, "dino_eval", i) for i in range(num_images)]
-    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
+    images = to_unit(np.stack([s.image for s in samples]))
     return images, torch.from_numpy(np.stack([s.label > 0 for s in samples]))
 
 
@@ -321,8 +317,8 @@ def attention_quality(attend: Callable[[torch.Tensor], torch.Tensor], mean, std,
 
     attend: normalised (B, 3, H, W) -> (B, h, w) attention; mean/std: the model's statistics.
     """
-    x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    ious = [attention_iou(attend(chunk), fg, mass) for chunk, fg in zip(x.split(100), foreground.split(100))]
+    x = normalise(images, mean, std)
+    ious = [attention_iou(attend(chunk), fg, mass) for chunk, fg in zip(x.split(100), foreground.split(100), strict=True)]
     return float(torch.cat(ious).mean())
 
 
@@ -356,11 +352,6 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
     optimiser = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
     eval_images, foreground = eval_samples(demo, p.eval_images)
 
-    def lr_at(step: int) -> float:
-        if step < p.warmup:
-            return p.lr * (step + 1) / p.warmup
-        return cosine(step - p.warmup, p.steps - p.warmup, p.lr, p.min_lr)
-
     def teacher_temp_at(step: int) -> float:
         if step < p.teacher_temp_warmup:
             return p.teacher_temp_start + (p.teacher_temp - p.teacher_temp_start) * step / p.teacher_temp_warmup
@@ -376,8 +367,8 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
     out_dir = Path(out_dir)
     resume_path = out_dir / RESUME_FILE
     # Thread count changes speed, not the run, so a run may resume with more or fewer threads.
-    run_id = {"config": export_config(p, demo.image_size), "params": {k: v for k, v in asdict(p).items() if k != "threads"},
-              "demo_params": asdict(demo)}
+    run_id = {"config": export_config(p, demo.image_size), "params": p.model_dump(exclude={"threads"}),
+              "demo_params": demo.model_dump()}
     first = 0
     if resume_path.is_file():
         saved = torch.load(resume_path, map_location="cpu", weights_only=False)
@@ -390,16 +381,16 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
             start -= saved["seconds"]
             print(f"demo DINO: resuming from {resume_path} at step {first}", flush=True)
     losses, entropies = [], []
-    bar = tqdm(range(first, p.steps), initial=first, total=p.steps, desc="demo DINO", disable=not progress)
+    bar = progress_bar(range(first, p.steps), initial=first, total=p.steps, desc="demo DINO", progress=progress)
     for step in bar:
         student.train()
         # Each step's draws depend on (seed, step) alone, so a resumed run is the same run.
         rng = np.random.default_rng([p.seed, 11, step])
         samples = [render_sample(demo, "dino_train", step * p.batch_size + i) for i in range(p.batch_size)]
-        images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
+        images = to_unit(np.stack([s.image for s in samples]))
         crops = views(images, rng, p)
         for group in optimiser.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = cosine(step, p.steps, p.lr, p.min_lr, warmup=p.warmup)
         optimiser.param_groups[0]["weight_decay"] = cosine(step, p.steps, p.weight_decay, p.weight_decay_end)
         with torch.no_grad():
             teacher_out = teacher(crops[:2])
@@ -445,8 +436,8 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
                                             eval_images, foreground, p.attention_mass)
     provenance = {
         "config": export_config(p, demo.image_size),
-        "params": asdict(p),
-        "demo_params": asdict(demo),
+        "params": p.model_dump(),
+        "demo_params": demo.model_dump(),
         "seed": p.seed,
         "steps": p.steps,
         "device": f"cpu ({cpu_name()}, {p.threads} thread{'s' if p.threads > 1 else ''})",

@@ -11,9 +11,9 @@ first images and the lowest-IoU ones so far, and hands back the `n` to draw at t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -52,6 +52,16 @@ def _bare(ax) -> None:
     # ticks off but the axes kept (not axis("off")), so a y label can still name the row
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _panel(ax, name: str, panel: np.ndarray | None) -> None:
+    """An image or label-colour panel titled `name`; "none" where there is nothing to show (no ground truth)."""
+    _bare(ax)
+    ax.set_title(name)
+    if panel is None:
+        ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.imshow(panel, interpolation="nearest")
 
 
 def _legend(fig: Figure, handles: list[Patch]) -> None:
@@ -103,13 +113,7 @@ def cam_figure(image: np.ndarray, gt: np.ndarray | None, label: np.ndarray, cams
     grid = fig.add_gridspec(1 + len(groups), columns)
     header = [("image", image), ("ground truth", None if gt is None else colourise(gt)), ("pseudo-label", colourise(label))]
     for k, (name, panel) in enumerate(header):
-        ax = fig.add_subplot(grid[0, k])
-        _bare(ax)
-        ax.set_title(name)
-        if panel is None:
-            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
-        else:
-            ax.imshow(panel, interpolation="nearest")
+        _panel(fig.add_subplot(grid[0, k]), name, panel)
     heat = None
     cam_axes = []
     for r, (row, names) in enumerate(groups.items(), start=1):
@@ -144,13 +148,7 @@ def prediction_figure(image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray
         panels.append(("after DenseCRF", colourise(pred_crf)))
     fig = Figure(figsize=(PANEL_INCHES * len(panels) + 1.6, PANEL_INCHES + 0.6), layout="constrained")
     for k, (name, panel) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
-        _bare(ax)
-        ax.set_title(name)
-        if panel is None:
-            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
-        else:
-            ax.imshow(panel, interpolation="nearest")
+        _panel(fig.add_subplot(1, len(panels), k + 1), name, panel)
     _legend(fig, class_legend(_present(gt, pred, pred_crf), class_names))
     if title:
         fig.suptitle(title, fontsize="medium")
@@ -167,7 +165,7 @@ def curve_figure(name: str, runs: Mapping[str, Mapping[int, tuple[np.ndarray, np
     fig = Figure(figsize=(4.5 * len(runs), 3.4), layout="constrained")
     # each run its own y scale: the variants' losses are other losses (Table 4), not the same one lower
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
-    for ax, (run, seeds) in zip(axes, runs.items()):
+    for ax, (run, seeds) in zip(axes, runs.items(), strict=True):
         for seed, (steps, values) in sorted(seeds.items()):
             ax.plot(steps, values, label=f"seed {seed}", linewidth=1)
         ax.set_title(run)

@@ -7,16 +7,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ssr.backbones import clip_visual_forward
 from ssr.config import InferParams
-from ssr.crf import dense_crf_from_params
+from ssr.crf import dense_crf
 from ssr.data.dataset import WholeImages, snap_size
 from ssr.data.layout import write_label_png
+from ssr.data.transforms import normalise, to_unit
 from ssr.figures import FigureCandidates, figure_name, prediction_figure, replace_figures
 from ssr.metrics import confusion_matrix, format_table, segmentation_scores
-from ssr.model import SSR, FrozenBackbones, normalise
+from ssr.model import SSR, FrozenBackbones
+from ssr.progress import progress_bar
 
 
 @torch.no_grad()
@@ -35,7 +36,8 @@ def decoder_probs(backbones: FrozenBackbones, model: SSR, image: torch.Tensor, s
         x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
         views = [x, x.flip(-1)] if flip else [x]
         batch = torch.cat(views)
-        amp = torch.autocast(image.device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(image.device.type, enabled=False)
+        amp = (torch.autocast(image.device.type, dtype=autocast_dtype) if autocast_dtype
+               else torch.autocast(image.device.type, enabled=False))
         with amp:
             visual = clip_visual_forward(backbones.clip.visual, normalise(batch, backbones.clip_mean, backbones.clip_std))
             logits, _ = model.decoder(visual.tokens[: backbones.depth - 1], visual.grid)
@@ -52,10 +54,31 @@ def image_probs(backbones: FrozenBackbones, model: SSR, original: np.ndarray, lo
                 device, autocast_dtype=None) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (C + 1, H, W) float32 class probabilities at the image's own size."""
     size = snap_size(*original.shape[:2], long_side, backbones.patch_size)
-    image = torch.from_numpy(np.ascontiguousarray(original)).permute(2, 0, 1).float().to(device)[None] / 255
+    image = to_unit(original).to(device)[None]
     image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)[0]
     probs = decoder_probs(backbones, model, image, infer.scales, infer.flip, autocast_dtype)
     return F.interpolate(probs[None], size=original.shape[:2], mode="bilinear", align_corners=False)[0].cpu().numpy()
+
+
+def dense_crf_from_params(image: np.ndarray, probs: np.ndarray, params: InferParams) -> np.ndarray:
+    """`dense_crf` with the `infer.crf_*` settings of params.yaml, kernels sized to the image.
+
+    The reference spatial standard deviations are for images of about
+    `crf_reference_size` px on the long side (VOC's 500); they scale with the image's
+    long side, so a 64 px demo image gets kernels of the same relative extent.
+    image (H, W, 3) uint8, probs (C, H, W) -> (C, H, W) float32.
+    """
+    scale = max(image.shape[:2]) / params.crf_reference_size if params.crf_reference_size else 1.0
+    return dense_crf(
+        image,
+        probs,
+        iterations=params.crf_iterations,
+        pos_xy_std=params.crf_pos_xy_std * scale,
+        pos_w=params.crf_pos_w,
+        bi_xy_std=params.crf_bi_xy_std * scale,
+        bi_rgb_std=params.crf_bi_rgb_std,
+        bi_w=params.crf_bi_w,
+    )
 
 
 def predict(trained, image: np.ndarray, *, crf: bool | None = None) -> np.ndarray:
@@ -70,7 +93,8 @@ def predict(trained, image: np.ndarray, *, crf: bool | None = None) -> np.ndarra
         raise ValueError(f"predict: expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
     infer = trained.infer
     device = trained.backbones.text.device
-    probs = image_probs(trained.backbones, trained.model, image, trained.config["dataset_params"]["long_side"], infer, device=device)
+    probs = image_probs(trained.backbones, trained.model, image, trained.config["dataset_params"]["long_side"], infer,
+                        device=device)
     if infer.crf if crf is None else crf:
         probs = dense_crf_from_params(image, probs, infer)
     return probs.argmax(0).astype(np.uint8)
@@ -90,7 +114,7 @@ def evaluate_model(backbones: FrozenBackbones, model: SSR, root: Path, split: st
     conf_crf = np.zeros_like(conf)
     strips = FigureCandidates(figures) if pred_dir is not None else None
     model.eval()
-    for image_id in tqdm(data.ids, desc=f"evaluate {split}", disable=not progress):
+    for image_id in progress_bar(data.ids, desc=f"evaluate {split}", progress=progress):
         original, gt = data.original(image_id)
         if gt is None:
             continue

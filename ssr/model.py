@@ -30,6 +30,7 @@ from ssr.cam import gradcam, present_class_probs
 from ssr.cmpa import PrototypeBank, Temperature, build_head
 from ssr.config import AffinityParams, CmpaParams, DatasetParams, PseudoLabelParams, SgcParams
 from ssr.data.layout import IGNORE_INDEX
+from ssr.data.transforms import normalise
 from ssr.decoder import SegDecoder
 from ssr.par import par_refine
 from ssr.sgc import sgc_mask
@@ -151,13 +152,8 @@ def eval_mode(*modules: nn.Module):
     try:
         yield
     finally:
-        for m, state in zip(modules, states):
+        for m, state in zip(modules, states, strict=True):
             m.train(state)
-
-
-def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> normalised with a backbone's own statistics."""
-    return (images - mean) / std
 
 
 @dataclass
@@ -222,7 +218,8 @@ def refined_cams(
             if backbones.dino is not None:
                 a_dino = dino_last_attention(backbones.dino, normalise(images, backbones.dino_mean, backbones.dino_std)).float()
                 if a_dino.shape[-1] != a_clip.shape[-1]:
-                    raise ValueError(f"DINO grid ({a_dino.shape[-1]} patches) differs from CLIP's ({a_clip.shape[-1]}); patch sizes must match")
+                    raise ValueError(f"DINO grid ({a_dino.shape[-1]} patches) differs from CLIP's ({a_clip.shape[-1]}); "
+                                     f"patch sizes must match")
 
     with torch.no_grad():
         mask = None
@@ -232,7 +229,8 @@ def refined_cams(
 
         def fused(use_clip: bool, use_dino: bool) -> torch.Tensor:
             return fuse_attention(a_clip if use_clip else None, a_dino if use_dino else None, affinity.clip_weight,
-                                  affinity.dino_weight, order=affinity.fusion, rounds=affinity.sinkhorn_rounds, power=affinity.power)
+                                  affinity.dino_weight, order=affinity.fusion, rounds=affinity.sinkhorn_rounds,
+                                  power=affinity.power)
 
         out = {}
         for row in rows:
@@ -284,7 +282,8 @@ def cams_to_labels(
                              w_colour=pl.par_w_colour, w_position=pl.par_w_position)
         scores = refined.masked_fill(torch.cat([torch.zeros_like(valid[:, :1]), ~valid], dim=1)[..., None, None], -1.0)
     best, index = scores.max(dim=1)
-    labels = torch.where(index == 0, torch.zeros_like(index), classes.gather(1, (index - 1).clamp(min=0).flatten(1)).view_as(index) + 1)
+    foreground = classes.gather(1, (index - 1).clamp(min=0).flatten(1)).view_as(index) + 1
+    labels = torch.where(index == 0, torch.zeros_like(index), foreground)
     if pl.ignore_high > pl.ignore_low:
         labels = labels.masked_fill((best >= pl.ignore_low) & (best < pl.ignore_high), IGNORE_INDEX)
     return labels

@@ -40,8 +40,10 @@ def par_affinity(image: torch.Tensor, dilations: list[int], w_colour: float = 0.
     k = 8 * len(dilations)
     mean = sum(shifted(image, dilations)) / k
     spread = (sum((view - mean) ** 2 for view in shifted(image, dilations)) / (k - 1)).sqrt() + 1e-8
-    colour = torch.stack([-(((view - image).abs() / spread / w_colour) ** 2).mean(dim=1) for view in shifted(image, dilations)], dim=1)
-    distance = torch.tensor([d * (math.sqrt(2) if dy and dx else 1.0) for d in dilations for dy, dx in OFFSETS], device=image.device)
+    colour = torch.stack([-(((view - image).abs() / spread / w_colour) ** 2).mean(dim=1) for view in shifted(image, dilations)],
+                         dim=1)
+    distance = torch.tensor([d * (math.sqrt(2) if dy and dx else 1.0) for d in dilations for dy, dx in OFFSETS],
+                            device=image.device)
     position = (-((distance / distance.std()) / w_colour) ** 2).softmax(dim=0)  # (K,)
     # Normalised to sum to 1: WeCLIP's weights sum to 1 + w_position, which scales every score
     # alike (same argmax) but would drift the scores off their [0, 1] scale.

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ssr.cam import class_slots
 from ssr.config import Params
@@ -23,13 +22,15 @@ from ssr.data.layout import write_label_png
 from ssr.figures import ROW_TITLES, FigureCandidates, cam_figure, figure_name, replace_figures
 from ssr.metrics import confusion_matrix, format_table, iou_key, segmentation_scores
 from ssr.model import ABLATION_ROWS, SSR, FrozenBackbones, cams_to_labels, initial_cams, refined_cams
+from ssr.progress import progress_bar
 
 SCORE_KEYS = ("miou", "precision", "recall", "confusion_ratio", "class_swap_ratio")
 FIGURE_ROWS = (*ABLATION_ROWS, "method")  # Table 3's rows; the figures leave Table 4's plain-CLIP CAM out
 
 
 def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: Path, split: str, long_side: int, *,
-                 device, score_ids: set[str] | None = None, rows: tuple[str, ...] = (*ABLATION_ROWS, "method", "cam_without_cmpa"),
+                 device, score_ids: set[str] | None = None,
+                 rows: tuple[str, ...] = (*ABLATION_ROWS, "method", "cam_without_cmpa"),
                  export_dir: Path | None = None, figures_dir: Path | None = None, batch_size: int = 8,
                  progress: bool = True) -> dict:
     """Score the CAM `rows` of every image of `split` whose id is in `score_ids` (None = all).
@@ -47,7 +48,7 @@ def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: P
     model.eval()
     ids = [i for i in sorted(data.ids) if export_dir is not None or score_ids is None or i in score_ids]
     index = {image_id: k for k, image_id in enumerate(data.ids)}
-    bar = tqdm(total=len(ids), desc=f"seeds {split}", disable=not progress)
+    bar = progress_bar(total=len(ids), desc=f"seeds {split}", progress=progress)
     for start in range(0, len(ids), batch_size):
         items = [data[index[i]] for i in ids[start:start + batch_size]]
         groups: dict[tuple, list] = {}
@@ -58,10 +59,12 @@ def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: P
             images = batch["image"].to(device)
             classes, valid = class_slots(batch["labels"], device)
             cam = refined_cams(backbones, model, images, classes, valid, batch["regions"].to(device), params.affinity,
-                               params.sgc, num_regions=params.superpixels.n_clusters, rows=tuple(r for r in rows if r in ABLATION_ROWS))
+                               params.sgc, num_regions=params.superpixels.n_clusters,
+                               rows=tuple(r for r in rows if r in ABLATION_ROWS))
             cams = dict(cam.rows, method=cam.method)
             if "cam_without_cmpa" in rows:
-                cams["cam_without_cmpa"] = initial_cams(backbones, model, images, classes, valid, attn_blocks=0, cmpa=False)[0].detach()
+                cams["cam_without_cmpa"] = initial_cams(backbones, model, images, classes, valid, attn_blocks=0,
+                                                        cmpa=False)[0].detach()
             method_labels = {}  # b -> (label, its confusion matrix or None where unscored)
             for row, value in cams.items():
                 computed.add(row)
@@ -81,7 +84,9 @@ def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: P
                 for b, item in enumerate(group):
                     label, image_conf = method_labels[b]
                     iou = None if image_conf is None else segmentation_scores(image_conf, names)["miou"]
-                    figures.offer(item["id"], iou, lambda b=b, item=item, label=label, iou=iou: {
+                    # called at once (never later, when the loop has moved on); the defaults say so
+                    figures.offer(item["id"], iou, lambda b=b, item=item, label=label, iou=iou, classes=classes, valid=valid,
+                                  cams=cams, cam=cam: {
                         "image": item["original"], "gt": item["gt"], "label": label, "iou": iou,
                         "classes": [int(c) + 1 for c in classes[b][valid[b]].tolist()],
                         "cams": {r: _per_class(cams[r][b], valid[b], cam.grid, item["original"].shape[:2])
@@ -109,7 +114,8 @@ def _write_cam_figures(figures: FigureCandidates, folder: Path, names: list[str]
     """The picked images' CAM figures, titled with their id, why they were picked and the method's per-image mIoU."""
     out = {}
     for selection, rank, image_id, data in figures.picks():
-        why = f"lowest pseudo-label mIoU no. {rank} of {scored} scored images" if selection == "worst" else f"first image no. {rank}"
+        why = (f"lowest pseudo-label mIoU no. {rank} of {scored} scored images" if selection == "worst"
+               else f"first image no. {rank}")
         score = "" if data["iou"] is None else f", pseudo-label mIoU {data['iou']:.1%}"
         out[figure_name(selection, rank, image_id)] = cam_figure(
             data["image"], data["gt"], data["label"], data["cams"], data["classes"], names, title=f"{image_id}\n{why}{score}")

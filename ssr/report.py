@@ -16,9 +16,9 @@ and one figure per logged training quantity from the dvclive TSVs, the seeds ove
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -127,7 +127,7 @@ def names_after(metrics: Mapping[str, object], rows: list[Row], start: str) -> l
 
 
 def _pivot(frame: pd.DataFrame, metrics: list[str], titles: list[str], rows: list[Row]) -> pd.DataFrame:
-    cells = frame.assign(cell=[cell(m, a, s) for m, a, s in zip(frame["metric"], frame["mean"], frame["std"])])
+    cells = frame.assign(cell=[cell(m, a, s) for m, a, s in zip(frame["metric"], frame["mean"], frame["std"], strict=True)])
     index = pd.MultiIndex.from_tuples(list(dict.fromkeys((r.section, r.title) for r in rows)))
     table = cells.pivot(index=["section", "row"], columns="metric", values="cell") if len(cells) else pd.DataFrame()
     table = table.reindex(index=index, columns=metrics).astype(object).fillna(MISSING)

@@ -20,23 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.models import segmentation
-from tqdm import tqdm
 
+from ssr.config import SEGMENTERS, RetrainParams
 from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, atomic_path, read_image, read_label_png
+from ssr.data.transforms import normalise, random_scale_crop, to_unit
+from ssr.progress import progress_bar
+from ssr.schedules import poly
 
-SEGMENTERS = (
-    "deeplabv3_resnet50",
-    "deeplabv3_mobilenet_v3_large",
-    "fcn_resnet50",
-    "lraspp_mobilenet_v3_large",
-)
-
-# The torchvision backbones were pretrained with these statistics.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The torchvision backbones were pretrained with ImageNet's statistics (timm's constants);
+# padding past an image's edge is its mean colour.
+MEAN_RGB = tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN)
 
 
 def build_segmenter(name: str, num_classes: int, *, weights_backbone=None) -> nn.Module:
@@ -54,22 +52,18 @@ def build_segmenter(name: str, num_classes: int, *, weights_backbone=None) -> nn
     return builder(weights=None, weights_backbone=weights_backbone, num_classes=num_classes)
 
 
-def normalize_image(image: np.ndarray) -> torch.Tensor:
+def segmenter_input(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H, W) float32, ImageNet-normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return normalise(to_unit(image), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
 class PseudoLabelDataset(Dataset):
     """Images from a canonical dataset root, labels from a pseudo-label directory.
 
     Item: (image (3, crop, crop) float32 normalised, label (crop, crop) int64 with
-    255 = ignore). Augmentation: random scale in `scale_range`, pad to the crop
-    (image with the mean colour, label with 255), random crop, horizontal flip.
-    Randomness comes from torch's generator so DataLoader workers are seeded by
-    the loader.
+    255 = ignore). Augmentation: `ssr.data.transforms.random_scale_crop` with a scale in
+    `scale_range` (padding: the image with its mean colour, the label with 255), seeded
+    from torch's generator so that DataLoader workers are seeded by the loader.
     """
 
     def __init__(
@@ -97,7 +91,7 @@ class PseudoLabelDataset(Dataset):
         if missing:
             raise DatasetError(
                 f"{missing[0]}: pseudo-label file not found ({len(missing)} of {len(self.ids)} ids "
-                f"missing in {self.label_dir}; run the pseudo_labels stage first)"
+                f"missing in {self.label_dir}; run `ssr pseudo-labels --dataset {layout.root.name}` first)"
             )
         self.image_paths = [layout.image_path(i) for i in self.ids]
         self.num_classes = num_classes
@@ -126,31 +120,11 @@ class PseudoLabelDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = self.load(index)
-        x = normalize_image(image)[None]
-        y = torch.from_numpy(label.astype(np.int64))[None, None].float()
-
-        lo, hi = self.scale_range
-        scale = lo + (hi - lo) * torch.rand(()).item()
-        h, w = image.shape[:2]
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        if size != (h, w):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
-            y = F.interpolate(y, size=size, mode="nearest")
-        x, y = x[0], y[0, 0].long()
-
-        crop = self.crop_size
-        pad_h, pad_w = max(0, crop - size[0]), max(0, crop - size[1])
-        if pad_h or pad_w:
-            # Zero after normalisation is the mean colour.
-            x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)
-            y = F.pad(y, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-        top = int(torch.randint(0, x.shape[1] - crop + 1, ()).item())
-        left = int(torch.randint(0, x.shape[2] - crop + 1, ()).item())
-        x = x[:, top:top + crop, left:left + crop]
-        y = y[top:top + crop, left:left + crop]
-        if torch.rand(()).item() < 0.5:
-            x, y = x.flip(-1), y.flip(-1)
-        return x.contiguous(), y.contiguous()
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        crops = random_scale_crop(rng, Image.fromarray(image), {"label": (Image.fromarray(label), IGNORE_INDEX)},
+                                  crop=self.crop_size, scale_min=self.scale_range[0], scale_max=self.scale_range[1],
+                                  image_fill=MEAN_RGB)
+        return segmenter_input(crops["image"]), torch.from_numpy(crops["label"].astype(np.int64))
 
 
 def _segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -160,45 +134,22 @@ def _segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
 
 
-def retrain(
-    root: Path,
-    label_dir: Path,
-    ids: list[str],
-    out_path: Path,
-    *,
-    model_name: str,
-    num_classes: int,
-    iterations: int,
-    batch_size: int,
-    lr: float,
-    crop_size: int,
-    device: str = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-    scale_range: tuple[float, float] = (0.5, 2.0),
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    num_workers: int = 0,
-    weights_backbone=None,
-) -> dict:
-    """Train `model_name` on (image, pseudo-label) pairs and save it to `out_path`.
+def retrain(root: Path, label_dir: Path, ids: list[str], out_path: Path, params: RetrainParams, *, num_classes: int,
+            device: str = "cpu", seed: int = 0, progress: bool = True, num_workers: int = 0) -> dict:
+    """Train `params.model` on (image, pseudo-label) pairs and save it to `out_path`.
 
-    root: canonical dataset root (images); label_dir: `{id}.png` pseudo-labels.
-    Checkpoint (written atomically): {"model": state_dict, "model_name", "num_classes",
-    "iterations"}. Returns {"first_loss", "final_loss", "iterations", "seconds",
-    "images_per_s"}.
+    root: canonical dataset root (images); label_dir: `{id}.png` pseudo-labels; params: the
+    `retrain` section of params.yaml (validated there: batch_size >= 2, which BatchNorm in
+    the segmentation heads needs, lr > 0, ...). Checkpoint (written atomically): {"model":
+    state_dict, "model_name", "num_classes", "iterations"}. Returns {"first_loss",
+    "final_loss", "iterations", "seconds", "images_per_s"}.
     """
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
-    if batch_size < 2:
-        # BatchNorm in the segmentation heads (e.g. ASPP image pooling) cannot train on one sample.
-        raise ValueError(f"batch_size must be >= 2 for BatchNorm, got {batch_size}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    model_name, iterations, batch_size, lr = params.model, params.iterations, params.batch_size, params.lr
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = build_segmenter(model_name, num_classes, weights_backbone=weights_backbone).to(device)
-    dataset = PseudoLabelDataset(root, label_dir, ids, num_classes=num_classes, crop_size=crop_size, scale_range=scale_range)
+    model = build_segmenter(model_name, num_classes, weights_backbone=params.weights_backbone or None).to(device)
+    dataset = PseudoLabelDataset(root, label_dir, ids, num_classes=num_classes, crop_size=params.crop_size,
+                                 scale_range=(params.scale_min, params.scale_max))
 
     generator = torch.Generator().manual_seed(seed)
     # Exactly `iterations` full batches, drawn as successive shuffles of the ids,
@@ -214,16 +165,16 @@ def retrain(
         persistent_workers=num_workers > 0,
         generator=generator,
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=params.momentum, weight_decay=params.weight_decay)
     use_bf16 = device.type == "cuda"
 
     model.train()
     first_loss = final_loss = float("nan")
     start = time.perf_counter()
-    bar = tqdm(total=iterations, desc=f"retrain {model_name}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=iterations, desc=f"retrain {model_name}", progress=progress)
     for step, (images, labels) in enumerate(loader):
         for group in optimizer.param_groups:
-            group["lr"] = lr * (1.0 - step / iterations) ** 0.9
+            group["lr"] = poly(step, iterations, lr)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -260,7 +211,8 @@ def load_segmenter(path: str | Path, device: str = "cpu") -> nn.Module:
     """Rebuild a model written by `retrain` (in eval mode, on `device`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: retrained checkpoint not found (run the retrain stage first)")
+        raise FileNotFoundError(f"{path}: retrained checkpoint not found (run `ssr retrain --dataset {path.parent.parent.name}` "
+                                f"first, with retrain.enabled: true)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -281,7 +233,7 @@ def predict_probs(model: nn.Module, image: np.ndarray) -> np.ndarray:
     was_training = model.training
     model.eval()
     try:
-        x = normalize_image(image)[None].to(device)
+        x = segmenter_input(image)[None].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)["out"]
         return logits.float().softmax(1)[0].cpu().numpy()

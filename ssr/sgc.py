@@ -71,6 +71,7 @@ def sgc_mask(cam: torch.Tensor, region_map: torch.Tensor, num_regions: int, grid
     The image total of the "image" denominator counts only pixels with a region (padding excluded).
     """
     regions = region_onehot(region_map, num_regions)
-    cam_full = F.interpolate(cam.reshape(cam.shape[0], cam.shape[1], *grid), size=region_map.shape[-2:], mode="bilinear", align_corners=False)
+    cam_full = F.interpolate(cam.reshape(cam.shape[0], cam.shape[1], *grid), size=region_map.shape[-2:], mode="bilinear",
+                             align_corners=False)
     targets = target_regions(cam_full.clamp(0, 1), regions, t_hi, rho, keep_best, denominator)
     return column_mask(targets, patch_region_share(regions, grid), patch_area)

@@ -1,4 +1,4 @@
-"""Offline region maps for SGC (DESIGN 4.3 step 1, paper Eq. 8).
+"""Offline region maps for SGC (paper Eq. 8: SLIC superpixels grouped by colour k-means; params.yaml `superpixels`).
 
 An image's region map groups its SLIC superpixels by colour: k-means on the
 mean Lab colour of each superpixel, so one region is a set of (possibly
@@ -16,7 +16,7 @@ Two SLIC implementations (`backend`):
              OpenCV's default minimum segment size; several times faster, and its
              maps measure as good on ground truth (benchmarks/superpixels.py).
 
-Training reads the file through `RegionMaps`.
+Training reads the file through `ssr.data.regions.RegionMaps`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from ssr.config import SuperpixelParams
-from ssr.data.layout import DatasetError, atomic_path, read_image
+from ssr.data.layout import atomic_path, read_image
+from ssr.data.regions import image_id_of, region_key
+from ssr.progress import progress_bar
 
 METHOD = "slic+kmeans-lab"
 BACKENDS = ("skimage", "opencv")
@@ -101,8 +102,8 @@ def _opencv_slic(lab: np.ndarray, n_segments: int, compactness: float) -> np.nda
     return slic.getLabels()
 
 
-def kmeans(x: np.ndarray, k: int, seed: int, max_iter: int = 100, tol: float = 1e-6) -> np.ndarray:
-    """Deterministic k-means (k-means++ init, Lloyd iterations).
+def euclidean_kmeans(x: np.ndarray, k: int, seed: int, max_iter: int = 100, tol: float = 1e-6) -> np.ndarray:
+    """Deterministic Euclidean k-means (k-means++ init, Lloyd iterations); ssr.cmpa.spherical_kmeans is the cosine one.
 
     x: (N, D) float. Returns (N,) int64 cluster ids in [0, k') with k' <= k,
     numbered by first appearance in x, so equal inputs give equal ids.
@@ -176,7 +177,7 @@ def region_map(image: np.ndarray, n_segments: int, compactness: float, n_cluster
     lab = lab.reshape(-1, 3)
     counts = np.bincount(sp, minlength=n_sp).astype(np.float64)
     means = np.stack([np.bincount(sp, weights=lab[:, ch], minlength=n_sp) for ch in range(3)], 1) / counts[:, None]
-    clusters = kmeans(means, min(n_clusters, n_sp), seed).astype(np.uint8)
+    clusters = euclidean_kmeans(means, min(n_clusters, n_sp), seed).astype(np.uint8)
     return clusters[sp].reshape(labels.shape)
 
 
@@ -228,17 +229,6 @@ def _attrs(params: SuperpixelParams) -> dict:
     }
 
 
-def _key(image_id: str) -> str:
-    """HDF5 name for an image id: '/' would make a group path, so escape it (and '%')."""
-    if not image_id or image_id == ".":
-        raise ValueError(f"invalid image id {image_id!r}")
-    return image_id.replace("%", "%25").replace("/", "%2F")
-
-
-def _unkey(key: str) -> str:
-    return key.replace("%2F", "/").replace("%25", "%")
-
-
 def _attrs_match(file: h5py.File, expected: dict) -> bool:
     for name, value in expected.items():
         if name not in file.attrs:
@@ -288,11 +278,11 @@ class _Checkpoint:
             self.file = h5py.File(path, "w")
             self.file.attrs.update(attrs)
             self.file.flush()
-        self.done = {_unkey(k) for k in self.file.keys()}
+        self.done = {image_id_of(k) for k in self.file.keys()}
         self._pending: list[str] = []
 
     def add(self, image_id: str, regions: np.ndarray) -> None:
-        key = _key(image_id)
+        key = region_key(image_id)
         if key in self.file:  # an id listed twice, or left from a stale run
             del self.file[key]
         self.file.create_dataset(key, data=regions, dtype=np.uint8, chunks=regions.shape, **_DATASET_OPTIONS)
@@ -304,7 +294,7 @@ class _Checkpoint:
         self.file.flush()
         for key in self._pending:
             self.file[key].attrs[_DONE_ATTR] = True
-            self.done.add(_unkey(key))
+            self.done.add(image_id_of(key))
         self.file.flush()
         self._pending = []
 
@@ -367,16 +357,16 @@ def build_superpixels(images: list[tuple[str, Path]], out_path: Path, params: Su
     if not 1 <= params.n_clusters <= MAX_CLUSTERS:
         raise ValueError(f"superpixels.n_clusters must be in [1, {MAX_CLUSTERS}] (uint8 maps), got {params.n_clusters}")
     images = [(str(i), Path(p)) for i, p in images]
-    keys = [_key(i) for i, _ in images]
+    keys = [region_key(i) for i, _ in images]
     if len(set(keys)) != len(keys):
-        dup = next(i for i, _ in images if keys.count(_key(i)) > 1)
+        dup = next(i for i, _ in images if keys.count(region_key(i)) > 1)
         raise ValueError(f"image id {dup!r} is listed more than once")
 
     attrs = _attrs(params)
     ckpt_path = partial_path(out_path)
     ckpt = _Checkpoint(ckpt_path, attrs)
     todo = [(i, p) for i, p in images if i not in ckpt.done]
-    bar = tqdm(total=len(images), initial=len(images) - len(todo), desc="superpixels", unit="img", disable=not progress)
+    bar = progress_bar(total=len(images), initial=len(images) - len(todo), desc="superpixels", unit="img", progress=progress)
     args = (params.n_segments, params.compactness, params.n_clusters, params.seed, params.backend)
     try:
         if params.workers <= 1 or len(todo) <= 1:
@@ -446,78 +436,3 @@ def _run_pool(todo, args, workers: int, backend: str, ckpt: _Checkpoint, bar) ->
         finally:
             for future in futures:
                 future.cancel()
-
-
-# --- reading -----------------------------------------------------------------
-
-class RegionMaps:
-    """Read-only access to a superpixels HDF5 file, kept open between lookups.
-
-    Safe to hand to DataLoader workers: the file is reopened after pickling or
-    in a forked child, since an HDF5 handle must not cross processes.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._file = None
-        self._pid = None
-        self._open()
-
-    def _open(self) -> h5py.File:
-        if self._file is None or self._pid != os.getpid():
-            if not self.path.is_file():
-                raise DatasetError(f"{self.path}: superpixels file not found (run `ssr superpixels` first)")
-            try:
-                self._file = h5py.File(self.path, "r")
-            except OSError as err:
-                raise DatasetError(f"{self.path}: not a readable HDF5 file ({err})") from err
-            self._pid = os.getpid()
-        return self._file
-
-    @property
-    def params(self) -> dict:
-        """The file attributes: n_segments, compactness, n_clusters, seed, method, backend, backend_version."""
-        return {k: (v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v)
-                for k, v in self._open().attrs.items()}
-
-    def ids(self) -> list[str]:
-        return [_unkey(k) for k in self._open().keys()]
-
-    def __len__(self) -> int:
-        return len(self._open())
-
-    def __contains__(self, image_id: str) -> bool:
-        return _key(image_id) in self._open()
-
-    def __getitem__(self, image_id: str) -> np.ndarray:
-        """(H, W) uint8 region map of one image."""
-        file = self._open()
-        key = _key(image_id)
-        if key not in file:
-            raise KeyError(f"{self.path}: no region map for image id {image_id!r}")
-        return file[key][()]
-
-    def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
-
-    def __enter__(self) -> "RegionMaps":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __getstate__(self) -> dict:
-        return {"path": self.path}
-
-    def __setstate__(self, state: dict) -> None:
-        self.path = state["path"]
-        self._file = None
-        self._pid = None
-
-
-def read_region_map(path: str | os.PathLike, image_id: str) -> np.ndarray:
-    """(H, W) uint8 region map of one image from a superpixels HDF5 file."""
-    with RegionMaps(path) as maps:
-        return maps[image_id]

@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
-from tqdm import tqdm
 
 from ssr.cam import class_slots
 from ssr.checkpoint import save_model
@@ -40,6 +39,8 @@ from ssr.data.dataset import TrainCrops, collate
 from ssr.data.layout import IGNORE_INDEX, atomic_path
 from ssr.decoder import affinity_loss_sums, affinity_pairs
 from ssr.model import SSR, FrozenBackbones, ModelDims, cams_to_labels, eval_mode, initial_cams, refined_cams
+from ssr.progress import progress_bar
+from ssr.schedules import poly
 
 
 class NonFiniteLoss(RuntimeError):
@@ -77,10 +78,7 @@ class TrainState:
 
 def lr_at(iteration: int, preset: PresetParams) -> float:
     """Linear warmup, then poly decay (power 0.9) to zero at the last iteration."""
-    if iteration < preset.warmup:
-        return preset.lr * (iteration + 1) / preset.warmup
-    progress = (iteration - preset.warmup) / max(1, preset.iterations - preset.warmup)
-    return preset.lr * (1 - min(progress, 1.0)) ** 0.9
+    return poly(iteration, preset.iterations, preset.lr, warmup=preset.warmup)
 
 
 def build_optimiser(model: SSR, preset: PresetParams) -> torch.optim.Optimizer:
@@ -97,7 +95,8 @@ def rng_state() -> dict:
     """Every RNG a run draws from, as tensors and plain values (safe to load with weights_only=True)."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(mt), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    state = {"python": [version, list(mt), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -248,7 +247,8 @@ def optimiser_step(backbones: FrozenBackbones, model: SSR, optimiser, batches: l
         loss.backward()
         if "bank" in parts:
             bank.append(parts.pop("bank"))
-        totals += torch.stack([loss.detach(), parts["loss_ce"], parts["loss_aff"], parts.get("loss_proto", loss.new_zeros(()))]).double()
+        proto = parts.get("loss_proto", loss.new_zeros(()))
+        totals += torch.stack([loss.detach(), parts["loss_ce"], parts["loss_aff"], proto]).double()
     term = prototype_step_loss(backbones, model, world) if model.use_cmpa and params.cmpa.text_prototype_term else None
     if term is not None:
         term.backward()
@@ -266,9 +266,10 @@ def optimiser_step(backbones: FrozenBackbones, model: SSR, optimiser, batches: l
     if bank:
         model.bank.push(_all_gather(torch.cat([b[0] for b in bank])), _all_gather(torch.cat([b[1] for b in bank])))
         if (iteration + 1) % preset.refresh_every == 0:
-            model.bank.refresh(model.adapt_text(backbones.text[: backbones.num_foreground]).detach(), iters=params.cmpa.kmeans_iters)
+            model.bank.refresh(model.adapt_text(backbones.text[: backbones.num_foreground]).detach(),
+                               iters=params.cmpa.kmeans_iters)
     totals = _all_reduce(totals)
-    losses = dict(zip(("loss", "loss_ce", "loss_aff", "loss_proto"), totals.tolist()))
+    losses = dict(zip(("loss", "loss_ce", "loss_aff", "loss_proto"), totals.tolist(), strict=True))
     if model.use_cmpa:
         losses["tau"] = float(model.tau().detach())
     else:
@@ -319,7 +320,7 @@ def _all_gather(x: torch.Tensor) -> torch.Tensor:
     padded[: len(x)] = x
     out = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
-    return torch.cat([o[: int(n)] for o, n in zip(out, sizes)])
+    return torch.cat([o[: int(n)] for o, n in zip(out, sizes, strict=True)])
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -388,7 +389,8 @@ def _last_good(ckpt_path: Path) -> str:
 class Trainer:
     """One training run (dataset, params, seed) into `out_dir`; state lives here between steps."""
 
-    def __init__(self, params: Params, dataset: str, out_dir: str | Path, *, seed: int, run: str, device, backbones: FrozenBackbones,
+    def __init__(self, params: Params, dataset: str, out_dir: str | Path, *, seed: int, run: str, device,
+                 backbones: FrozenBackbones,
                  rank: int, world: int, progress: bool):
         self.params, self.dataset, self.seed, self.run = params, dataset, seed, run
         self.rank, self.world, self.device, self.backbones = rank, world, device, backbones
@@ -407,7 +409,8 @@ class Trainer:
         if self.micro % world:
             raise ValueError(f"train_presets.{self.ds.preset}: micro-batch {self.micro} is not divisible by {world} processes")
         if len(self.data) < self.micro:
-            raise ValueError(f"{root}: split {self.ds.train_split!r} has {len(self.data)} images, fewer than one micro-batch of {self.micro}")
+            raise ValueError(f"{root}: split {self.ds.train_split!r} has {len(self.data)} images, "
+                             f"fewer than one micro-batch of {self.micro}")
         torch.manual_seed(seed)
         self.model = SSR(ModelDims.of(backbones), params.cmpa).to(device)
         self.optimiser = build_optimiser(self.model, self.preset)
@@ -418,7 +421,8 @@ class Trainer:
         # from the global RNG here would land after the checkpoint's RNG state is restored on resume and
         # shift the stream relative to an uninterrupted run.
         sampler = ResumableSampler(len(self.data), self.micro, self.seed, start, self.rank, self.world)
-        return DataLoader(self.data, batch_size=self.micro // self.world, sampler=sampler, num_workers=self.params.train.num_workers,
+        return DataLoader(self.data, batch_size=self.micro // self.world, sampler=sampler,
+                          num_workers=self.params.train.num_workers,
                           collate_fn=collate, generator=torch.Generator().manual_seed(self.seed))
 
     def resume(self) -> None:
@@ -430,7 +434,8 @@ class Trainer:
         self.optimiser.load_state_dict(ckpt["optimiser"])
         self.state = TrainState(**ckpt["state"])
         set_rng_state(ckpt["rng"])
-        self.log(f"resuming {self.dataset} ({self.run}, seed {self.seed}) from {self.ckpt_path} at iteration {self.state.iteration}")
+        self.log(f"resuming {self.dataset} ({self.run}, seed {self.seed}) from {self.ckpt_path} "
+                 f"at iteration {self.state.iteration}")
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -439,7 +444,8 @@ class Trainer:
     def step(self, batches) -> dict:
         """One optimiser step over the next `accumulation` micro-batches; returns its losses and lr."""
         lr = lr_at(self.state.iteration, self.preset)
-        return optimiser_step(self.backbones, self.model, self.optimiser, [next(batches) for _ in range(self.preset.accumulation)],
+        return optimiser_step(self.backbones, self.model, self.optimiser,
+                              [next(batches) for _ in range(self.preset.accumulation)],
                               self.params, self.preset, lr=lr, par=self.par, autocast_dtype=self.autocast_dtype, world=self.world,
                               iteration=self.state.iteration, ckpt_path=self.ckpt_path)
 
@@ -479,8 +485,10 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, seed: int = 0, r
 def _run(trainer: Trainer, stop_after: int | None) -> dict:
     params, preset, state, model = trainer.params, trainer.preset, trainer.state, trainer.model
     if model.use_cmpa and not bool(model.bank.ready):
-        read = warm_up_prototypes(trainer.backbones, model, trainer.loader(0), params, max_batches=math.ceil(len(trainer.data) / trainer.micro))
-        trainer.log(f"prototypes built from {read} micro-batches: {trainer.model.bank.class_counts().tolist()} features per class")
+        read = warm_up_prototypes(trainer.backbones, model, trainer.loader(0), params,
+                                  max_batches=math.ceil(len(trainer.data) / trainer.micro))
+        counts = trainer.model.bank.class_counts().tolist()
+        trainer.log(f"prototypes built from {read} micro-batches: {counts} features per class")
 
     stop = {"signal": False}
     # Every rank stops at the same iteration boundary (the flag is all-reduced below), so none is
@@ -490,8 +498,8 @@ def _run(trainer: Trainer, stop_after: int | None) -> dict:
     batches = iter(trainer.loader(state.iteration * preset.accumulation))
     end = preset.iterations if stop_after is None else min(preset.iterations, stop_after)
     first = state.iteration
-    bar = tqdm(total=preset.iterations, initial=first, desc=f"train {trainer.dataset} {trainer.run} seed {trainer.seed}",
-               disable=not trainer.progress)
+    bar = progress_bar(total=preset.iterations, initial=first, desc=f"train {trainer.dataset} {trainer.run} seed {trainer.seed}",
+                       progress=trainer.progress)
     model.train()
     tic = run_start = time.time()
     try:

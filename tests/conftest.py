@@ -17,6 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
+def _no_site_paths(monkeypatch):
+    # A machine's per-site paths (ssr/site.py) must not move the tests' data and results.
+    for var in ("SSR_DATA_ROOT", "SSR_RESULTS_ROOT", "DVC_STAGE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     # Tests are tiny; one thread keeps them deterministic and leaves CI's other core free.
     threads = torch.get_num_threads()

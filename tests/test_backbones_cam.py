@@ -15,14 +15,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import tiny_clip_config
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from conftest import tiny_clip_config
 from ssr.backbones import clip_visual_forward, dino_last_attention, interpolate_pos_embed, load_dino
 from ssr.cam import class_slots, gradcam
-from ssr.config import AffinityParams, CmpaParams, DatasetParams, SgcParams
-from ssr.config import PseudoLabelParams
+from ssr.config import AffinityParams, CmpaParams, DatasetParams, PseudoLabelParams, SgcParams
 from ssr.model import ABLATION_ROWS, SSR, ModelDims, build_backbones, cams_to_labels, refined_cams
 
 CLASSES = ["circle", "square", "triangle", "cross"]
@@ -225,10 +224,10 @@ def test_prompts_use_the_class_synonyms_and_the_template(tokenizer):
 
 
 def test_repo_params_prompt_voc_and_coco_with_clip_es_synonyms():
+    from pathlib import Path
+
     from ssr.config import load_params
     from ssr.data.voc import VOC_CLASSES
-
-    from pathlib import Path
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     voc = params.dataset("voc").prompt_name_list(VOC_CLASSES[1:])

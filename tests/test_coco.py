@@ -2,12 +2,12 @@ import json
 import re
 import shutil
 
+import archives as A
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-import archives as A
 from ssr.data.coco import ann_to_mask, prepare_coco, semantic_label
 from ssr.data.layout import DatasetError, DatasetLayout, voc_palette
 
@@ -81,8 +81,7 @@ def test_prepare_from_archive_zips_never_downloads(tmp_path, zips):
     for path in zips.values():
         shutil.copy(path, archives)
     params = _params(zips, missing_dir=tmp_path / "no-server")
-    prepare_coco(tmp_path / "coco", params, archives=archives, cache_dir=tmp_path / "cache", progress=False,
-                 workers=2)
+    prepare_coco(tmp_path / "coco", params, archives=archives, cache_dir=tmp_path / "cache", progress=False)
     _check_layout(tmp_path / "coco")
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,21 @@ import pytest
 import yaml
 
 from ssr import cli
-from ssr.config import ConfigError, DemoParams, Params, load_params, params_from_dict
+from ssr.config import (
+    OFFICIAL,
+    PER_ENTRY,
+    SCHEMA_PATH,
+    ConfigError,
+    DemoParams,
+    Params,
+    Section,
+    json_schema,
+    json_schema_text,
+    load_params,
+    params_from_dict,
+)
 from ssr.data.demo import render_sample
+from ssr.site import LOCAL_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -85,6 +100,80 @@ def test_every_leaf_line_is_commented():
     assert leaves == _count_leaves(_raw())
 
 
+TAG = re.compile(r"^\((?P<tag>[PWO](?:, [PWO])*)\)\s*(?P<text>.*)$")
+
+
+def _leaf_comments() -> dict[str, str]:
+    """{dotted key: comment} for every leaf line of params.yaml (a line with a value)."""
+    out, stack = {}, []
+    for line in PARAMS.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = KEY_LINE.match(line)
+        indent = len(match.group("indent"))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, match.group("key")))
+        value, comment = _split_comment(match.group("rest"))
+        if value:
+            out[".".join(key for _, key in stack)] = comment
+    return out
+
+
+def _field_of(dotted: str):
+    """The model field a params.yaml key sets (the dict-typed field for an entry of variants/overrides)."""
+    node, field = Params, None
+    for part in dotted.split("."):
+        if typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]          # an entry: datasets.voc, train_presets.demo, variants.x
+        elif isinstance(node, type) and issubclass(node, Section):
+            assert part in node.model_fields, f"params.yaml {dotted}: {node.__name__} has no field {part!r}"
+            field = node.model_fields[part]
+            node = field.annotation
+    return field
+
+
+def test_every_params_leaf_has_a_described_field_whose_source_and_text_match_the_comment():
+    problems = []
+    for dotted, comment in _leaf_comments().items():
+        field = _field_of(dotted)
+        source = (field.json_schema_extra or {}).get("source")
+        if not field.description or not source:
+            problems.append(f"{dotted}: the model field has no description or no source")
+            continue
+        tag = TAG.match(comment or "")
+        if source == OFFICIAL:
+            if not (comment or "").startswith("official"):
+                problems.append(f"{dotted}: an official URL or checksum, commented {comment!r}")
+        elif source == PER_ENTRY or typing.get_origin(field.annotation) is dict:
+            if not tag:
+                problems.append(f"{dotted}: comment {comment!r} starts with no (P), (W) or (O)")
+        elif not tag or tag["tag"] != source:
+            problems.append(f"{dotted}: params.yaml says {comment!r}, the model's source is {source!r}")
+        elif tag["text"] and tag["text"] != field.description:
+            problems.append(f"{dotted}: params.yaml says {tag['text']!r}, the model's description {field.description!r}")
+    assert not problems, "params.yaml comments and ssr/config.py disagree:\n" + "\n".join(problems)
+
+
+def test_every_model_field_has_a_description_and_numbers_have_bounds():
+    problems = []
+    for model in {Params, *(m for m in Section.__subclasses__())}:
+        for name, field in model.model_fields.items():
+            if not field.description:
+                problems.append(f"{model.__name__}.{name}: no description")
+            if field.annotation in (int, float) and not any(hasattr(m, a) for m in field.metadata for a in ("ge", "gt")):
+                problems.append(f"{model.__name__}.{name}: a number without a lower bound")
+    assert not problems, "\n".join(problems)
+
+
+def test_params_are_immutable():
+    params = load_params(PARAMS)
+    with pytest.raises(Exception, match="frozen"):
+        params.sgc.rho = 0.1
+    changed = params.model_copy(update={"sgc": params.sgc.model_copy(update={"rho": 0.1})})
+    assert changed.sgc.rho == 0.1 and params.sgc.rho != 0.1
+
+
 def test_comment_parser():
     # The leaf-line parser: no comment is reported as None; a "#" inside a value is not a comment.
     value, comment = _split_comment(" 0.5")
@@ -121,6 +210,127 @@ def test_bad_value_names_the_key(key, value, why):
     message = str(err.value)
     assert message.startswith(f"{key}:"), message
     assert why in message
+
+
+def test_every_problem_is_reported_at_once_one_line_each(tmp_path):
+    raw = _set(_set(_set(_raw(), "sgc.rho", 1.5), "train_presets.demo.lr", "fast"), "cmpa.tau_nit", 0.05)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: 3 problems", lines
+    assert sorted(line.split(":")[0].strip() for line in lines[1:]) == ["cmpa.tau_nit", "sgc.rho", "train_presets.demo.lr"]
+    text = str(err.value)
+    assert "sgc.rho: must be <= 1.0, got 1.5" in text
+    assert "train_presets.demo.lr: expected float, got str 'fast'" in text
+    assert "cmpa.tau_nit: unknown key (did you mean 'tau_init'?)" in text
+
+
+def test_cross_field_problems_are_reported_together_and_overrides_name_their_place():
+    raw = _set(_set(_raw(), "demo.min_objects", 4), "demo.max_objects", 2)
+    raw = _set(_set(raw, "demo.min_object_size", 0.9), "train_presets.voc.accumulation", 7)
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    assert str(err.value).splitlines() == ["demo.min_objects: 4 exceeds max_objects 2",
+                                          "demo.min_object_size: 0.9 exceeds max_object_size 0.45",
+                                          "train_presets.voc.accumulation: must divide batch_size 128, got 7"]
+    raw = _set(_raw(), "datasets.demo.variants", {"typo": {"cmpa.los": "feature"}, "bad": {"cmpa.loss": "nope"}})
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    text = str(err.value)
+    assert "datasets.demo.variants.typo: cmpa.los: unknown key (did you mean 'cmpa.loss'?)" in text
+    assert "datasets.demo.variants.bad: cmpa.loss: must be one of 'cross_modal', 'in_modal', 'feature', got 'nope'" in text
+
+
+def test_json_schema_is_committed_current_and_agrees_with_the_models():
+    import jsonschema
+
+    assert (REPO / SCHEMA_PATH).read_text() == json_schema_text(), "run `ssr schema --out " + SCHEMA_PATH + "` (make schema)"
+    validator = jsonschema.Draft202012Validator(json_schema())
+    assert not list(validator.iter_errors(_raw()))
+    bad = _set(_set(_raw(), "sgc.rho", 1.5), "sgc.colour", 3)
+    messages = sorted(e.message for e in validator.iter_errors(bad))
+    assert len(messages) == 2 and "1.5 is greater than the maximum of 1.0" in messages
+    schema = json.loads((REPO / SCHEMA_PATH).read_text())
+    rho = schema["$defs"]["SgcParams"]["properties"]["rho"]
+    assert rho["source"] == "O" and rho["maximum"] == 1.0 and rho["description"]
+
+
+def test_cli_schema_check(tmp_path, capsys):
+    out = tmp_path / "schema.json"
+    assert cli.main(["schema", "--out", str(out), "--check"]) == 2
+    assert "out of date" in capsys.readouterr().err
+    assert cli.main(["schema", "--out", str(out)]) == 0
+    assert cli.main(["schema", "--out", str(out), "--check"]) == 0
+
+
+# ---------------------------------------------------------------- per-site paths
+
+def _site_params(tmp_path: Path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(_raw(), sort_keys=False))
+    return path
+
+
+def test_site_paths_from_the_local_file_then_the_environment(tmp_path, monkeypatch):
+    path = _site_params(tmp_path)
+    assert (load_params(path).data_root, load_params(path).results_root) == ("data", "results")
+    (tmp_path / LOCAL_FILE).write_text("data_root: /scratch/data\nresults_root: /scratch/results\n")
+    params = load_params(path)
+    assert (params.data_root, params.results_root) == ("/scratch/data", "/scratch/results")
+    assert params.dataset_root("voc") == Path("/scratch/data/voc")
+    monkeypatch.setenv("SSR_DATA_ROOT", "/fast/data")
+    params = load_params(path)
+    assert (params.data_root, params.results_root) == ("/fast/data", "/scratch/results")  # the environment wins
+    assert load_params(path, site=False).data_root == "data"
+    monkeypatch.setenv("SSR_DATA_ROOT", "")                                                  # empty = unset
+    assert load_params(path).data_root == "/scratch/data"
+
+
+def test_the_local_file_holds_site_paths_only(tmp_path):
+    path = _site_params(tmp_path)
+    (tmp_path / LOCAL_FILE).write_text("sgc:\n  rho: 0.2\n")
+    with pytest.raises(ConfigError, match=rf"{LOCAL_FILE}: sgc: not a per-site key .*params.yaml"):
+        load_params(path)
+    (tmp_path / LOCAL_FILE).write_text("data_root: 3\n")
+    with pytest.raises(ConfigError, match=r"data_root: expected a folder path, got 3"):
+        load_params(path)
+
+
+def test_a_dvc_stage_refuses_a_site_path_that_moves_its_files(tmp_path, monkeypatch):
+    path = _site_params(tmp_path)
+    monkeypatch.setenv("DVC_STAGE", "train-demo")
+    monkeypatch.setenv("SSR_RESULTS_ROOT", "results")        # the same path as params.yaml: fine
+    assert load_params(path).results_root == "results"
+    monkeypatch.setenv("SSR_RESULTS_ROOT", "/elsewhere")
+    with pytest.raises(ConfigError, match=r"DVC stage train-demo: \$SSR_RESULTS_ROOT sets results_root to '/elsewhere'"):
+        load_params(path)
+
+
+def test_cli_stage_writes_where_the_site_says(tmp_path, monkeypatch, capsys):
+    path = _params_file(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SSR_DATA_ROOT", str(tmp_path / "site-data"))
+    assert cli.main(["prepare", "--dataset", "demo", "--params", str(path)]) == 0
+    assert (tmp_path / "site-data" / "demo" / "image_labels.json").is_file()
+    assert not (tmp_path / "data").exists()
+
+
+def test_snakemake_plans_with_the_site_paths_and_dvc_files_stay_as_tracked(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "workflow"))
+    try:
+        import pipeline
+    finally:
+        sys.path.remove(str(REPO / "workflow"))
+    path = _site_params(tmp_path)
+    (tmp_path / LOCAL_FILE).write_text("data_root: /scratch/data\n")
+    tracked, resources = pipeline.load(path)
+    site, _ = pipeline.load(path, site=True)
+    assert tracked["data_root"] == "data" and site["data_root"] == "/scratch/data"
+    prepare = next(s for s in pipeline.stages(site, resources, ["demo"]) if s.rule == "prepare")
+    assert prepare.outputs["images"] == ["/scratch/data/demo/images"]
+    assert "data/demo/images" in pipeline.dvc_yaml(tracked, resources, "demo")
 
 
 def test_load_params_names_file_and_key(tmp_path):
@@ -223,10 +433,10 @@ def test_demo_seed_is_a_param():
     a = [render_sample(_demo(seed=3), "train", i) for i in range(4)]
     b = [render_sample(_demo(seed=3), "train", i) for i in range(4)]
     c = [render_sample(_demo(seed=4), "train", i) for i in range(4)]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(x.image, y.image) and np.array_equal(x.label, y.label) and x.caption == y.caption
-    assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c))
-    assert any(not np.array_equal(x.label, z.label) for x, z in zip(a, c))
+    assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c, strict=True))
+    assert any(not np.array_equal(x.label, z.label) for x, z in zip(a, c, strict=True))
     # Streams are disjoint draws for one seed.
     assert not np.array_equal(render_sample(_demo(seed=3), "val", 0).image, a[0].image)
 

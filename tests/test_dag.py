@@ -166,7 +166,8 @@ def test_dataset_target_plans_every_stage_from_scratch(workdir, ds):
         cmd = unwrap(job["shell"], name)
         threads = job["threads"] // stages[name].processes
         # every rule passes its threads on, logs, and tells a scheduler its memory and time
-        assert cmd.endswith(f"--dataset {ds} --params params.yaml{' --resume' if rule == 'train' else ''} --threads {threads}"), cmd
+        resume = " --resume" if rule == "train" else ""
+        assert cmd.endswith(f"--dataset {ds} --params params.yaml{resume} --threads {threads}"), cmd
         assert job["log"] == [f"logs/{name}.log"]
         assert int(job["resources"]["mem_mb"]) > 0 and int(job["resources"]["runtime"]) > 0, name
         assert job["resources"]["gpu"] == ("0" if ds == "demo" or rule in ("prepare", "superpixels", "retrain") else "1"), name
@@ -176,7 +177,7 @@ def test_dataset_target_plans_every_stage_from_scratch(workdir, ds):
     seeds = params["datasets"][ds]["seeds"]
     assert f"results/{ds}/method/seed{seeds[0]}/model.safetensors" in jobs[f"pseudo_labels-{ds}"]["input"]
     assert f"data/{ds}/superpixels.h5" in jobs[f"train-{ds}"]["input"]
-    assert (f"ssr/assets/demo_clip/open_clip_model.safetensors" in jobs[f"train-{ds}"]["input"]) == (ds == "demo")
+    assert ("ssr/assets/demo_clip/open_clip_model.safetensors" in jobs[f"train-{ds}"]["input"]) == (ds == "demo")
     # the demo is sized for 2 cores; the real datasets for a GPU node
     budget = max(j["threads"] for j in jobs.values())
     assert budget == 2 if ds == "demo" else budget >= 8
@@ -323,7 +324,8 @@ def test_snakemake_and_dvc_declare_the_same_dag(workdir):
         assert sorted(job["input"]) == stage["deps"], name
         if name == "demo_clip":
             # DVC tracks the committed folder (in git, not in the DVC cache) and never re-runs it
-            assert stage["frozen"] and stage["outs"] == {"ssr/assets/demo_clip": {"cache": False, "metric": False, "persist": False}}
+            assert stage["frozen"] and stage["outs"] == {"ssr/assets/demo_clip": {"cache": False, "metric": False,
+                                                                                  "persist": False}}
             continue
         assert not stage["frozen"], name
         # the same outputs; DVC also declares the method's dvclive curves, which Snakemake must not
@@ -367,7 +369,7 @@ def test_committed_dvc_files_are_current_and_the_root_one_is_the_demo():
 def test_dvc_reads_the_repository_pipeline():
     dag = _run([_tool("dvc"), "dag", "--dot"], REPO).stdout
     chain = [f"{r}-demo" for r in STAGE_RULES]
-    for a, b in zip(chain, chain[1:]):
+    for a, b in zip(chain, chain[1:], strict=False):
         assert re.search(rf'"{a}"\s*->\s*"{b}"', dag), f"no edge {a} -> {b} in dvc dag"
     assert re.search(r'"demo_clip"\s*->\s*"train-demo"', dag)
     # no warnings about metrics of datasets that never ran

@@ -3,7 +3,6 @@ reads back, provenance, an evaluation that can tell a good model from chance, an
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -62,7 +61,8 @@ def test_zero_shot_map_rewards_a_model_that_knows_the_classes(tmp_path):
     oracle = Oracle()
     oracle.logit_scale = torch.tensor(math.log(100.0))
     samples = [demo_clip.render_sample(demo, "clip_eval", i) for i in range(40)]
-    oracle.truth = torch.tensor(np.array([[(s.label == c + 1).any() for c in range(4)] + [0] * 4 for s in samples]), dtype=torch.float32)
+    oracle.truth = torch.tensor(np.array([[(s.label == c + 1).any() for c in range(4)] + [0] * 4 for s in samples]),
+                                dtype=torch.float32)
     tokenizer = lambda texts: torch.zeros(len(texts), 4)  # noqa: E731
     assert demo_clip.zero_shot_map(oracle, tokenizer, demo, 40)["map"] == pytest.approx(1.0)
     oracle.truth = torch.rand(40, 8)
@@ -133,7 +133,7 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
 def test_a_resume_file_from_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys):
     _interrupt_at_second_evaluation(tmp_path, TINY, monkeypatch)
     capsys.readouterr()
-    prov = demo_clip.pretrain(tmp_path, dataclasses.replace(TINY, lr=5e-4), DEMO, progress=False, eval_every=2)
+    prov = demo_clip.pretrain(tmp_path, TINY.model_copy(update={"lr": 5e-4}), DEMO, progress=False, eval_every=2)
     assert "resuming" not in capsys.readouterr().out
     assert prov["params"]["lr"] == 5e-4 and [h["step"] for h in prov["history"]] == [2, 4]
 
@@ -141,7 +141,7 @@ def test_a_resume_file_from_other_settings_is_not_resumed(tmp_path, monkeypatch,
 def test_a_resume_file_is_resumed_with_another_thread_count(tmp_path, monkeypatch, capsys):
     _interrupt_at_second_evaluation(tmp_path, TINY, monkeypatch)
     capsys.readouterr()
-    demo_clip.pretrain(tmp_path, dataclasses.replace(TINY, threads=2), DEMO, progress=False, eval_every=2)
+    demo_clip.pretrain(tmp_path, TINY.model_copy(update={"threads": 2}), DEMO, progress=False, eval_every=2)
     assert "resuming from" in capsys.readouterr().out
 
 
@@ -152,7 +152,7 @@ def test_the_committed_demo_clip_matches_params_yaml():
     params = load_params(repo / "params.yaml")
     saved = json.loads((repo / "ssr" / "assets" / "demo_clip" / "provenance.json").read_text())
     # Split sizes only say how many dataset images to draw; threads only change speed.
-    drawn = {k: v for k, v in dataclasses.asdict(params.demo).items() if k not in ("num_train", "num_val")}
+    drawn = params.demo.model_dump(exclude={"num_train", "num_val"})
     assert drawn == {k: saved["demo_params"][k] for k in drawn}
-    trained = {k: v for k, v in dataclasses.asdict(params.demo_clip).items() if k != "threads"}
+    trained = params.demo_clip.model_dump(exclude={"threads"})
     assert trained == {k: saved["params"][k] for k in trained}

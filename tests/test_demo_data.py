@@ -1,4 +1,4 @@
-"""The demo dataset (DESIGN 5) is written in the canonical layout and is a pure function of its params."""
+"""The demo dataset (README, "The offline demo") is written in the canonical layout and is a pure function of its params."""
 
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def test_deterministic_by_seed(demo_root, tmp_path):
 
     other = tmp_path / "other"
     prepare_demo(other, DemoParams(**{**PARAMS.__dict__, "seed": PARAMS.seed + 1}), progress=False)
-    differing = [rel for rel in files if rel.parts[0] == "images" and (demo_root / rel).read_bytes() != (other / rel).read_bytes()]
+    differing = [rel for rel in files
+                 if rel.parts[0] == "images" and (demo_root / rel).read_bytes() != (other / rel).read_bytes()]
     assert len(differing) == PARAMS.num_train + PARAMS.num_val
 
 

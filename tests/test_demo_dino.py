@@ -4,7 +4,6 @@ that says whether its attention finds the shapes."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -113,7 +112,7 @@ def test_views_are_a_function_of_the_rng_and_have_the_right_sizes():
     a = demo_dino.views(images, np.random.default_rng(5), TINY)
     b = demo_dino.views(images, np.random.default_rng(5), TINY)
     assert [tuple(v.shape) for v in a] == [(4, 3, 64, 64)] * 2 + [(4, 3, 16, 16)] * TINY.local_crops
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], demo_dino.views(images, np.random.default_rng(6), TINY)[0])
 
 
@@ -151,7 +150,7 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
     assert torch.load(interrupted / demo_dino.RESUME_FILE, weights_only=False)["step"] == 2
     capsys.readouterr()
     # another thread count is the same run
-    b_prov = demo_dino.pretrain(interrupted, dataclasses.replace(TINY, threads=2), DEMO, progress=False, eval_every=2)
+    b_prov = demo_dino.pretrain(interrupted, TINY.model_copy(update={"threads": 2}), DEMO, progress=False, eval_every=2)
     assert "resuming from" in capsys.readouterr().out
     a = load_dino("demo", demo_dir=straight).state_dict()
     b = load_dino("demo", demo_dir=interrupted).state_dict()
@@ -162,13 +161,13 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
 def test_a_resume_file_from_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys):
     _interrupt_at_second_evaluation(tmp_path, TINY, monkeypatch)
     capsys.readouterr()
-    prov = demo_dino.pretrain(tmp_path, dataclasses.replace(TINY, lr=1e-4), DEMO, progress=False, eval_every=2)
+    prov = demo_dino.pretrain(tmp_path, TINY.model_copy(update={"lr": 1e-4}), DEMO, progress=False, eval_every=2)
     assert "resuming" not in capsys.readouterr().out
     assert prov["params"]["lr"] == 1e-4 and [h["step"] for h in prov["history"]] == [2, 4]
 
 
 def test_cli_demo_dino_writes_the_folder_and_scores_the_clip(tmp_path, tiny_params_file, capsys):
-    path, _ = tiny_params_file(**{f"demo_dino.{k}": v for k, v in dataclasses.asdict(TINY).items() if k != "checkpoint"})
+    path, _ = tiny_params_file(**{f"demo_dino.{k}": v for k, v in TINY.model_dump().items() if k != "checkpoint"})
     assert main(["demo-dino", "--params", str(path), "--out", str(tmp_path / "dino"), "--quiet"]) == 0
     assert "demo DINO written to" in capsys.readouterr().out
     saved = json.loads((tmp_path / "dino" / "provenance.json").read_text())
@@ -182,9 +181,9 @@ def test_the_committed_demo_dino_matches_params_yaml():
     params = load_params(REPO / "params.yaml")
     saved = json.loads((REPO / "ssr" / "assets" / "demo_dino" / "provenance.json").read_text())
     # Split sizes only say how many dataset images to draw; threads only change speed.
-    drawn = {k: v for k, v in dataclasses.asdict(params.demo).items() if k not in ("num_train", "num_val")}
+    drawn = params.demo.model_dump(exclude={"num_train", "num_val"})
     assert drawn == {k: saved["demo_params"][k] for k in drawn}
-    trained = {k: v for k, v in dataclasses.asdict(params.demo_dino).items() if k != "threads"}
+    trained = params.demo_dino.model_dump(exclude={"threads"})
     assert trained == {k: saved["params"][k] for k in trained}
     assert saved["config"] == json.loads(json.dumps(demo_dino.export_config(params.demo_dino, params.demo.image_size)))
     # SSR fuses the DINO and CLIP attentions patch by patch (Eq. 9): the grids must agree.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from archives import file_url, md5_of
+
 from ssr.data.download import atomic_dir, download, extract, fetch_archive
 from ssr.data.layout import DatasetError
 

@@ -68,7 +68,7 @@ def test_confusion_matrix_against_a_loop():
     conf = confusion_matrix(pred, gt, 4)
     assert conf.shape == (4, 5) and conf.dtype == np.int64
     expected = np.zeros((4, 5), dtype=np.int64)
-    for p, g in zip(pred.ravel(), gt.ravel()):
+    for p, g in zip(pred.ravel(), gt.ravel(), strict=True):
         if g != 255:
             expected[g, p if p < 4 else 4] += 1
     np.testing.assert_array_equal(conf, expected)
@@ -150,7 +150,7 @@ def test_evaluate_label_dirs(tmp_path):
     assert "iou_0" in only
     np.testing.assert_array_equal(
         accumulate_label_dirs(pred_dir, gt_dir, 3),
-        sum(confusion_matrix(p, g, 3) for p, g in zip(preds, gts)))
+        sum(confusion_matrix(p, g, 3) for p, g in zip(preds, gts, strict=True)))
 
     table = format_table(scores, ["background", "a", "b"])
     assert "background" in table and "mIoU" in table

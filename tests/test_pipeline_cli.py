@@ -79,7 +79,7 @@ def numpy_miou(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int, ign
             p, g = (pred == c) & keep, (gt == c) & keep
             inter[c] += np.logical_and(p, g).sum()
             union[c] += np.logical_or(p, g).sum()
-    return float(np.mean([i / u for i, u in zip(inter, union) if u > 0]))
+    return float(np.mean([i / u for i, u in zip(inter, union, strict=True) if u > 0]))
 
 
 def in_unit_interval(metrics: dict, skip=("split", "images", "seeds")) -> list[str]:

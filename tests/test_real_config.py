@@ -15,9 +15,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import archives as A
 import numpy as np
 import open_clip
 import pytest
@@ -26,7 +26,6 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-import archives as A
 from ssr.data.layout import DatasetLayout, read_label_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +75,8 @@ def real_run(tmp_path_factory):
     for stage in STAGES:
         extra = ["--archives", str(trees)] if stage == "prepare" else []
         proc = subprocess.run([sys.executable, "-c", LAUNCH, str(report), stage, "--dataset", "voc", "--params", str(params),
-                               "--quiet", "--threads", "2", *extra], capture_output=True, text=True, cwd=base, env=env, timeout=600)
+                               "--quiet", "--threads", "2", *extra],
+                              capture_output=True, text=True, cwd=base, env=env, timeout=600)
         assert proc.returncode == 0, f"{stage}:\n{proc.stderr[-3000:]}"
     entries = [json.loads(line) for line in report.read_text().splitlines()]
     print("real configuration, per stage:", json.dumps(entries))

@@ -1,4 +1,4 @@
-"""Per-equation tests of the refinement path (DESIGN 4.3-4.4, paper Eq. 1-11) on hand-made tensors.
+"""Per-equation tests of the refinement path (SGC and CMPA, paper Eq. 1-11) on hand-made tensors.
 
 Every expected value is computed independently in the test (explicit loops,
 the documented formula written out), never copied from the implementation.
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from ssr.affinity import clip_affinity, clip_es_transform, fuse_attention, propagate, row_normalise
 from ssr.cmpa import (
-    PrototypeBank,
     ProjectionHead,
+    PrototypeBank,
     ResidualHead,
     Temperature,
     masked_average_pool,

@@ -137,7 +137,8 @@ def test_snakemake_report_of_the_tiny_demo_shows_the_metrics_files(tmp_path, tin
                  ("Table 3", "+ SGC mask"): "sgc_", ("Table 3", "configured method"): "method_",
                  ("Table 4", "CAM without CMPA"): "cam_without_cmpa_",
                  ("Table 4", "CAM, CMPA with the cross_modal loss (method)"): "cam_",
-                 ("Table 4", f"CAM, {variant}"): "cmpa_feature_cam_", ("variants", f"{variant}: configured method"): "cmpa_feature_method_"}
+                 ("Table 4", f"CAM, {variant}"): "cmpa_feature_cam_",
+                 ("variants", f"{variant}: configured method"): "cmpa_feature_method_"}
     summary = {"mIoU": "miou", "precision": "precision", "recall": "recall", "confusion ratio (FP/TP)": "confusion_ratio",
                "class swap": "class_swap_ratio"}
     classes = {name: f"iou_{name}" for name in json.loads((work / "data/demo/classes.json").read_text())}
@@ -164,7 +165,8 @@ def test_snakemake_report_of_the_tiny_demo_shows_the_metrics_files(tmp_path, tin
     for names in (cams, strips):
         assert [re.match(r".*/(first|worst)_", n)[1] for n in names] == ["first", "first", "worst", "worst"]
     assert {by_name[n]["labels"]["picked"] for n in cams} == {"first 1", "first 2", "worst 1", "worst 2"}
-    assert {n for n in by_name if n.startswith("report/curves/")} >= {"report/curves/train-loss.png", "report/curves/train-loss_ce.png"}
+    assert {n for n in by_name if n.startswith("report/curves/")} >= {"report/curves/train-loss.png",
+                                                                      "report/curves/train-loss_ce.png"}
     assert all(decoded(by_name[n]).startswith(b"\x89PNG") for n in [*cams, *strips])
     numbers = decoded(by_name["report/metrics.csv"]).decode().splitlines()
     assert numbers[0] == "table,section,row,metric,mean,std,min,max" and len(numbers) > 100

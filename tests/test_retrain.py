@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssr.config import RetrainParams
 from ssr.data.layout import DatasetError, read_label_png, write_image, write_label_png
 from ssr.retrain import PseudoLabelDataset, build_segmenter, load_segmenter, predict, retrain
 
@@ -45,11 +46,8 @@ def test_unknown_model_name_is_a_clear_error():
 def test_retrain_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
     ids = _make_data(tmp_path)
     out = tmp_path / "retrain" / "model.pt"
-    stats = retrain(
-        tmp_path, tmp_path / "pseudo", ids[:2], out,
-        model_name=MODEL, num_classes=NUM_CLASSES, iterations=10, batch_size=2, lr=0.05,
-        crop_size=64, seed=0, progress=False, scale_range=(0.9, 1.1),
-    )
+    params = RetrainParams(model=MODEL, iterations=10, batch_size=2, lr=0.05, crop_size=64, scale_min=0.9, scale_max=1.1)
+    stats = retrain(tmp_path, tmp_path / "pseudo", ids[:2], out, params, num_classes=NUM_CLASSES, seed=0, progress=False)
     assert stats["iterations"] == 10
     assert stats["images_per_s"] > 0
     assert stats["final_loss"] < 0.7 * stats["first_loss"], stats
@@ -73,11 +71,9 @@ def test_missing_pseudo_label_names_the_file(tmp_path):
     ids = _make_data(tmp_path)
     (tmp_path / "pseudo" / f"{ids[2]}.png").unlink()
     with pytest.raises(DatasetError, match=rf"pseudo[/\\]{ids[2]}\.png: pseudo-label file not found"):
-        retrain(
-            tmp_path, tmp_path / "pseudo", ids, tmp_path / "model.pt",
-            model_name=MODEL, num_classes=NUM_CLASSES, iterations=1, batch_size=2, lr=0.01,
-            crop_size=32, progress=False,
-        )
+        retrain(tmp_path, tmp_path / "pseudo", ids, tmp_path / "model.pt",
+                RetrainParams(model=MODEL, iterations=1, batch_size=2, lr=0.01, crop_size=32), num_classes=NUM_CLASSES,
+                progress=False)
     assert not (tmp_path / "model.pt").exists()
 
 

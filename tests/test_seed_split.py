@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import archives as A
 import numpy as np
 import pytest
-
-import archives as A
 from conftest import write_tiny_params
+
 from ssr.cli import main as ssr_main
 from ssr.data.layout import DatasetLayout, read_label_png
 
@@ -66,7 +66,8 @@ def test_voc_seeds_are_scored_on_train_not_train_aug(voc_run):
         return [(read_label_png(exported / f"{i}.png"), read_label_png(layout.label_path(i))) for i in ids]
 
     assert seeds["method_miou"] == pytest.approx(_miou(pairs(train)), abs=1e-12)
-    assert seeds["method_miou"] != pytest.approx(_miou(pairs(train_aug)), abs=1e-6), "train and train_aug score alike: the test would not bite"
+    bites = "train and train_aug score alike: the test would not bite"
+    assert seeds["method_miou"] != pytest.approx(_miou(pairs(train_aug)), abs=1e-6), bites
 
 
 def test_a_seed_split_outside_the_exported_split_is_refused(voc_run, tmp_path, capsys):

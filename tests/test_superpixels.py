@@ -1,8 +1,8 @@
-import dataclasses
 import os
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import cv2
@@ -16,18 +16,22 @@ import ssr.superpixels as sp
 from ssr.config import DemoParams, SuperpixelParams
 from ssr.data.demo import render_sample
 from ssr.data.layout import DatasetError, read_image, write_image
+from ssr.data.regions import RegionMaps
 from ssr.superpixels import (
     BACKENDS,
-    RegionMaps,
     build_superpixels,
-    kmeans,
+    euclidean_kmeans,
     partial_path,
-    read_region_map,
     region_map,
     slic_labels,
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _read(path, image_id: str) -> np.ndarray:
+    with RegionMaps(path) as maps:
+        return maps[image_id]
 PARAMS = SuperpixelParams(n_segments=20, compactness=10.0, n_clusters=4, seed=0, workers=1, backend="opencv")
 COLOURS = np.array([[220, 30, 30], [30, 200, 40], [30, 40, 210], [230, 220, 40], [128, 128, 128]])
 
@@ -76,8 +80,7 @@ def test_slic_labels_match_scikit_image():
 
 
 def test_backends_match_the_config_choices():
-    field = next(f for f in dataclasses.fields(SuperpixelParams) if f.name == "backend")
-    assert BACKENDS == field.metadata["choices"]
+    assert BACKENDS == typing.get_args(SuperpixelParams.model_fields["backend"].annotation)
     with pytest.raises(ValueError, match="backend must be one of skimage, opencv, got 'cuda'"):
         region_map(_scene(0), 20, 10.0, 4, 0, backend="cuda")
 
@@ -171,14 +174,14 @@ def test_kmeans_is_deterministic_and_finds_separated_clusters():
     centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     truth = rng.integers(0, 3, 60)
     x = centres[truth] + rng.normal(scale=0.3, size=(60, 2))
-    labels = kmeans(x, 3, seed=5)
-    np.testing.assert_array_equal(labels, kmeans(x, 3, seed=5))
+    labels = euclidean_kmeans(x, 3, seed=5)
+    np.testing.assert_array_equal(labels, euclidean_kmeans(x, 3, seed=5))
     # same partition as the truth, ids numbered by first appearance
     _, first = np.unique(truth, return_index=True)
     order = truth[np.sort(first)]
     np.testing.assert_array_equal(labels, np.argsort(order)[truth])
     # fewer distinct points than clusters: no empty clusters
-    assert np.unique(kmeans(np.ones((5, 3)), 4, seed=0)).tolist() == [0]
+    assert np.unique(euclidean_kmeans(np.ones((5, 3)), 4, seed=0)).tolist() == [0]
 
 
 def test_hdf5_round_trip_and_attributes(tmp_path):
@@ -195,7 +198,7 @@ def test_hdf5_round_trip_and_attributes(tmp_path):
                                "method": "slic+kmeans-lab", "backend": "opencv", "backend_version": cv2.__version__}
         with pytest.raises(KeyError, match=r"superpixels\.h5.*'missing'"):
             maps["missing"]
-    np.testing.assert_array_equal(read_region_map(out, "im1"), _expected(images[1][1]))
+    np.testing.assert_array_equal(_read(out, "im1"), _expected(images[1][1]))
     with h5py.File(out, "r") as f:
         dataset = f["im0"]
         assert dataset.compression == "gzip" and dataset.chunks == dataset.shape  # one chunk, read whole
@@ -216,7 +219,7 @@ def test_ids_with_a_slash_are_escaped(tmp_path):
 def test_parallel_equals_serial(tmp_path):
     images = _images(tmp_path, 5)
     build_superpixels(images, tmp_path / "serial.h5", PARAMS, progress=False)
-    build_superpixels(images, tmp_path / "parallel.h5", dataclasses.replace(PARAMS, workers=2), progress=False)
+    build_superpixels(images, tmp_path / "parallel.h5", PARAMS.model_copy(update={"workers": 2}), progress=False)
     serial, serial_attrs = _contents(tmp_path / "serial.h5")
     parallel, parallel_attrs = _contents(tmp_path / "parallel.h5")
     assert serial.keys() == parallel.keys() == {f"im{k}" for k in range(5)}
@@ -232,7 +235,7 @@ def test_corrupt_image_stops_the_stage_and_leaves_no_product(tmp_path, workers):
     bad.write_bytes(bad.read_bytes()[:60])  # truncated
     out = tmp_path / "superpixels.h5"
     with pytest.raises(DatasetError, match=str(bad)):
-        build_superpixels(images, out, dataclasses.replace(PARAMS, workers=workers), progress=False)
+        build_superpixels(images, out, PARAMS.model_copy(update={"workers": workers}), progress=False)
     assert not out.exists()
     assert not any(p.suffix == ".tmp" for p in tmp_path.iterdir())
     if workers == 1:
@@ -304,7 +307,7 @@ def test_checkpoint_with_other_params_or_unreadable_is_discarded(tmp_path, monke
         build_superpixels(images, out, PARAMS, progress=False)
 
     calls = _count_calls(monkeypatch, real)
-    other = dataclasses.replace(PARAMS, n_clusters=3)
+    other = PARAMS.model_copy(update={"n_clusters": 3})
     build_superpixels(images, out, other, progress=False)
     assert calls == ["im0", "im1", "im2", "im3"]
     with RegionMaps(out) as maps:
@@ -321,7 +324,7 @@ def test_checkpoint_with_other_params_or_unreadable_is_discarded(tmp_path, monke
 def test_backend_is_recorded_and_a_checkpoint_of_the_other_backend_is_not_reused(tmp_path, monkeypatch):
     images = _images(tmp_path, 4)
     out = tmp_path / "superpixels.h5"
-    skimage_params = dataclasses.replace(PARAMS, backend="skimage")
+    skimage_params = PARAMS.model_copy(update={"backend": "skimage"})
     real = _interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         build_superpixels(images, out, skimage_params, progress=False)
@@ -339,7 +342,7 @@ def test_backend_is_recorded_and_a_checkpoint_of_the_other_backend_is_not_reused
     calls.clear()
     build_superpixels(images, out, skimage_params, progress=False)
     assert calls == ["im0", "im1", "im2", "im3"]
-    np.testing.assert_array_equal(read_region_map(out, "im3"), _expected(images[3][1], skimage_params))
+    np.testing.assert_array_equal(_read(out, "im3"), _expected(images[3][1], skimage_params))
 
 
 def test_workers_in_a_script_without_main_guard_fail_with_what_to_do(tmp_path):
@@ -377,7 +380,7 @@ def test_unfinished_datasets_in_a_checkpoint_are_recomputed(tmp_path, monkeypatc
     calls = _count_calls(monkeypatch, real)
     build_superpixels(images, out, PARAMS, progress=False)
     assert sorted(calls) == ["im1", "im2"]
-    np.testing.assert_array_equal(read_region_map(out, "im2"), _expected(images[2][1]))
+    np.testing.assert_array_equal(_read(out, "im2"), _expected(images[2][1]))
 
 
 def test_region_maps_survive_pickling_for_dataloader_workers(tmp_path):

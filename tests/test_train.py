@@ -9,7 +9,6 @@ Nothing from a library is mocked: the only monkeypatches wrap `ssr` functions
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import signal
@@ -23,7 +22,6 @@ import pytest
 import torch
 import yaml
 from conftest import write_tiny_params
-
 from safetensors.torch import load_file
 
 import ssr.train as ssr_train
@@ -38,7 +36,8 @@ TIMING_KEYS = {"train_seconds", "images_per_second"}
 
 def write_params(directory: Path, data_root: Path, clip_dir: Path, **overrides) -> tuple[Path, object]:
     """The shared tiny params, with checkpoints and log points every few iterations."""
-    defaults = {"train_presets.demo.iterations": 6, "train_presets.demo.warmup": 2, "train.checkpoint_every": 2, "train.log_every": 1}
+    defaults = {"train_presets.demo.iterations": 6, "train_presets.demo.warmup": 2, "train.checkpoint_every": 2,
+                "train.log_every": 1}
     return write_tiny_params(directory, data_root, clip_dir, **{**defaults, **overrides})
 
 
@@ -79,7 +78,8 @@ def weights(run_dir: Path) -> dict:
 def assert_tensors_equal(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys(), what
     for key in a:
-        assert torch.equal(a[key], b[key]), f"{what}: {key} differs (max |diff| {(a[key].double() - b[key].double()).abs().max()})"
+        difference = (a[key].double() - b[key].double()).abs().max()
+        assert torch.equal(a[key], b[key]), f"{what}: {key} differs (max |diff| {difference})"
 
 
 def assert_optimisers_equal(a: dict, b: dict) -> None:
@@ -117,7 +117,8 @@ class StepRecorder:
             def pre_step(opt, args, kwargs):
                 self.lrs.append([g["lr"] for g in opt.param_groups])
                 if keep_grads:
-                    self.grads.append({names[id(p)]: p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None})
+                    self.grads.append({names[id(p)]: p.grad.clone() for g in opt.param_groups for p in g["params"]
+                                       if p.grad is not None})
 
             optimiser.register_step_pre_hook(pre_step)
             return optimiser
@@ -159,7 +160,8 @@ def test_resume_matches_an_uninterrupted_run(demo, num_workers, accumulation):
     summary_b = run(params, resumed, demo, resume=True)
 
     assert summary_a["iterations"] == summary_b["iterations"] == 6
-    assert {k: v for k, v in summary_a.items() if k not in TIMING_KEYS} == {k: v for k, v in summary_b.items() if k not in TIMING_KEYS}
+    quality = [{k: v for k, v in summary.items() if k not in TIMING_KEYS} for summary in (summary_a, summary_b)]
+    assert quality[0] == quality[1]
     a, b = load(straight / "checkpoint.pt"), load(resumed / "checkpoint.pt")
     for key in ("bank.features", "bank.labels", "bank.pointer", "bank.image_prototypes", "bank.ready", "tau.log_tau"):
         assert key in a["model"], key
@@ -310,7 +312,7 @@ def test_cli_diverging_run_exits_non_zero_with_a_clear_message(demo, capsys):
 
 
 def test_lr_is_linear_warmup_then_poly_decay(demo):
-    preset = dataclasses.replace(demo("lr")[1].preset("demo"), lr=2e-3, warmup=5, iterations=50)
+    preset = demo("lr")[1].preset("demo").model_copy(update={"lr": 2e-3, "warmup": 5, "iterations": 50})
     for i in range(5):
         assert lr_at(i, preset) == pytest.approx(2e-3 * (i + 1) / 5, rel=1e-12)
     for i in range(5, 51):
@@ -319,8 +321,8 @@ def test_lr_is_linear_warmup_then_poly_decay(demo):
     assert lr_at(50, preset) == 0.0 and lr_at(80, preset) == 0.0
     assert all(lr_at(i, preset) > 0 for i in range(50))
     decay = [lr_at(i, preset) for i in range(5, 51)]
-    assert all(a > b for a, b in zip(decay, decay[1:]))
-    no_warmup = dataclasses.replace(preset, warmup=0)
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+    no_warmup = preset.model_copy(update={"warmup": 0})
     assert lr_at(0, no_warmup) == pytest.approx(2e-3) and lr_at(25, no_warmup) == pytest.approx(2e-3 * 0.5 ** 0.9)
 
 
@@ -370,7 +372,11 @@ def test_accumulation_gives_the_full_batch_gradient(demo, monkeypatch):
             steps, batches = StepRecorder(patch, keep_grads=True), BatchRecorder(patch)
             prepared = []
             real = ssr_train.prepare_micro_batch
-            patch.setattr(ssr_train, "prepare_micro_batch", lambda *a, **k: prepared.append(real(*a, **k)) or prepared[-1])
+            def record(*a, prepared=prepared, real=real, **k):
+                prepared.append(real(*a, **k))
+                return prepared[-1]
+
+            patch.setattr(ssr_train, "prepare_micro_batch", record)
             run(params, path.parent / "run", demo)
         results[accumulation] = steps, batches, prepared
 
@@ -486,6 +492,6 @@ def test_ddp_two_ranks_of_two_micro_batches_equal_one_process_of_four(demo):
             continue
         # Adam normalises each step by the gradient's magnitude, so rounding in the gradients
         # reaches the weights scaled by lr: 3 steps of lr 1e-3 -> at most ~1e-5 absolute.
-        torch.testing.assert_close(ddp[name], value, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ddp[name], value, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
         moved += not name.startswith("bank.")
     assert moved > 10

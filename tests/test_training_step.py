@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_tiny_params
+
 from ssr.cam import class_slots
-from ssr.cli import _backbones, demo_clip_dir
+from ssr.cli import _backbones
 from ssr.cli import main as ssr_main
 from ssr.cmpa import masked_average_pool
 from ssr.data.dataset import collate

@@ -1,12 +1,12 @@
 import re
 import shutil
 
+import archives as A
 import numpy as np
 import pytest
 import scipy.io
 from PIL import Image
 
-import archives as A
 from ssr.data.layout import DatasetError, DatasetLayout, voc_palette
 from ssr.data.voc import VOC_CLASSES, prepare_voc, read_sbd_mat
 

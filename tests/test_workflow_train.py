@@ -85,7 +85,8 @@ def ssr_train_process(snakemake_pid: int) -> int | None:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(argv) > 2 and b"python" in Path(argv[0].decode()).name.encode() and argv[1].endswith(b"/ssr") and argv[2] == b"train":
+        is_python = len(argv) > 2 and b"python" in Path(argv[0].decode()).name.encode()
+        if is_python and argv[1].endswith(b"/ssr") and argv[2] == b"train":
             return pid
     return None
 

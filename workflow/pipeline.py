@@ -20,12 +20,15 @@ exported pseudo-labels, which would overlap). The one list of datasets is
     python workflow/pipeline.py dvc --check    # exit 1 if a DVC file is out of date
 
 Only PyYAML and the standard library are used, so the Snakefile can import this
-without the `ssr` package.
+without the `ssr` package's dependencies (the per-site paths come from ssr/site.py,
+loaded as a file, which needs nothing else either).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
@@ -44,6 +47,8 @@ STAGE_RULES = ("prepare", "superpixels", "train", "pseudo_labels", "retrain", "e
 METHOD = "method"  # the run that trains the configured method (ssr.config.METHOD_RUN)
 PARAMS = "params.yaml"
 RESOURCES = "workflow/resources.yaml"
+# params.yaml's JSON Schema, written by `ssr schema` from ssr/config.py; the Snakefile validates against it.
+SCHEMA = "workflow/schemas/params.schema.json"
 LOGS = "logs"
 
 # params.yaml keys that do not change what a stage computes (worker counts,
@@ -106,13 +111,36 @@ class Stage:
 
 # ------------------------------------------------------------------ loading
 
-def load(params_path: str | os.PathLike = PARAMS, resources_path: str | os.PathLike | None = None) -> tuple[dict, dict]:
-    """(params, resources) as plain dicts; resources from workflow/resources.yaml next to this file by default."""
+def _site_module():
+    """ssr/site.py of this checkout, loaded as a file (stdlib + PyYAML only: the package's other
+    dependencies need not be installed); the installed `ssr.site` where the workflow was copied alone."""
+    path = Path(__file__).resolve().parents[1] / "ssr" / "site.py"
+    if not path.is_file():
+        return importlib.import_module("ssr.site")
+    spec = importlib.util.spec_from_file_location("_ssr_site", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def with_site(params: dict, params_path: str | os.PathLike = PARAMS) -> dict:
+    """params with the per-site data_root / results_root (params.local.yaml, SSR_DATA_ROOT, SSR_RESULTS_ROOT)."""
+    return _site_module().apply_site(params, params_path)
+
+
+def load(params_path: str | os.PathLike = PARAMS, resources_path: str | os.PathLike | None = None, *,
+         site: bool = False) -> tuple[dict, dict]:
+    """(params, resources) as plain dicts; resources from workflow/resources.yaml next to this file by default.
+
+    params are the tracked file's, which is what the dvc.yaml files are written from; with
+    `site`, data_root and results_root as this machine sets them (ssr/site.py), which is what
+    the Snakefile's rules and the `ssr` commands use.
+    """
     with open(params_path) as f:
         params = yaml.safe_load(f)
     with open(resources_path or Path(__file__).with_name("resources.yaml")) as f:
         resources = yaml.safe_load(f)
-    return params, resources
+    return (with_site(params, params_path) if site else params), resources
 
 
 def _keys(params: dict, section: str, exclude=()) -> list[str]:
@@ -244,7 +272,8 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
               metric=f"{results}/{ds}_retrain.json",
               params=(f"datasets.{ds}.train_split", f"datasets.{ds}.seeds", "retrain"),
               local=retrain_local,
-              **(job("retrain", gpu=gpu) if not retrain_local else {"threads": 1, "resources": {"mem_mb": 1000, "runtime": 5, "gpu": 0}})),
+              **(job("retrain", gpu=gpu) if not retrain_local
+                 else {"threads": 1, "resources": {"mem_mb": 1000, "runtime": 5, "gpu": 0}})),
         Stage("evaluate", ds, ssr("evaluate"),
               # The retrained segmenter is read only with retrain.enabled; the edge keeps
               # the two runners' DAGs identical either way.
@@ -283,7 +312,8 @@ def report_stage(params: dict, resources: dict, ds: str) -> Stage:
     return Stage(
         "report", ds, f"ssr report --dataset {ds} --params {PARAMS} --threads {{threads}}",
         inputs={"classes": by_rule["prepare"].outputs["classes"], "models": by_rule["train"].outputs["models"],
-                "train": metric("train"), "figures": by_rule["pseudo_labels"].outputs["figures"], "seeds": metric("pseudo_labels"),
+                "train": metric("train"), "figures": by_rule["pseudo_labels"].outputs["figures"],
+                "seeds": metric("pseudo_labels"),
                 "predictions": by_rule["evaluate"].outputs["predictions"], "miou": metric("evaluate")},
         outputs={**{name: [f"{out}/{name}.html"] for name in REPORT_TABLES}, "numbers": [f"{out}/metrics.csv"],
                  "curves": [f"{out}/curves"]},

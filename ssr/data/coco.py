@@ -17,18 +17,24 @@ import contextlib
 import io
 import json
 import logging
-import multiprocessing
 from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from tqdm import tqdm
 
 from ssr.config import DownloadParams
-from ssr.data.download import atomic_dir, fetch_archive
-from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, image_labels_from_mask, write_json, write_label_png
-from ssr.data.voc import image_size, link_or_copy
+from ssr.data.download import atomic_dir, fetch_archive, link_or_copy
+from ssr.data.layout import (
+    IGNORE_INDEX,
+    DatasetError,
+    DatasetLayout,
+    image_labels_from_mask,
+    image_size,
+    write_json,
+    write_label_png,
+)
+from ssr.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +44,8 @@ SPLITS = {"train": "train2014", "val": "val2014"}
 def ann_to_mask(segmentation, height: int, width: int) -> np.ndarray:
     """(H, W) uint8 0/1 mask of a COCO segmentation (polygons, RLE or compressed RLE).
 
-    The same decoding as `COCO.annToMask`, without needing the COCO index, so
-    worker processes only receive the annotations of their image.
+    The same decoding as `COCO.annToMask`, without needing the COCO index: converting an
+    image needs only its own annotations.
     """
     if isinstance(segmentation, list):
         rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
@@ -63,7 +69,7 @@ def semantic_label(anns: list[dict], height: int, width: int, cat_to_label: dict
 
 
 def _convert_image(task: tuple) -> tuple[str, list[int]]:
-    """Worker: link one image and write its label PNG; returns (id, image-level labels)."""
+    """Link one image and write its label PNG; returns (id, image-level labels)."""
     info, anns, src, out_root, cat_to_label = task
     image_id = Path(info["file_name"]).stem
     if not src.is_file():
@@ -113,13 +119,13 @@ def _find_sources(archives: Path | None, download: DownloadParams, cache_dir: Pa
 
 
 def prepare_coco(root: Path, download: DownloadParams, *, archives: Path | None = None,
-                 cache_dir: Path | None = None, progress: bool = True, workers: int = 1) -> None:
+                 cache_dir: Path | None = None, progress: bool = True) -> None:
     """Write COCO 2014 in the canonical layout under `root` (e.g. data/coco).
 
     Sources, per archive, first found wins: an extracted tree in `archives`
     (`train2014/`, `val2014/`, `annotations/`), the official zip in `archives`
     (checksummed, never downloaded), a download into `cache_dir` (default
-    `root.parent / "downloads"`), resumable. `workers` processes write labels.
+    `root.parent / "downloads"`), resumable.
     The layout is built beside `root` and renamed onto it at the end.
     """
     root = Path(root)
@@ -154,16 +160,10 @@ def prepare_coco(root: Path, download: DownloadParams, *, archives: Path | None 
                 info = coco.imgs[coco_id]
                 tasks.append((info, anns, image_dirs[split] / info["file_name"], tmp, cat_to_label))
             split_ids = []
-            with contextlib.ExitStack() as stack:
-                if workers > 1:
-                    pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
-                    results = pool.imap(_convert_image, tasks, chunksize=64)
-                else:
-                    results = map(_convert_image, tasks)
-                for image_id, labels in tqdm(results, total=len(tasks), desc=f"coco {split} labels",
-                                             unit="img", disable=not progress):
-                    image_labels[image_id] = labels
-                    split_ids.append(image_id)
+            for task in progress_bar(tasks, desc=f"coco {split} labels", unit="img", progress=progress):
+                image_id, labels = _convert_image(task)
+                image_labels[image_id] = labels
+                split_ids.append(image_id)
             del coco, tasks
             layout.write_split(split, sorted(split_ids))
             logger.info("COCO: %d %s images with annotations", len(split_ids), split)

@@ -15,7 +15,8 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, read_image, read_label_png
-from ssr.superpixels import RegionMaps
+from ssr.data.regions import RegionMaps
+from ssr.data.transforms import random_scale_crop, to_unit
 
 # Region id used for padding; `sgc.region_onehot` drops ids >= the region count.
 REGION_PAD = 255
@@ -37,26 +38,6 @@ def _open_rgb(path: Path) -> Image.Image:
         raise DatasetError(f"{path}: cannot read image ({err})") from err
 
 
-def _scaled_window(image: Image.Image, size: tuple[int, int], top: int, left: int, crop: int, resample: int,
-                   fill: int) -> np.ndarray:
-    """The (crop, crop) window at (top, left) of `image` resized to `size` (h, w), `fill` past its edges.
-
-    Only the window is resampled, at a fraction of the cost of resizing the whole image
-    when it is scaled up: PIL maps the output pixels through `box` onto the source with
-    the filter centres and weights of the whole resize, up to its float32 box coordinates
-    (sample positions move by under 1e-4 px: bilinear values by at most 2 levels, nearest
-    picks only where a sample sits on a pixel boundary). Returns (crop, crop[, 3]) uint8.
-    """
-    h, w = size
-    rows, cols = min(crop, h - top), min(crop, w - left)
-    sy, sx = image.height / h, image.width / w
-    box = (left * sx, top * sy, (left + cols) * sx, (top + rows) * sy)
-    window = np.asarray(image.resize((cols, rows), resample, box=box))
-    out = np.full((crop, crop) + window.shape[2:], fill, np.uint8)
-    out[:rows, :cols] = window
-    return out
-
-
 def snap_size(height: int, width: int, long_side: int, multiple: int) -> tuple[int, int]:
     """Scale so the long side is `long_side`, then round both sides to a multiple of the patch size."""
     scale = long_side / max(height, width)
@@ -73,7 +54,8 @@ class WeakLabelDataset(Dataset):
         labels = self.layout.image_labels()
         missing = [i for i in self.ids if i not in labels]
         if missing:
-            raise DatasetError(f"{self.layout.root / 'image_labels.json'}: no labels for {len(missing)} ids of split {split!r}, e.g. {missing[0]!r}")
+            raise DatasetError(f"{self.layout.root / 'image_labels.json'}: no labels for {len(missing)} ids of split {split!r}, "
+                               f"e.g. {missing[0]!r} ({self.layout.prepare_hint} again)")
         self.labels = {i: labels[i] for i in self.ids}
         self.superpixels = Path(superpixels) if superpixels else None
         self._regions: RegionMaps | None = None
@@ -128,22 +110,10 @@ class TrainCrops(WeakLabelDataset):
         maps = {"regions": (Image.fromarray(self.region_map(image_id, shape)), REGION_PAD)}
         if self.with_gt:
             maps["gt"] = (Image.fromarray(self.ground_truth(image_id, shape)), IGNORE_INDEX)
-        scale = rng.uniform(self.scale_min, self.scale_max)
-        size = (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
-        c = self.crop_size
-        top = int(rng.integers(0, max(c, size[0]) - c + 1))
-        left = int(rng.integers(0, max(c, size[1]) - c + 1))
-        flip = rng.random() < 0.5
-        crops = {"image": _scaled_window(image, size, top, left, c, Image.BILINEAR, 0)}
-        crops.update({name: _scaled_window(m, size, top, left, c, Image.NEAREST, fill) for name, (m, fill) in maps.items()})
-        if flip:
-            crops = {name: crop[:, ::-1] for name, crop in crops.items()}
+        crops = random_scale_crop(rng, image, maps, crop=self.crop_size, scale_min=self.scale_min, scale_max=self.scale_max)
         # numpy rather than torch for the conversions: torch's intra-op threads cost more than
-        # they save on arrays this small. Channels first in memory too, so that collating a
-        # batch is a plain copy rather than a transpose.
-        pixels = crops.pop("image").transpose(2, 0, 1).astype(np.float32, order="C")
-        pixels /= 255
-        item = {"image": torch.from_numpy(pixels)}
+        # they save on arrays this small.
+        item = {"image": to_unit(crops.pop("image"))}
         item.update({name: torch.from_numpy(crop.astype(np.int64)) for name, crop in crops.items()})
         item.update(labels=list(self.labels[image_id]), id=image_id)
         return item
@@ -156,15 +126,15 @@ class WholeImages(WeakLabelDataset):
     ground truth (H, W) uint8 or None, weak labels, id.
     """
 
-    def __init__(self, root, split, *, long_side: int, patch_size: int, superpixels=None, with_gt: bool = True):
+    def __init__(self, root, split, *, long_side: int, patch_size: int, superpixels=None):
         super().__init__(root, split, superpixels=superpixels)
-        self.long_side, self.patch_size, self.with_gt = long_side, patch_size, with_gt
+        self.long_side, self.patch_size = long_side, patch_size
 
     def original(self, image_id: str) -> tuple[np.ndarray, np.ndarray | None]:
         """The image as stored, (H, W, 3) uint8, and its ground truth (H, W) uint8 or None."""
         original = read_image(self.layout.image_path(image_id))
         gt = None
-        if self.with_gt and self.layout.label_path(image_id).exists():
+        if self.layout.label_path(image_id).exists():
             gt = self.ground_truth(image_id, original.shape[:2])
         return original, gt
 
@@ -174,7 +144,7 @@ class WholeImages(WeakLabelDataset):
         regions = self.region_map(image_id, original.shape[:2])
         size = snap_size(*original.shape[:2], self.long_side, self.patch_size)
         return {
-            "image": torch.from_numpy(_resize(original, size, False)).permute(2, 0, 1).float() / 255,
+            "image": to_unit(_resize(original, size, False)),
             "regions": torch.from_numpy(_resize(regions, size, True)).long(),
             "original": original,
             "gt": gt,

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from ssr.config import DemoParams
 from ssr.data.layout import DatasetLayout, image_labels_from_mask, write_image, write_json, write_label_png
+from ssr.progress import progress_bar
 
 OBJECT_COLOURS = {
     "red": (220, 40, 40),
@@ -155,7 +155,7 @@ def prepare_demo(root: str | Path, params: DemoParams, progress: bool = True) ->
     image_labels, captions = {}, {}
     for split, count in (("train", params.num_train), ("val", params.num_val)):
         ids = [f"{split}_{i:05d}" for i in range(count)]
-        for i, image_id in enumerate(tqdm(ids, desc=f"demo {split}", disable=not progress)):
+        for i, image_id in enumerate(progress_bar(ids, desc=f"demo {split}", progress=progress)):
             sample = render_sample(params, split, i)
             write_image(layout.images_dir / f"{image_id}.png", sample.image)
             write_label_png(layout.label_path(image_id), sample.label)

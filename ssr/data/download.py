@@ -24,13 +24,15 @@ import urllib.request
 import uuid
 import zipfile
 import zlib
+from collections.abc import Iterator
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from tqdm import tqdm
 
 from ssr.data.layout import DatasetError
+from ssr.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +134,9 @@ def download(url: str, dest: Path, md5: str, *, progress: bool = True, timeout: 
         logger.info("%s: server does not support resuming; starting again from byte 0", part)
     written = start
     try:
-        with stream, open(part, "r+b" if part.exists() else "wb") as out, tqdm(
+        with stream, open(part, "r+b" if part.exists() else "wb") as out, progress_bar(
             total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=dest.name, disable=not progress,
+            desc=dest.name, progress=progress,
         ) as bar:
             out.seek(start)
             out.truncate()
@@ -245,9 +247,9 @@ def _extract_tar(archive: Path, out: Path, progress: bool) -> None:
                 _check_member(archive, member.linkname)
             yield member
 
-    with open(archive, "rb") as f, tqdm(total=archive.stat().st_size, unit="B", unit_scale=True,
-                                        unit_divisor=1024, desc=f"extract {archive.name}",
-                                        disable=not progress) as bar:
+    with open(archive, "rb") as f, progress_bar(total=archive.stat().st_size, unit="B", unit_scale=True,
+                                                unit_divisor=1024, desc=f"extract {archive.name}",
+                                                progress=progress) as bar:
         # Stream mode reads a compressed archive once instead of indexing it first.
         with tarfile.open(fileobj=_ProgressReader(f, bar), mode="r|*", tarinfo=_CheckedTarInfo) as tar:
             tar.extractall(out, members=members(tar), filter="data")
@@ -262,8 +264,8 @@ def _extract_zip(archive: Path, out: Path, progress: bool) -> None:
         infos = zf.infolist()
         for info in infos:
             _check_member(archive, info.filename)
-        with tqdm(total=sum(i.compress_size for i in infos), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=f"extract {archive.name}", disable=not progress) as bar:
+        with progress_bar(total=sum(i.compress_size for i in infos), unit="B", unit_scale=True, unit_divisor=1024,
+                          desc=f"extract {archive.name}", progress=progress) as bar:
             for info in infos:
                 zf.extract(info, out)
                 bar.update(info.compress_size)
@@ -319,3 +321,11 @@ def fetch_archive(url: str, md5: str, *, cache_dir: Path, archives: Path | None 
     else:
         archive = download(url, Path(cache_dir) / name, md5, progress=progress)
     return extract(archive, extracted, progress=progress)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (no extra disk), copying where links are impossible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

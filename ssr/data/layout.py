@@ -18,8 +18,8 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -73,10 +73,11 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike):
+def read_json(path: str | os.PathLike, hint: str = ""):
+    """The JSON in `path`; DatasetError if it is missing (`hint` says what writes it) or malformed."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
+        raise DatasetError(f"{path}: file not found" + (f" ({hint})" if hint else ""))
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -114,6 +115,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read image ({err})") from err
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image, reading only its header."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, SyntaxError) as err:
+        raise DatasetError(f"{path}: cannot read image ({err})") from err
+
+
 def write_image(path: str | os.PathLike, image: np.ndarray, quality: int = 95) -> None:
     path = Path(path)
     fmt = "PNG" if path.suffix == ".png" else "JPEG"
@@ -148,7 +158,8 @@ class DatasetLayout:
             path = self.images_dir / f"{image_id}{suffix}"
             if path.exists():
                 return path
-        raise DatasetError(f"{self.images_dir}: no image for id {image_id!r}")
+        raise DatasetError(f"{self.images_dir}: no image for id {image_id!r} (listed in a split; the dataset is "
+                           f"incomplete: {self.prepare_hint})")
 
     def label_path(self, image_id: str) -> Path:
         return self.labels_dir / f"{image_id}.png"
@@ -156,24 +167,27 @@ class DatasetLayout:
     def split(self, name: str) -> list[str]:
         path = self.splits_dir / f"{name}.txt"
         if not path.is_file():
-            raise DatasetError(f"{path}: split file not found (run `ssr prepare` first)")
+            raise DatasetError(f"{path}: split file not found ({self.prepare_hint}, or check datasets.{self.root.name}.*_split "
+                               f"in params.yaml)")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
     def write_split(self, name: str, ids: list[str]) -> None:
         with atomic_path(self.splits_dir / f"{name}.txt") as tmp:
             tmp.write_text("".join(f"{i}\n" for i in ids))
 
+    @property
+    def prepare_hint(self) -> str:
+        """What writes this layout: the prepare stage of the dataset the root is named after (data/{ds})."""
+        return f"run `ssr prepare --dataset {self.root.name}` first"
+
     def classes(self) -> list[str]:
-        classes = read_json(self.root / "classes.json")
+        classes = read_json(self.root / "classes.json", self.prepare_hint)
         if not isinstance(classes, list) or not classes or classes[0] != "background":
             raise DatasetError(f"{self.root / 'classes.json'}: must be a list starting with 'background'")
         return classes
 
     def image_labels(self) -> dict[str, list[int]]:
-        return read_json(self.root / "image_labels.json")
-
-    def captions(self) -> dict[str, str]:
-        return read_json(self.root / "captions.json")
+        return read_json(self.root / "image_labels.json", self.prepare_hint)
 
 
 def image_labels_from_mask(label: np.ndarray, num_classes: int) -> list[int]:

@@ -15,27 +15,25 @@ or from a pre-converted `SegmentationClassAug/{id}.png`.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import scipy.io
-from PIL import Image
-from tqdm import tqdm
 
 from ssr.config import DownloadParams
-from ssr.data.download import atomic_dir, fetch_archive
+from ssr.data.download import atomic_dir, fetch_archive, link_or_copy
 from ssr.data.layout import (
     IGNORE_INDEX,
     DatasetError,
     DatasetLayout,
     image_labels_from_mask,
+    image_size,
     read_label_png,
     write_json,
     write_label_png,
 )
+from ssr.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -116,23 +114,6 @@ def _find_aug(archives: Path | None, download: DownloadParams, cache_dir: Path,
     return ids, lambda image_id: read_sbd_mat(sbd / "cls" / f"{image_id}.mat")
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link `src` to `dst` (no extra disk), copying where links are impossible."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image, reading only its header."""
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except (OSError, SyntaxError) as err:
-        raise DatasetError(f"{path}: cannot read image ({err})") from err
-
-
 def prepare_voc(root: Path, download: DownloadParams, *, archives: Path | None = None,
                 cache_dir: Path | None = None, progress: bool = True) -> None:
     """Write VOC 2012 + SBD in the canonical layout under `root` (e.g. data/voc).
@@ -159,7 +140,7 @@ def prepare_voc(root: Path, download: DownloadParams, *, archives: Path | None =
         layout.images_dir.mkdir()
         layout.labels_dir.mkdir()
         image_labels = {}
-        for image_id in tqdm(ids, desc="voc labels", unit="img", disable=not progress):
+        for image_id in progress_bar(ids, desc="voc labels", unit="img", progress=progress):
             jpg = voc / "JPEGImages" / f"{image_id}.jpg"
             if not jpg.is_file():
                 raise DatasetError(f"{jpg}: image not found (listed in the VOC or SBD splits)")
