@@ -155,7 +155,8 @@ def test_two_processes_through_torchrun_match_one_process(prepared, tmp_path):
     """
     iterations, lr = 4, 1e-3
     exact = {"train__supervision": "gt", "cmpa__num_layers": 1, "cmpa__enabled": True,
-             "train_presets__demo__iterations": iterations, "train_presets__demo__lr": lr}
+             "train_presets__demo__iterations": iterations, "train_presets__demo__lr": lr,
+             "train_presets__demo__decoder_lr_mult": 1.0}   # one lr for every weight, as the tolerance assumes
     ddp = clone(prepared, tmp_path / "ddp", datasets__demo__gpus=2, **exact)
     one = clone(prepared, tmp_path / "one", **exact)
     proc = _run([_tool("snakemake"), "--cores", "2", "--printshellcmds", "train-demo"], ddp, timeout=900)
