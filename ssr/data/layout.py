@@ -157,14 +157,25 @@ class DatasetLayout:
         path = self.splits_dir / f"{name}.txt"
         if not path.is_file():
             raise DatasetError(f"{path}: split file not found (run `ssr prepare` first)")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not ids:
+            raise DatasetError(f"{path}: split is empty (one image id a line expected; `ssr prepare` writes it)")
+        seen: set[str] = set()
+        for n, image_id in enumerate(ids, 1):
+            if image_id in seen:
+                raise DatasetError(f"{path}: image id {image_id!r} is listed twice (again as id no. {n}); list each id once")
+            seen.add(image_id)
+        return ids
 
     def write_split(self, name: str, ids: list[str]) -> None:
         with atomic_path(self.splits_dir / f"{name}.txt") as tmp:
             tmp.write_text("".join(f"{i}\n" for i in ids))
 
     def classes(self) -> list[str]:
-        classes = read_json(self.root / "classes.json")
+        path = self.root / "classes.json"
+        if not path.is_file():
+            raise DatasetError(f"{path}: file not found (run `ssr prepare` first)")
+        classes = read_json(path)
         if not isinstance(classes, list) or not classes or classes[0] != "background":
             raise DatasetError(f"{self.root / 'classes.json'}: must be a list starting with 'background'")
         return classes
