@@ -93,8 +93,9 @@ def read_model(path: str | Path, device="cpu") -> tuple[SSR, dict]:
         raise DatasetError(f"{weights_path}: not a readable safetensors file ({err})") from err
     non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if non_finite:
-        raise DatasetError(f"{weights_path}: {len(non_finite)} weights hold NaN or inf ({', '.join(non_finite[:3])}"
-                           f"{', ...' if len(non_finite) > 3 else ''}); the run diverged or the file is damaged: retrain")
+        more = f" and {len(non_finite) - 3} more tensors" if len(non_finite) > 3 else ""
+        raise DatasetError(f"{weights_path}: NaN or inf in {', '.join(non_finite[:3])}{more}; the run diverged or the file "
+                           f"is damaged: retrain")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

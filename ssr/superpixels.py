@@ -575,7 +575,7 @@ def check_region_maps(path: str | os.PathLike, params: SuperpixelParams, ids: li
     `superpixels.*` params than `params` (its attributes record them; `workers` and the
     library version are not compared) or lacks a map of one of `ids`.
     """
-    rerun = "rerun `ssr superpixels` (Snakemake and DVC do when these params change)"
+    rerun = "rerun `ssr superpixels`"
     with RegionMaps(path) as maps:
         recorded = maps.params
         expected = {f"superpixels.{k}": v for k, v in _attrs(params, version=False).items() if k != "method"}
@@ -583,11 +583,13 @@ def check_region_maps(path: str | os.PathLike, params: SuperpixelParams, ids: li
         differing = [f"{key} (file {recorded.get(key.removeprefix('superpixels.'), 'absent')!r}, params {value!r})"
                      for key, value in expected.items() if recorded.get(key.removeprefix("superpixels.")) != value]
         if differing:
-            raise DatasetError(f"{maps.path}: built with other params than the current ones: {'; '.join(differing)}; {rerun}")
+            raise DatasetError(f"{maps.path}: built with other params than the current ones: {'; '.join(differing)}; {rerun} "
+                               f"(Snakemake and DVC do when these params change)")
         stored = set(maps._open().keys())
         missing = [i for i in ids if _key(i) not in stored]
         if missing:
-            raise DatasetError(f"{maps.path}: no region map for {len(missing)} images of the split, e.g. {missing[0]!r}; {rerun}")
+            more = f" and {len(missing) - 1} more images of the split" if len(missing) > 1 else ""
+            raise DatasetError(f"{maps.path}: no region map for {missing[0]!r}{more}; it was built for other images: {rerun}")
 
 
 def read_region_map(path: str | os.PathLike, image_id: str) -> np.ndarray:
