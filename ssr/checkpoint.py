@@ -65,7 +65,12 @@ def read_config(path: str | Path) -> dict:
         raise FileNotFoundError(f"{config_path}: trained model not found (run `ssr train --dataset {dataset}` first)")
     config = read_json(config_path)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise DatasetError(f"{config_path}: not an ssr model description (format {FORMAT!r} expected)")
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise DatasetError(f"{config_path}: not an ssr model description (format {found!r}, {FORMAT!r} expected); "
+                           f"retrain with this version of ssr (`ssr train`)")
+    missing = [key for key in ("dims", "cmpa", "classes", "dataset_params", "infer", "identity") if key not in config]
+    if missing:
+        raise DatasetError(f"{config_path}: incomplete model description, no {', '.join(missing)}; retrain (`ssr train`)")
     return config
 
 
@@ -88,10 +93,16 @@ def read_model(path: str | Path, device="cpu") -> tuple[SSR, dict]:
         state = load_file(str(weights_path), device=str(device))
     except Exception as err:  # safetensors raises its own error types for a corrupt header
         raise DatasetError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        more = f" and {len(non_finite) - 3} more tensors" if len(non_finite) > 3 else ""
+        raise DatasetError(f"{weights_path}: NaN or inf in {', '.join(non_finite[:3])}{more}; the run diverged or the file "
+                           f"is damaged: retrain")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise DatasetError(f"{weights_path}: weights do not fit the architecture in {config_path} ({err})") from err
+        reason = " ".join(str(err).split())
+        raise DatasetError(f"{weights_path}: weights do not fit the architecture in {config_path} ({reason})") from err
     return model.to(device).eval(), config
 
 

@@ -12,6 +12,7 @@ from ssr.backbones import clip_visual_forward
 from ssr.config import InferParams
 from ssr.crf import dense_crf
 from ssr.data.dataset import WholeImages, snap_size
+from ssr.data.download import atomic_dir
 from ssr.data.layout import write_label_png
 from ssr.data.transforms import normalise, to_unit
 from ssr.figures import FigureCandidates, figure_name, prediction_figure, replace_figures
@@ -106,8 +107,19 @@ def evaluate_model(backbones: FrozenBackbones, model: SSR, root: Path, split: st
 
     With `pred_dir`, the saved predictions (after DenseCRF when `infer.crf`) go to pred_dir/{id}.png
     and `figures` strips (image | ground truth | prediction | after DenseCRF; the lowest-mIoU images
-    and the first ones, see `FigureCandidates`) to pred_dir/figures/.
+    and the first ones, see `FigureCandidates`) to pred_dir/figures/; the folder appears under its
+    name (replacing an earlier one) only once all of it is written.
     """
+    args = (backbones, model, root, split, long_side, infer)
+    kwargs = dict(device=device, figures=figures, progress=progress, autocast_dtype=autocast_dtype)
+    if pred_dir is None:
+        return _evaluate_model(*args, pred_dir=None, **kwargs)
+    with atomic_dir(pred_dir) as staged:
+        return _evaluate_model(*args, pred_dir=staged, **kwargs)
+
+
+def _evaluate_model(backbones: FrozenBackbones, model: SSR, root: Path, split: str, long_side: int, infer: InferParams, *,
+                    device, pred_dir: Path | None, figures: int, progress: bool, autocast_dtype) -> dict:
     data = WholeImages(root, split, long_side=long_side, patch_size=backbones.patch_size)
     names = data.classes
     conf = np.zeros((len(names), len(names) + 1), np.int64)

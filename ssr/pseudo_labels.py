@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from ssr.cam import class_slots
 from ssr.config import Params
 from ssr.data.dataset import WholeImages, collate
+from ssr.data.download import atomic_dir
 from ssr.data.layout import write_label_png
 from ssr.figures import ROW_TITLES, FigureCandidates, cam_figure, figure_name, replace_figures
 from ssr.metrics import confusion_matrix, format_table, iou_key, segmentation_scores
 from ssr.model import ABLATION_ROWS, SSR, FrozenBackbones, cams_to_labels, initial_cams, refined_cams
 from ssr.progress import progress_bar
+from ssr.superpixels import check_region_maps
 
 SCORE_KEYS = ("miou", "precision", "recall", "confusion_ratio", "class_swap_ratio")
 FIGURE_ROWS = (*ABLATION_ROWS, "method")  # Table 3's rows; the figures leave Table 4's plain-CLIP CAM out
@@ -36,10 +38,24 @@ def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: P
     """Score the CAM `rows` of every image of `split` whose id is in `score_ids` (None = all).
 
     With `export_dir`, the method's labels of every image of `split` are written there as
-    {id}.png. Returns flat seed metrics: {row}_{miou, precision, ...} per row that could run,
-    {row}_available: 0 for one that could not (DINO without DINO weights).
+    {id}.png; the folder appears under its name (replacing an earlier one) only once every
+    label is written. Returns flat seed metrics: {row}_{miou, precision, ...} per row that
+    could run, {row}_available: 0 for one that could not (DINO without DINO weights).
     """
+    args = (backbones, model, params, root, split, long_side)
+    kwargs = dict(device=device, score_ids=score_ids, rows=rows, figures_dir=figures_dir, batch_size=batch_size,
+                  progress=progress)
+    if export_dir is None:
+        return _seed_metrics(*args, export_dir=None, **kwargs)
+    with atomic_dir(export_dir) as staged:
+        return _seed_metrics(*args, export_dir=staged, **kwargs)
+
+
+def _seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: Path, split: str, long_side: int, *, device,
+                  score_ids: set[str] | None, rows: tuple[str, ...], export_dir: Path | None, figures_dir: Path | None,
+                  batch_size: int, progress: bool) -> dict:
     data = WholeImages(root, split, long_side=long_side, patch_size=backbones.patch_size, superpixels=root / "superpixels.h5")
+    check_region_maps(data.superpixels, params.superpixels, data.ids)
     names = data.classes
     conf = {row: np.zeros((len(names), len(names) + 1), np.int64) for row in rows}
     computed: set[str] = set()

@@ -22,9 +22,12 @@ Training reads the file through `ssr.data.regions.RegionMaps`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
 import multiprocessing
 import os
+import re
+import sys
 import traceback
 from pathlib import Path
 
@@ -32,8 +35,8 @@ import h5py
 import numpy as np
 
 from ssr.config import SuperpixelParams
-from ssr.data.layout import atomic_path, read_image
-from ssr.data.regions import image_id_of, region_key
+from ssr.data.layout import DatasetError, atomic_path, read_image
+from ssr.data.regions import RegionMaps, image_id_of, region_key
 from ssr.progress import progress_bar
 
 METHOD = "slic+kmeans-lab"
@@ -216,17 +219,19 @@ def backend_version(backend: str) -> str:
 
 # --- the HDF5 file -----------------------------------------------------------
 
-def _attrs(params: SuperpixelParams) -> dict:
+def _attrs(params: SuperpixelParams, version: bool = True) -> dict:
     """File attributes; everything that changes the maps (not `workers`)."""
-    return {
+    attrs = {
         "n_segments": int(params.n_segments),
         "compactness": float(params.compactness),
         "n_clusters": int(params.n_clusters),
         "seed": int(params.seed),
         "method": METHOD,
         "backend": params.backend,
-        "backend_version": backend_version(params.backend),
     }
+    if version:
+        attrs["backend_version"] = backend_version(params.backend)
+    return attrs
 
 
 def _attrs_match(file: h5py.File, expected: dict) -> bool:
@@ -249,6 +254,32 @@ def partial_path(out_path: str | os.PathLike) -> Path:
     return out_path.with_name(out_path.name + ".partial.h5")
 
 
+@contextlib.contextmanager
+def _writing(path: Path, hint: str):
+    """Turn a failed HDF5 write (a full disk) into one DatasetError naming `path`, with `hint`.
+
+    HDF5 writes a dataset's chunks when the dataset closes, which h5py does in a destructor
+    that can only report its error: Cython prints the traceback (through sys.excepthook),
+    then hands the error to sys.unraisablehook. Both hooks collect it here instead.
+    """
+    failed = []
+    hooks = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = lambda unraisable: failed.append(unraisable.exc_value)
+    sys.excepthook = lambda kind, value, tb: failed.append(value)
+    try:
+        yield
+    except DatasetError:
+        raise
+    except (OSError, RuntimeError) as err:  # h5py raises both for a failed write
+        failed.append(err)
+    finally:
+        sys.unraisablehook, sys.excepthook = hooks
+    if failed:
+        errno = re.search(r"errno = (\d+)", str(failed[0]))
+        reason = os.strerror(int(errno[1])) if errno else str(failed[0]).splitlines()[0]
+        raise DatasetError(f"{path}: cannot write ({reason}); {hint}")
+
+
 class _Checkpoint:
     """The partial HDF5 file: finished maps, each marked complete only after it is flushed.
 
@@ -260,6 +291,7 @@ class _Checkpoint:
     def __init__(self, path: Path, attrs: dict):
         self.path = path
         self.file = None
+        self.broken = False  # a write failed: the file cannot be trusted
         if path.exists():
             try:
                 file = h5py.File(path, "a")
@@ -275,33 +307,51 @@ class _Checkpoint:
         if self.file is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
-            self.file = h5py.File(path, "w")
-            self.file.attrs.update(attrs)
-            self.file.flush()
+            with self._writing():
+                self.file = h5py.File(path, "w")
+                self.file.attrs.update(attrs)
+                self.file.flush()
         self.done = {image_id_of(k) for k in self.file.keys()}
         self._pending: list[str] = []
 
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            with _writing(self.path, "free disk space and rerun `ssr superpixels` (it starts over: a partly written "
+                                     "HDF5 file cannot be trusted, so it is deleted)"):
+                yield
+        except DatasetError:
+            self.broken = True
+            raise
+
     def add(self, image_id: str, regions: np.ndarray) -> None:
         key = region_key(image_id)
-        if key in self.file:  # an id listed twice, or left from a stale run
-            del self.file[key]
-        self.file.create_dataset(key, data=regions, dtype=np.uint8, chunks=regions.shape, **_DATASET_OPTIONS)
+        with self._writing():
+            if key in self.file:  # an id listed twice, or left from a stale run
+                del self.file[key]
+            self.file.create_dataset(key, data=regions, dtype=np.uint8, chunks=regions.shape, **_DATASET_OPTIONS)
         self._pending.append(key)
 
     def commit(self) -> None:
-        if not self._pending:
+        if not self._pending or self.broken:
             return
-        self.file.flush()
-        for key in self._pending:
-            self.file[key].attrs[_DONE_ATTR] = True
-            self.done.add(image_id_of(key))
-        self.file.flush()
+        with self._writing():
+            self.file.flush()
+            for key in self._pending:
+                self.file[key].attrs[_DONE_ATTR] = True
+                self.done.add(image_id_of(key))
+            self.file.flush()
         self._pending = []
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
-            self.file = None
+            file, self.file = self.file, None
+            if self.broken:  # HDF5 retries the failed writes as it closes, and fails again: expected
+                with contextlib.suppress(DatasetError), _writing(self.path, ""):
+                    file.close()
+                    del file
+            else:
+                file.close()
 
 
 MAIN_GUARD_MESSAGE = (
@@ -383,7 +433,7 @@ def build_superpixels(images: list[tuple[str, Path]], out_path: Path, params: Su
         try:
             ckpt.commit()
         finally:
-            empty = not ckpt.done
+            empty = not ckpt.done or ckpt.broken
             ckpt.close()
             bar.close()
             if empty:
@@ -393,7 +443,8 @@ def build_superpixels(images: list[tuple[str, Path]], out_path: Path, params: Su
 
     try:
         with atomic_path(out_path) as tmp:
-            with h5py.File(tmp, "w") as dst:
+            with _writing(out_path, f"free disk space and rerun `ssr superpixels` (it resumes from {ckpt_path.name}, "
+                                    f"which holds every map)"), h5py.File(tmp, "w") as dst:
                 dst.attrs.update(attrs)
                 for key in keys:
                     ckpt.file.copy(ckpt.file[key], dst, name=key)
@@ -436,3 +487,29 @@ def _run_pool(todo, args, workers: int, backend: str, ckpt: _Checkpoint, bar) ->
         finally:
             for future in futures:
                 future.cancel()
+
+
+# --- reading -----------------------------------------------------------------
+
+def check_region_maps(path: str | os.PathLike, params: SuperpixelParams, ids: list[str]) -> None:
+    """Refuse a superpixels file that cannot serve `ids` under `params`.
+
+    DatasetError naming the file when it is missing or unreadable, was built with other
+    `superpixels.*` params than `params` (its attributes record them; `workers` and the
+    library version are not compared) or lacks a map of one of `ids`.
+    """
+    rerun = "rerun `ssr superpixels`"
+    with RegionMaps(path) as maps:
+        recorded = maps.params
+        expected = {f"superpixels.{k}": v for k, v in _attrs(params, version=False).items() if k != "method"}
+        expected["method"] = METHOD
+        differing = [f"{key} (file {recorded.get(key.removeprefix('superpixels.'), 'absent')!r}, params {value!r})"
+                     for key, value in expected.items() if recorded.get(key.removeprefix("superpixels.")) != value]
+        if differing:
+            raise DatasetError(f"{maps.path}: built with other params than the current ones: {'; '.join(differing)}; {rerun} "
+                               f"(Snakemake and DVC do when these params change)")
+        stored = set(maps._open().keys())
+        missing = [i for i in ids if region_key(i) not in stored]
+        if missing:
+            more = f" and {len(missing) - 1} more images of the split" if len(missing) > 1 else ""
+            raise DatasetError(f"{maps.path}: no region map for {missing[0]!r}{more}; it was built for other images: {rerun}")

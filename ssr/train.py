@@ -16,6 +16,7 @@ have seen. A finished run writes `model.safetensors` + `model.json` (ssr.checkpo
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -36,11 +37,12 @@ from ssr.checkpoint import save_model
 from ssr.cmpa import masked_average_pool, prototype_loss_term, sample_loss_sum
 from ssr.config import ConfigError, Params, PresetParams, identity_differences, training_identity
 from ssr.data.dataset import TrainCrops, collate
-from ssr.data.layout import IGNORE_INDEX, atomic_path
+from ssr.data.layout import IGNORE_INDEX, DatasetError, atomic_path
 from ssr.decoder import affinity_loss_sums, affinity_pairs
 from ssr.model import SSR, FrozenBackbones, ModelDims, cams_to_labels, eval_mode, initial_cams, refined_cams
 from ssr.progress import progress_bar
 from ssr.schedules import poly
+from ssr.superpixels import check_region_maps
 
 
 class NonFiniteLoss(RuntimeError):
@@ -116,8 +118,16 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(path: Path, model: SSR, optimiser, state: TrainState, identity: dict) -> None:
     payload = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "state": asdict(state), "rng": rng_state(),
                "identity": identity}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Serialised in memory first: torch's own file writer reports a full disk as "unexpected pos".
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+    except OSError as err:
+        kept = "the last checkpoint, of an earlier iteration, is kept" if path.exists() else "no checkpoint is kept"
+        raise RuntimeError(f"{path}: cannot write the checkpoint ({err.strerror}); {kept}. Free disk space and rerun "
+                           f"`ssr train --resume`") from None
 
 
 def load_checkpoint(path: Path, identity: dict, device) -> dict:
@@ -408,6 +418,7 @@ class Trainer:
         self.micro = self.preset.batch_size // self.preset.accumulation
         if self.micro % world:
             raise ValueError(f"train_presets.{self.ds.preset}: micro-batch {self.micro} is not divisible by {world} processes")
+        check_region_maps(self.data.superpixels, params.superpixels, self.data.ids)
         if len(self.data) < self.micro:
             raise ValueError(f"{root}: split {self.ds.train_split!r} has {len(self.data)} images, "
                              f"fewer than one micro-batch of {self.micro}")
@@ -479,7 +490,25 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, seed: int = 0, r
         trainer.resume()
     elif trainer.ckpt_path.exists():
         trainer.log(f"starting over without --resume: {trainer.ckpt_path} will be replaced")
-    return _run(trainer, stop_after)
+    try:
+        return _run(trainer, stop_after)
+    except DatasetError as err:
+        worker_error = _worker_error(err)
+        if worker_error is err:
+            raise
+        raise worker_error from None
+
+
+def _worker_error(err: DatasetError) -> DatasetError:
+    """A DataLoader worker's DatasetError as the worker raised it.
+
+    torch re-raises a worker's error in the main process with the worker's whole traceback
+    as its message; the message the worker raised is the last line, after the error's name.
+    """
+    lines = str(err).strip().splitlines()
+    if len(lines) < 2 or "DataLoader worker" not in lines[0]:
+        return err
+    return DatasetError(lines[-1].split(": ", 1)[-1])
 
 
 def _run(trainer: Trainer, stop_after: int | None) -> dict:
@@ -546,6 +575,8 @@ def _run(trainer: Trainer, stop_after: int | None) -> dict:
 def _open_live(trainer: Trainer):
     from dvclive import Live
 
+    if trainer.state.iteration > 0:
+        _drop_curve_rows_after(trainer.out_dir / "dvclive", trainer.state.iteration)
     try:
         return Live(dir=str(trainer.out_dir / "dvclive"), resume=trainer.state.iteration > 0, save_dvc_exp=False, dvcyaml=None,
                     report=None)
@@ -553,3 +584,15 @@ def _open_live(trainer: Trainer):
         print(f"warning: dvclive disabled ({type(err).__name__}: {err}); commit once to get training curves", file=sys.stderr)
         (trainer.out_dir / "dvclive").mkdir(exist_ok=True)
         return None
+
+
+def _drop_curve_rows_after(folder: Path, iteration: int) -> None:
+    """Drop the curve rows of steps after `iteration`, the checkpoint a run resumes from: a run killed
+    past its last checkpoint (SIGKILL, a crash) logged them, and the resumed run logs them again."""
+    for tsv in (folder / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines(keepends=True)
+        step = lines[0].rstrip("\n").split("\t").index("step") if lines else 0
+        kept = lines[:1] + [line for line in lines[1:] if int(line.split("\t")[step]) <= iteration]
+        if len(kept) < len(lines):
+            with atomic_path(tsv) as tmp:
+                tmp.write_text("".join(kept))

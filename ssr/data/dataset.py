@@ -57,6 +57,12 @@ class WeakLabelDataset(Dataset):
             raise DatasetError(f"{self.layout.root / 'image_labels.json'}: no labels for {len(missing)} ids of split {split!r}, "
                                f"e.g. {missing[0]!r} ({self.layout.prepare_hint} again)")
         self.labels = {i: labels[i] for i in self.ids}
+        for image_id, image_classes in self.labels.items():
+            wrong = [c for c in image_classes if type(c) is not int or not 0 < c < len(self.classes)]
+            if wrong:
+                path = self.layout.root / "image_labels.json"
+                raise DatasetError(f"{path}: image {image_id!r} lists class {wrong[0]!r}, not a foreground class index "
+                                   f"of classes.json (1..{len(self.classes) - 1})")
         self.superpixels = Path(superpixels) if superpixels else None
         self._regions: RegionMaps | None = None
 

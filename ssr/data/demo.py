@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ssr.config import DemoParams
+from ssr.data.download import atomic_dir
 from ssr.data.layout import DatasetLayout, image_labels_from_mask, write_image, write_json, write_label_png
 from ssr.progress import progress_bar
 
@@ -149,7 +150,16 @@ def render_sample(params: DemoParams, stream: str, index: int, max_objects: int 
 
 
 def prepare_demo(root: str | Path, params: DemoParams, progress: bool = True) -> None:
-    """Write the demo dataset in the canonical layout under `root`."""
+    """Write the demo dataset in the canonical layout under `root`.
+
+    Like the other datasets it is built beside `root` and renamed onto it at the end (replacing
+    an earlier one), so an interrupted run leaves nothing under `root`.
+    """
+    with atomic_dir(root) as staged:
+        _write_demo(staged, params, progress)
+
+
+def _write_demo(root: Path, params: DemoParams, progress: bool) -> None:
     layout = DatasetLayout(root)
     classes = ["background", *params.classes]
     image_labels, captions = {}, {}

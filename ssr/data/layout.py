@@ -169,7 +169,15 @@ class DatasetLayout:
         if not path.is_file():
             raise DatasetError(f"{path}: split file not found ({self.prepare_hint}, or check datasets.{self.root.name}.*_split "
                                f"in params.yaml)")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not ids:
+            raise DatasetError(f"{path}: split is empty (one image id a line expected; `ssr prepare` writes it)")
+        seen: set[str] = set()
+        for n, image_id in enumerate(ids, 1):
+            if image_id in seen:
+                raise DatasetError(f"{path}: image id {image_id!r} is listed twice (again as id no. {n}); list each id once")
+            seen.add(image_id)
+        return ids
 
     def write_split(self, name: str, ids: list[str]) -> None:
         with atomic_path(self.splits_dir / f"{name}.txt") as tmp:
