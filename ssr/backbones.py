@@ -49,7 +49,7 @@ def clip_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
+def resample_positional_embedding(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
     """(num_prefix + n0*n0, D) positional embedding -> (num_prefix + h*w, D) by bicubic interpolation."""
     prefix, patches = pos_embed[:num_prefix], pos_embed[num_prefix:]
     n0 = int(math.isqrt(patches.shape[0]))
@@ -144,7 +144,7 @@ def clip_visual_forward(
         x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
-        x = x + interpolate_pos_embed(visual.positional_embedding, grid).to(x.dtype)
+        x = x + resample_positional_embedding(visual.positional_embedding, grid).to(x.dtype)
         x = visual.ln_pre(x)
 
     tokens, attentions, cam_activations = [], {}, None

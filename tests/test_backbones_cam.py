@@ -19,7 +19,7 @@ from conftest import tiny_clip_config
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from ssr.backbones import clip_visual_forward, dino_last_attention, interpolate_pos_embed, load_dino
+from ssr.backbones import clip_visual_forward, dino_last_attention, load_dino, resample_positional_embedding
 from ssr.cam import class_slots, gradcam
 from ssr.config import AffinityParams, CmpaParams, DatasetParams, PseudoLabelParams, SgcParams
 from ssr.model import ABLATION_ROWS, SSR, ModelDims, build_backbones, cams_to_labels, refined_cams
@@ -264,14 +264,14 @@ def test_dense_embeddings_are_ln_post_proj_of_patch_tokens():
 def test_pos_embed_identity_at_native_size():
     model = tiny_clip()
     pe = model.visual.positional_embedding
-    assert torch.equal(interpolate_pos_embed(pe, (4, 4)), pe)
+    assert torch.equal(resample_positional_embedding(pe, (4, 4)), pe)
 
 
 @pytest.mark.parametrize("grid", [(4, 6), (6, 4), (2, 3), (8, 8)])
 def test_pos_embed_interpolation_matches_timm(grid):
     model = tiny_clip()
     pe = model.visual.positional_embedding
-    got = interpolate_pos_embed(pe, grid)
+    got = resample_positional_embedding(pe, grid)
     expected = resample_abs_pos_embed(pe[None], new_size=list(grid), old_size=[4, 4], num_prefix_tokens=1,
                                       interpolation="bicubic", antialias=False)[0]
     assert got.shape == (1 + grid[0] * grid[1], pe.shape[1])
@@ -286,7 +286,7 @@ def test_pos_embed_interpolation_keeps_row_major_layout():
     cols = torch.arange(n0, dtype=torch.float32)[None, :, None].expand(n0, n0, d)
     for field, check in ((rows, "rows"), (cols, "cols")):
         pe = torch.cat([torch.zeros(1, d), field.reshape(n0 * n0, d)])
-        out = interpolate_pos_embed(pe, (4, 6))[1:].reshape(4, 6, d)
+        out = resample_positional_embedding(pe, (4, 6))[1:].reshape(4, 6, d)
         if check == "rows":   # height unchanged: every row keeps its value across all 6 columns
             torch.testing.assert_close(out, rows[:, :1].expand(4, 6, d), atol=1e-5, rtol=0)
         else:                 # varies along width only: all rows identical
