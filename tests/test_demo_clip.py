@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import interrupt_pretraining_at_second_evaluation
 
 import ssr.demo_clip as demo_clip
 from ssr.backbones import load_clip
@@ -99,29 +100,12 @@ def test_zero_shot_map_compares_classes_within_an_image():
     assert result["map_cosine"] < 0.95
 
 
-def _interrupt_at_second_evaluation(out_dir, params, monkeypatch):
-    """Leave a resume file at step 2 of a 4-step run."""
-    real = demo_clip.zero_shot_map
-    calls = {"n": 0}
-
-    def stop_at_second(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(demo_clip, "zero_shot_map", stop_at_second)
-    with pytest.raises(KeyboardInterrupt):
-        demo_clip.pretrain(out_dir, params, DEMO, progress=False, eval_every=2)
-    monkeypatch.setattr(demo_clip, "zero_shot_map", real)
-
-
 def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     demo_clip.pretrain(straight, TINY, DEMO, progress=False, eval_every=2)
 
     interrupted = tmp_path / "interrupted"
-    _interrupt_at_second_evaluation(interrupted, TINY, monkeypatch)
+    interrupt_pretraining_at_second_evaluation(demo_clip, "zero_shot_map", interrupted, TINY, DEMO, monkeypatch)
     assert torch.load(interrupted / demo_clip.RESUME_FILE, weights_only=False)["step"] == 2
 
     demo_clip.pretrain(interrupted, TINY, DEMO, progress=False, eval_every=2)
@@ -131,7 +115,7 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
 
 
 def test_a_resume_file_from_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys):
-    _interrupt_at_second_evaluation(tmp_path, TINY, monkeypatch)
+    interrupt_pretraining_at_second_evaluation(demo_clip, "zero_shot_map", tmp_path, TINY, DEMO, monkeypatch)
     capsys.readouterr()
     prov = demo_clip.pretrain(tmp_path, TINY.model_copy(update={"lr": 5e-4}), DEMO, progress=False, eval_every=2)
     assert "resuming" not in capsys.readouterr().out
@@ -139,7 +123,7 @@ def test_a_resume_file_from_other_settings_is_not_resumed(tmp_path, monkeypatch,
 
 
 def test_a_resume_file_is_resumed_with_another_thread_count(tmp_path, monkeypatch, capsys):
-    _interrupt_at_second_evaluation(tmp_path, TINY, monkeypatch)
+    interrupt_pretraining_at_second_evaluation(demo_clip, "zero_shot_map", tmp_path, TINY, DEMO, monkeypatch)
     capsys.readouterr()
     demo_clip.pretrain(tmp_path, TINY.model_copy(update={"threads": 2}), DEMO, progress=False, eval_every=2)
     assert "resuming from" in capsys.readouterr().out

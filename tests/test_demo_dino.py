@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import interrupt_pretraining_at_second_evaluation
 
 import ssr.demo_dino as demo_dino
 from ssr.backbones import dino_last_attention, dino_normalisation, load_dino
@@ -124,29 +125,12 @@ def test_cls_attention_and_the_streams():
     assert len(set(STREAMS.values())) == len(STREAMS) and {"dino_train", "dino_eval"} <= STREAMS.keys()
 
 
-def _interrupt_at_second_evaluation(out_dir, params, monkeypatch):
-    """Leave a resume file at step 2 of a 4-step run."""
-    real = demo_dino.attention_quality
-    calls = {"n": 0}
-
-    def stop_at_second(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(demo_dino, "attention_quality", stop_at_second)
-    with pytest.raises(KeyboardInterrupt):
-        demo_dino.pretrain(out_dir, params, DEMO, progress=False, eval_every=2)
-    monkeypatch.setattr(demo_dino, "attention_quality", real)
-
-
 def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
     straight = tmp_path / "straight"
     a_prov = demo_dino.pretrain(straight, TINY, DEMO, progress=False, eval_every=2)
 
     interrupted = tmp_path / "interrupted"
-    _interrupt_at_second_evaluation(interrupted, TINY, monkeypatch)
+    interrupt_pretraining_at_second_evaluation(demo_dino, "attention_quality", interrupted, TINY, DEMO, monkeypatch)
     assert torch.load(interrupted / demo_dino.RESUME_FILE, weights_only=False)["step"] == 2
     capsys.readouterr()
     # another thread count is the same run
@@ -159,7 +143,7 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
 
 
 def test_a_resume_file_from_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys):
-    _interrupt_at_second_evaluation(tmp_path, TINY, monkeypatch)
+    interrupt_pretraining_at_second_evaluation(demo_dino, "attention_quality", tmp_path, TINY, DEMO, monkeypatch)
     capsys.readouterr()
     prov = demo_dino.pretrain(tmp_path, TINY.model_copy(update={"lr": 1e-4}), DEMO, progress=False, eval_every=2)
     assert "resuming" not in capsys.readouterr().out
