@@ -36,11 +36,6 @@ def clip_es_transform(a: torch.Tensor, *, rounds: int = 3, power: int = 2) -> to
     return row_normalise(a)
 
 
-def clip_affinity(attentions: list[torch.Tensor], *, rounds: int = 3, power: int = 2, num_prefix: int = 1) -> torch.Tensor:
-    """CLIP's block attentions -> its transformed patch affinity (B, N, N) (the "+ CLIP attention" row)."""
-    return clip_es_transform(average_attention(attentions, num_prefix), rounds=rounds, power=power)
-
-
 def fuse_attention(clip_attention: torch.Tensor | None, dino_attention: torch.Tensor | None, clip_weight: float,
                    dino_weight: float, *, order: str = "transform_then_fuse", rounds: int = 3, power: int = 2) -> torch.Tensor:
     """The affinity A of Eq. 9 from CLIP's averaged attention and DINO's last-block attention.

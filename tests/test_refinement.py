@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssr.affinity import clip_affinity, clip_es_transform, fuse_attention, propagate, row_normalise
+from ssr.affinity import average_attention, clip_es_transform, fuse_attention, propagate, row_normalise
 from ssr.cmpa import (
     ProjectionHead,
     PrototypeBank,
@@ -111,6 +111,11 @@ def _hand_clip_transform(attentions, rounds, power, num_prefix=1):
     for _ in range(power - 1):
         out = out @ a
     return out
+
+
+def clip_affinity(attentions, rounds: int = 3, power: int = 2):
+    """The "+ CLIP attention" row's affinity, as the model composes it."""
+    return clip_es_transform(average_attention(attentions), rounds=rounds, power=power)
 
 
 @pytest.mark.parametrize("rounds,power", [(3, 2), (1, 1), (2, 3)])
