@@ -27,12 +27,14 @@ def demo_asset_dir(name: str) -> Path:
 def load_clip(model_name: str, pretrained: str = "", *, demo_dir: str | Path | None = None, device="cpu"):
     """Load a frozen open_clip model and its tokenizer through open_clip's own loaders.
 
-    model_name "demo" loads the committed tiny CLIP folder (`demo_dir`) via the
-    `local-dir:` schema; anything else goes to `open_clip.create_model(model_name,
-    pretrained=...)`, which accepts a tag such as "openai" or a checkpoint path.
+    model_name "demo" loads the committed tiny CLIP folder (`demo_dir`, default the copy
+    installed with the package) via the `local-dir:` schema; anything else goes to
+    `open_clip.create_model(model_name, pretrained=...)`, which accepts a tag such as
+    "openai" or a checkpoint path.
     """
     if model_name == "demo":
-        if demo_dir is None or not (Path(demo_dir) / "open_clip_config.json").is_file():
+        demo_dir = Path(demo_dir) if demo_dir is not None else demo_asset_dir("demo_clip")
+        if not (demo_dir / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{demo_dir}: demo CLIP folder missing (run `ssr demo-clip`)")
         name = f"local-dir:{demo_dir}"
         model = open_clip.create_model(name, device=device)

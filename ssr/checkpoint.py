@@ -44,6 +44,8 @@ def save_model(run_dir: str | Path, model: SSR, params: Params, dataset: str, *,
         "summary": summary,
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # A failure between the two writes must not leave an older model.json describing new weights.
+    (run_dir / CONFIG).unlink(missing_ok=True)
     with atomic_path(run_dir / WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
     write_json(run_dir / CONFIG, config)

@@ -57,11 +57,22 @@ def _device(arg: str | None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _backbones(params: Params, dataset: str, device):
+def _backbones_by_run(params: Params, dataset: str, device):
+    """run -> its frozen backbones, loaded once per distinct dataset config: a variant may change
+    what they are built from (prompts, models, CAM weighting), and most variants change nothing."""
     from ssr.model import build_backbones
 
     classes = DatasetLayout(params.dataset_root(dataset)).classes()
-    return build_backbones(params.dataset(dataset), classes[1:], demo_clip_dir=demo_clip_dir(params), device=device)
+    loaded = {}
+
+    def backbones(run: str):
+        ds = params.for_run(dataset, run).dataset(dataset)
+        key = ds.model_dump_json()
+        if key not in loaded:
+            loaded[key] = build_backbones(ds, classes[1:], demo_clip_dir=demo_clip_dir(params), device=device)
+        return loaded[key]
+
+    return backbones
 
 
 def _autocast(params: Params, device):
@@ -94,7 +105,7 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
 
 
 def _limit_threads(threads: int, params: Params | None) -> Params | None:
-    """Hold the stage to `threads` CPU threads: torch's pool, the superpixel processes, the demo CLIP's pretraining."""
+    """Hold the stage to `threads` CPU threads: torch's pool, the superpixel processes, the demo models' pretraining."""
     if threads < 1:
         raise UsageError(f"--threads: must be >= 1, got {threads}")
     import torch
@@ -104,7 +115,8 @@ def _limit_threads(threads: int, params: Params | None) -> Params | None:
         return params
     return params.model_copy(update={
         "superpixels": params.superpixels.model_copy(update={"workers": min(params.superpixels.workers, threads)}),
-        "demo_clip": params.demo_clip.model_copy(update={"threads": threads})})
+        "demo_clip": params.demo_clip.model_copy(update={"threads": threads}),
+        "demo_dino": params.demo_dino.model_copy(update={"threads": threads})})
 
 
 # ------------------------------------------------------------------ stages
@@ -165,24 +177,25 @@ TIMING_KEYS = ("train_seconds", "images_per_second")
 def cmd_train(args, params: Params) -> None:
     import torch.distributed as dist
 
+    from ssr.config import METHOD_RUN
     from ssr.metrics import aggregate_seeds
     from ssr.train import setup_distributed, train
 
     _, _, device = setup_distributed()
     device = _device(args.device) if args.device else device
-    backbones = _backbones(params, args.dataset, device)
+    backbones = _backbones_by_run(params, args.dataset, device)
     summaries: dict[str, list[dict]] = {}
     for run in params.runs(args.dataset):
         for seed in _seeds(args, params):
-            summary = train(params.for_run(args.dataset, run), args.dataset, run_dir(params, args.dataset, run, seed), seed=seed,
-                            run=run, resume=args.resume, device=device, backbones=backbones, progress=args.progress)
+            summary = train(params, args.dataset, run_dir(params, args.dataset, run, seed), seed=seed, run=run,
+                            resume=args.resume, device=device, backbones=backbones(run), progress=args.progress)
             summaries.setdefault(run, []).append(summary)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     metrics = {}
     for run, runs in summaries.items():
         quality = aggregate_seeds([{k: v for k, v in s.items() if k not in TIMING_KEYS} for s in runs])
-        metrics.update(quality if run == "method" else _prefixed(run, quality))
+        metrics.update(quality if run == METHOD_RUN else _prefixed(run, quality))
     timings = {run: [{k: s[k] for k in TIMING_KEYS} for s in runs] for run, runs in summaries.items()}
     _write_timings(params, args.dataset, "train", timings)
     write_json(Path(params.results_root) / f"{args.dataset}_train.json", metrics)
@@ -191,11 +204,12 @@ def cmd_train(args, params: Params) -> None:
 
 
 def cmd_pseudo_labels(args, params: Params) -> None:
+    from ssr.config import METHOD_RUN
     from ssr.metrics import aggregate_seeds
     from ssr.pseudo_labels import seed_metrics
 
     device = _device(args.device)
-    backbones = _backbones(params, args.dataset, device)
+    backbones = _backbones_by_run(params, args.dataset, device)
     ds = params.dataset(args.dataset)
     root = params.dataset_root(args.dataset)
     layout = DatasetLayout(root)
@@ -210,17 +224,17 @@ def cmd_pseudo_labels(args, params: Params) -> None:
     per_seed, timings = [], {}
     for k, seed in enumerate(_seeds(args, params)):
         tic = time.time()
-        out = run_dir(params, args.dataset, "method", seed)
-        metrics = seed_metrics(backbones, _load_run(params, args.dataset, "method", seed, device), params, root, split,
-                               ds.long_side, device=device, score_ids=score_ids, export_dir=out / "pseudo_labels",
+        out = run_dir(params, args.dataset, METHOD_RUN, seed)
+        metrics = seed_metrics(backbones(METHOD_RUN), _load_run(params, args.dataset, METHOD_RUN, seed, device), params, root,
+                               split, ds.long_side, device=device, score_ids=score_ids, export_dir=out / "pseudo_labels",
                                figures_dir=results_dir(params, args.dataset) / "figures" if k == 0 else None,
                                progress=args.progress)
         for run in params.runs(args.dataset)[1:]:
             variant = params.for_run(args.dataset, run)
             model = _load_run(params, args.dataset, run, seed, device)
-            metrics.update(_prefixed(run, seed_metrics(backbones, model, variant, root, split, ds.long_side, device=device,
-                                                       score_ids=score_ids, rows=("cam", "method"),
-                                                       progress=False)))
+            metrics.update(_prefixed(run, seed_metrics(backbones(run), model, variant, root, split,
+                                                       variant.dataset(args.dataset).long_side, device=device,
+                                                       score_ids=score_ids, rows=("cam", METHOD_RUN), progress=False)))
         per_seed.append(metrics)
         timings[f"seed{seed}"] = round(time.time() - tic, 1)
     _write_timings(params, args.dataset, "pseudo_labels", timings)
@@ -242,11 +256,12 @@ def cmd_evaluate(args, params: Params | None) -> None:
         return
     if not args.dataset:
         raise UsageError("give --dataset, or --pred/--gt/--num-classes/--out")
+    from ssr.config import METHOD_RUN
     from ssr.infer import evaluate_model
     from ssr.metrics import aggregate_seeds
 
     device = _device(args.device)
-    backbones = _backbones(params, args.dataset, device)
+    backbones = _backbones_by_run(params, args.dataset, device)
     ds = params.dataset(args.dataset)
     root = params.dataset_root(args.dataset)
     summary_keys = ("miou", "precision", "recall", "confusion_ratio", "class_swap_ratio")
@@ -255,18 +270,19 @@ def cmd_evaluate(args, params: Params | None) -> None:
         tic = time.time()
         metrics = {}
         for run in params.runs(args.dataset):
+            run_params = params.for_run(args.dataset, run)
             model = _load_run(params, args.dataset, run, seed, device)
-            predictions = results_dir(params, args.dataset) / "predictions" if k == 0 and run == "method" else None
-            scores = evaluate_model(backbones, model, root, ds.val_split, ds.long_side,
-                                    params.infer, device=device, progress=args.progress and run == "method",
-                                    pred_dir=predictions,
+            predictions = results_dir(params, args.dataset) / "predictions" if k == 0 and run == METHOD_RUN else None
+            scores = evaluate_model(backbones(run), model, root, ds.val_split, run_params.dataset(args.dataset).long_side,
+                                    run_params.infer, device=device, progress=args.progress and run == METHOD_RUN,
+                                    pred_dir=predictions, figures=params.pseudo_labels.figures,
                                     autocast_dtype=_autocast(params, device))
-            if run == "method":
+            if run == METHOD_RUN:
                 metrics.update(scores)
                 continue
             metrics.update(_prefixed(run, {key: scores.get(key) for key in (*summary_keys, *(f"crf_{s}" for s in summary_keys))
                                            if key in scores}))
-            if params.for_run(args.dataset, run).train.supervision == "gt":
+            if run_params.train.supervision == "gt":
                 for crf in ("", "crf_"):
                     if scores.get(f"{crf}miou") and metrics.get(f"{crf}miou") is not None:
                         metrics[f"{crf}ratio_to_{run}"] = metrics[f"{crf}miou"] / scores[f"{crf}miou"]
@@ -308,15 +324,18 @@ def cmd_retrain(args, params: Params) -> None:
         (out / "DISABLED.txt").write_text(note + "\n")
         write_json(out_json, {"retrain_enabled": 0})
         return
+    from ssr.config import METHOD_RUN
     from ssr.retrain import retrain
 
     ds = params.dataset(args.dataset)
     root = params.dataset_root(args.dataset)
     layout = DatasetLayout(root)
     out = results_dir(params, args.dataset)
-    labels = run_dir(params, args.dataset, "method", ds.seeds[0]) / "pseudo_labels"
+    labels = run_dir(params, args.dataset, METHOD_RUN, ds.seeds[0]) / "pseudo_labels"
+    (out / "retrain" / "DISABLED.txt").unlink(missing_ok=True)
     stats = retrain(root, labels, layout.split(ds.train_split), out / "retrain" / "model.pt", params.retrain,
-                    num_classes=len(layout.classes()), device=str(_device(args.device)), progress=args.progress)
+                    num_classes=len(layout.classes()), device=str(_device(args.device)), progress=args.progress,
+                    num_workers=params.train.num_workers)
     write_json(out_json, {"retrain_enabled": 1, **stats})
 
 

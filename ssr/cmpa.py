@@ -3,7 +3,7 @@
 ISA and TSA project CLIP's image and text embeddings (Eq. 1). Per (image, present class),
 f_image pools the projected patch embeddings with the class's GradCAM (Eq. 2) and f_text is
 the projected prompt of the class. k-means over the collected f_image gives the image
-prototypes P_I, whose nearest member is each sample's cluster pseudo-label pos_idx; the
+prototypes P_I; the nearest one to each sample is its cluster pseudo-label pos_idx; the
 text prototypes P_T are the projected prompts (k-means over the dataset's f_text, which take
 one value per class, returns exactly those values when there are as many clusters as classes).
 L_proto (Eq. 3-6) then pulls each f_image to the text prototype of its cluster and away from
@@ -128,16 +128,19 @@ class PrototypeBank(nn.Module):
         return torch.bincount(self.labels[filled], minlength=self.num_classes)
 
     @torch.no_grad()
-    def refresh(self, fallback: torch.Tensor, iters: int = 20) -> None:
+    def refresh(self, fallback: torch.Tensor | None = None, iters: int = 20) -> None:
         """Re-cluster the stored features into P_I.
 
         Seeds: each class's mean stored feature; a class with none keeps its previous
-        prototype, or before the first refresh `fallback` (K, E), its projected prompt.
+        prototype, or before the first refresh `fallback` (K, E), its projected prompt
+        (needed only then).
         """
         filled = self.labels >= 0
         feats, labels = self.features[filled], self.labels[filled]
         if len(feats) == 0:
             return
+        if not bool(self.ready) and fallback is None:
+            raise ValueError("the first refresh needs a fallback prototype for every class")
         seeds = self.image_prototypes.clone() if bool(self.ready) else F.normalize(fallback.float(), dim=-1).clone()
         for c in range(self.num_classes):
             members = feats[labels == c]

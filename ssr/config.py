@@ -37,7 +37,7 @@ class ConfigError(ValueError):
     """params.yaml has unknown keys, wrong types or out-of-range values (one line each)."""
 
 
-# ssr.cmpa.prototype_loss's readings of Table 4.
+# Table 4's readings of L_proto (ssr.cmpa.sample_loss_sum, prototype_loss_term).
 CMPA_LOSSES = ("cross_modal", "in_modal", "feature")
 SEGMENTERS = ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "lraspp_mobilenet_v3_large")
 # Where a value comes from, for the fields whose value (and source) differs per dataset or preset:
@@ -99,21 +99,21 @@ class DemoClipParams(Section):
     checkpoint: str = _f("ssr/assets/demo_clip/open_clip_model.safetensors", "committed product of the stage")
     seed: int = _f(0, "pretraining seed", ge=0)
     embed_dim: int = _f(64, "joint embedding width", ge=8)
-    vision_width: int = _f(96, "ViT width: sized for CPU pretraining", ge=8)
-    vision_layers: int = _f(3, "ViT blocks", ge=1)
-    vision_heads: int = _f(3, "ViT attention heads", ge=1)
+    vision_width: int = _f(128, "ViT width: sized for CPU pretraining", ge=8)
+    vision_layers: int = _f(4, "ViT blocks", ge=1)
+    vision_heads: int = _f(4, "ViT attention heads", ge=1)
     patch_size: int = _f(8, "64 px -> 8x8 patch grid", ge=2)
     text_width: int = _f(64, "text transformer width", ge=8)
     text_layers: int = _f(2, "text transformer blocks", ge=1)
     text_heads: int = _f(2, "text transformer attention heads", ge=1)
     context_length: int = _f(16, "captions are short", ge=4)
-    steps: int = _f(5000, "optimiser steps; held-out mAP flattens from about 6,000 (README)", ge=1)
+    steps: int = _f(12000, "optimiser steps; held-out mAP flattens from about 6,000 (README)", ge=1)
     batch_size: int = _f(64, "captioned images per step", ge=2)
     single_object_fraction: float = _f(0.5, "share of single-object pretraining images: clean captions speed up learning",
                                        ge=0.0, le=1.0)
-    lr: float = _f(1e-3, "AdamW, cosine after warmup; 1e-3 learnt shapes slower in trials", gt=0.0)
+    lr: float = _f(3e-4, "AdamW, cosine after warmup; 1e-3 learnt shapes slower in trials", gt=0.0)
     weight_decay: float = _f(0.05, "AdamW weight decay (not on embeddings, gains and biases)", ge=0.0)
-    warmup: int = _f(300, "steps", ge=0)
+    warmup: int = _f(500, "steps", ge=0)
     eval_images: int = _f(400, "held-out images for zero-shot mAP", ge=8)
     threads: int = _f(2, "torch CPU threads", ge=1)
 
@@ -304,7 +304,8 @@ class PseudoLabelParams(Section):
                                                          min_length=1)
     par_w_colour: float = _f(0.3, "PAR colour-affinity temperature", "W", gt=0.0)
     par_w_position: float = _f(0.01, "PAR weight of the neighbour-distance term", "W", ge=0.0)
-    figures: int = _f(4, "overlay figures written per stage", ge=0)
+    figures: int = _f(4, "images drawn per selection (first, worst): pseudo_labels' CAM panels, evaluate's prediction strips",
+                      ge=0)
 
     @model_validator(mode="after")
     def _band(self) -> PseudoLabelParams:
@@ -468,13 +469,18 @@ class Params(Section):
         return [METHOD_RUN, *self.dataset(dataset).variants]
 
     def for_run(self, dataset: str, run: str) -> Params:
-        """These params with the overrides of one of the dataset's variants applied."""
+        """The params one training run of `dataset` uses: the dataset's `overrides`, then the variant's.
+
+        Idempotent (overrides set fixed values), so it may be applied to params that already
+        went through `for_dataset` or `for_run`; the variant always has the last word.
+        """
+        params = self.for_dataset(dataset)
         if run == METHOD_RUN:
-            return self
-        variants = self.dataset(dataset).variants
+            return params
+        variants = params.dataset(dataset).variants
         if run not in variants:
             raise ConfigError(f"datasets.{dataset}.variants: no variant {run!r} (known: {', '.join(variants) or 'none'})")
-        return _validated(_override(self.model_dump(), variants[run]), f"datasets.{dataset}.variants.{run}: ")
+        return _validated(_override(params.model_dump(), variants[run]), f"datasets.{dataset}.variants.{run}: ")
 
 
 def _override(raw: dict, overrides: dict) -> dict:
@@ -591,7 +597,7 @@ def training_identity(params: Params, dataset: str) -> dict:
     Run-time choices (seeds list, workers, logging, inference, retraining) are not part of it.
     """
     ds = params.dataset(dataset).model_dump(exclude={"seeds", "gpus", "variants", "overrides", "long_side", "seed_split",
-                                                     "train_split", "val_split"})
+                                                     "val_split"})
     sections = {
         f"datasets.{dataset}": ds,
         f"train_presets.{params.dataset(dataset).preset}": params.preset(dataset).model_dump(),

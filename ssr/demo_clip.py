@@ -95,7 +95,7 @@ def zero_shot_map(model, tokenizer, demo: DemoParams, num_images: int, template:
 
 
 def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progress: bool = True, eval_every: int = 500) -> dict:
-    """Train the demo CLIP from scratch and write the `local-dir:` folder atomically."""
+    """Train the demo CLIP from scratch and write the `local-dir:` folder (each file atomically)."""
     torch.manual_seed(p.seed)
     torch.set_num_threads(p.threads)
     cfg = model_config(p, demo.image_size)

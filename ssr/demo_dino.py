@@ -336,7 +336,7 @@ def cpu_name() -> str:
 
 def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_dir: str | Path | None = None,
              progress: bool = True, eval_every: int = 100) -> dict:
-    """Train the demo DINO from scratch and write its timm folder atomically.
+    """Train the demo DINO from scratch and write its timm folder (each file atomically).
 
     With `clip_dir`, the committed demo CLIP's last-block CLS attention is scored by
     the same protocol, for comparison.

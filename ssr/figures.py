@@ -219,7 +219,7 @@ class FigureCandidates:
 
 
 def figure_name(selection: str, rank: int, image_id: str) -> str:
-    """`{selection}_{rank}_{id}.png`: worst ones by rising IoU, then the first ones, sort by name."""
+    """`{selection}_{rank}_{id}.png`: selection "first" (split order) or "worst" (rank 1 = lowest IoU)."""
     return f"{selection}_{rank}_{image_id}.png"
 
 

@@ -9,7 +9,9 @@ Conventions:
   class and false positives of no class.
 - Classes absent from both ground truth and prediction (IoU union 0) carry no
   information: their IoU is None and they are left out of every mean.
-- All scores are on a 0-1 scale; undefined ones are None (valid JSON, unlike NaN).
+- IoU, precision, recall and accuracy are on a 0-1 scale; the two ratios (false to true
+  positives, swapped to all foreground pixels) are plain ratios. Undefined scores are None
+  (valid JSON, unlike NaN).
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ def _pct(value) -> str:
 
 
 def format_table(scores: dict, class_names: list[str]) -> str:
-    """Per-class IoU table (in %) followed by the summary scores, for printing."""
+    """Per-class IoU table (in %) followed by the summary scores (ratios as plain numbers), for printing."""
     summary = [("mIoU", "miou"), ("precision", "precision"), ("recall", "recall"),
                ("confusion ratio", "confusion_ratio"), ("class swap ratio", "class_swap_ratio"),
                ("pixel accuracy", "pixel_accuracy")]
@@ -167,7 +169,9 @@ def format_table(scores: dict, class_names: list[str]) -> str:
         lines.append(f"{str(name):<{width}}  {_pct(scores.get(iou_key(name)))}")
     lines.append("-" * (width + 8))
     for label, key in summary:
-        lines.append(f"{label:<{width}}  {_pct(scores.get(key))}")
+        value = scores.get(key)
+        shown = _pct(value) if not key.endswith("_ratio") else ("n/a" if value is None else f"{value:.3f}")
+        lines.append(f"{label:<{width}}  {shown}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ for every ablation row of the paper's Table 3 at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def refined_cams(
     """Initial CAM -> affinity propagation -> SGC, for an image batch.
 
     images (B, 3, H, W) in [0, 1]; classes/valid (B, S) from `cam.class_slots`;
-    region_maps (B, H, W) long or None (SGC rows then fall back to unmasked).
+    region_maps (B, H, W) long or None (then the sgc row is left out and the method propagates unmasked).
     Returns the CAMs of the requested Table 3 rows and of the configured method.
     """
     amp = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -227,6 +228,7 @@ def refined_cams(
             mask = sgc_mask(cam, region_maps, num_regions, grid, t_hi=sgc.t_hi, rho=sgc.rho, patch_area=sgc.patch_area,
                             keep_best=sgc.keep_best, denominator=sgc.denominator)
 
+        @functools.cache  # the rows share affinities; each is a matrix power over (B, N, N)
         def fused(use_clip: bool, use_dino: bool) -> torch.Tensor:
             return fuse_attention(a_clip if use_clip else None, a_dino if use_dino else None, affinity.clip_weight,
                                   affinity.dino_weight, order=affinity.fusion, rounds=affinity.sinkhorn_rounds,

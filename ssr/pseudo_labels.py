@@ -42,6 +42,8 @@ def seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: P
     label is written. Returns flat seed metrics: {row}_{miou, precision, ...} per row that
     could run, {row}_available: 0 for one that could not (DINO without DINO weights).
     """
+    if "method" not in rows:
+        raise ValueError(f"rows {rows}: the method's row is always computed (it is what export writes), so name it")
     args = (backbones, model, params, root, split, long_side)
     kwargs = dict(device=device, score_ids=score_ids, rows=rows, figures_dir=figures_dir, batch_size=batch_size,
                   progress=progress)

@@ -70,7 +70,7 @@ def val_rows(variants: Mapping[str, Mapping], retrain: bool = False) -> list[Row
         rows.append(Row(crf, section, "method"))
         rows += [Row(f"{v}_{crf}", section, f"{v} ({describe(o)})") for v, o in variants.items()]
     if retrain:
-        rows.append(Row("retrain_", "retrained segmenter", "method's pseudo-labels, seed 0"))
+        rows.append(Row("retrain_", "retrained segmenter", "the method's pseudo-labels of its first training seed"))
     return rows
 
 

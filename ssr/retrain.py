@@ -1,13 +1,13 @@
 """Multi-stage protocol: a standard fully supervised segmenter trained on exported pseudo-labels.
 
-The SSR model's exported pseudo-labels (`results/{ds}/pseudo_labels/{id}.png`)
+The SSR model's exported pseudo-labels (`results/{ds}/method/seed{S}/pseudo_labels/{id}.png`)
 stand in for ground truth; a torchvision segmenter is trained on them with the
 usual DeepLab recipe (SGD, momentum 0.9, weight decay 1e-4, poly learning
 rate, random scale + crop + flip, cross-entropy ignoring 255).
 
 Builders are called with `weights=None, weights_backbone=None` so nothing is
-downloaded. For real runs an ImageNet backbone matters a great deal; pass
-`weights_backbone` (e.g. "IMAGENET1K_V1" or "DEFAULT") only where the weights
+downloaded. For real runs an ImageNet backbone matters a great deal; set
+`retrain.weights_backbone` (e.g. "IMAGENET1K_V1" or "DEFAULT") only where the weights
 are already in torchvision's cache (`$TORCH_HOME/hub/checkpoints`), otherwise
 torchvision tries to download them.
 """

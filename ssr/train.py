@@ -17,7 +17,6 @@ have seen. A finished run writes `model.safetensors` + `model.json` (ssr.checkpo
 from __future__ import annotations
 
 import io
-import math
 import os
 import random
 import signal
@@ -33,13 +32,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from ssr.cam import class_slots
-from ssr.checkpoint import save_model
+from ssr.checkpoint import model_files, save_model
 from ssr.cmpa import masked_average_pool, prototype_loss_term, sample_loss_sum
 from ssr.config import ConfigError, Params, PresetParams, identity_differences, training_identity
 from ssr.data.dataset import TrainCrops, collate
-from ssr.data.layout import IGNORE_INDEX, DatasetError, atomic_path
+from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, atomic_path
 from ssr.decoder import affinity_loss_sums, affinity_pairs
-from ssr.model import SSR, FrozenBackbones, ModelDims, cams_to_labels, eval_mode, initial_cams, refined_cams
+from ssr.model import SSR, FrozenBackbones, ModelDims, build_backbones, cams_to_labels, eval_mode, initial_cams, refined_cams
 from ssr.progress import progress_bar
 from ssr.schedules import poly
 from ssr.superpixels import check_region_maps
@@ -79,7 +78,7 @@ class TrainState:
 
 
 def lr_at(iteration: int, preset: PresetParams) -> float:
-    """Linear warmup, then poly decay (power 0.9) to zero at the last iteration."""
+    """Linear warmup, then poly decay (power 0.9) towards zero at step `iterations`."""
     return poly(iteration, preset.iterations, preset.lr, warmup=preset.warmup)
 
 
@@ -194,7 +193,8 @@ def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, para
                      counts: torch.Tensor, *, autocast_dtype=None) -> tuple[torch.Tensor, dict]:
     """This micro-batch's share of the step loss: its sums divided by the whole step's counts.
 
-    Returns the loss (not yet backpropagated), its parts, and the (f_image, class) pairs for the bank.
+    Returns the loss (not yet backpropagated) and its parts; parts["bank"] holds the (f_image, class)
+    pairs for the prototype bank.
     """
     n_pixels, n_same, n_diff, n_samples = (c.clamp_min(1).float() for c in counts)
     device_type = m.labels.device.type
@@ -222,7 +222,7 @@ def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, para
 
 
 def prototype_step_loss(backbones: FrozenBackbones, model: SSR, world: int) -> torch.Tensor | None:
-    """The step's prototype-level term (constraint 2), once per step; divided by `world`
+    """The step's prototype-level term (`cmpa.prototype_loss_term`), once per step; divided by `world`
     since the ranks' gradients are summed. None when the CMPA loss has no such term."""
     text = model.tsa(backbones.text[: backbones.num_foreground])
     term = prototype_loss_term(model.cmpa_loss, text, model.bank.image_prototypes, model.tau())
@@ -276,8 +276,7 @@ def optimiser_step(backbones: FrozenBackbones, model: SSR, optimiser, batches: l
     if bank:
         model.bank.push(_all_gather(torch.cat([b[0] for b in bank])), _all_gather(torch.cat([b[1] for b in bank])))
         if (iteration + 1) % preset.refresh_every == 0:
-            model.bank.refresh(model.adapt_text(backbones.text[: backbones.num_foreground]).detach(),
-                               iters=params.cmpa.kmeans_iters)
+            model.bank.refresh(iters=params.cmpa.kmeans_iters)  # ready since the warm-up: no fallback needed
     totals = _all_reduce(totals)
     losses = dict(zip(("loss", "loss_ce", "loss_aff", "loss_proto"), totals.tolist(), strict=True))
     if model.use_cmpa:
@@ -311,7 +310,9 @@ def warm_up_prototypes(backbones: FrozenBackbones, model: SSR, loader, params: P
         read += 1
         if bool((model.bank.class_counts() >= needed).all()) or read >= max_batches:
             break
-    model.bank.refresh(model.adapt_text(backbones.text[: backbones.num_foreground]), iters=params.cmpa.kmeans_iters)
+    with eval_mode(model.tsa):  # BatchNorm's running statistics are the training steps' to set
+        fallback = model.adapt_text(backbones.text[: backbones.num_foreground])
+    model.bank.refresh(fallback, iters=params.cmpa.kmeans_iters)
     return read
 
 
@@ -344,15 +345,19 @@ def sum_gradients(model: SSR) -> None:
 
     One flat all-reduce over every trainable parameter: a parameter without a gradient on one
     rank (an absent class, say) contributes zeros rather than leaving the collectives out of step.
+    One without a gradient on every rank keeps none, as in a single process, so the optimiser
+    skips it (AdamW would otherwise decay it and move its moments).
     """
     if not _distributed():
         return
     params = [p for p in model.parameters() if p.requires_grad]
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     dist.all_reduce(flat)
+    dist.all_reduce(has_grad)
     offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+    for p, any_rank in zip(params, has_grad.tolist(), strict=True):
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone() if any_rank else None
         offset += p.numel()
 
 
@@ -466,20 +471,17 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, seed: int = 0, r
           demo_clip_dir: str | Path | None = None, demo_dino_dir: str | Path | None = None) -> dict:
     """Train SSR on `dataset` with `seed`; writes out_dir/{model.safetensors, model.json, checkpoint.pt, dvclive/}.
 
-    `params` are the run's (a variant's overrides already applied). `stop_after` ends the
+    `params` as params.yaml gives them: the dataset's overrides and then the run's variant are
+    applied here (`Params.for_run`; params that already carry them are fine). `stop_after` ends the
     run (with a checkpoint) after that many iterations, as an interruption would; `resume`
     continues from out_dir/checkpoint.pt when one exists. Returns the summary.
     """
-    from ssr.model import build_backbones
-
     torch.backends.cudnn.benchmark = True
-    params = params.for_dataset(dataset)
+    params = params.for_run(dataset, run)
     rank, world, auto_device = setup_distributed()
     device = torch.device(device) if device is not None else auto_device
     root = params.dataset_root(dataset)
     if backbones is None:
-        from ssr.data.layout import DatasetLayout
-
         backbones = build_backbones(params.dataset(dataset), DatasetLayout(root).classes()[1:], device=device,
                                     demo_clip_dir=demo_clip_dir, demo_dino_dir=demo_dino_dir)
     out_dir = Path(out_dir)
@@ -488,8 +490,12 @@ def train(params: Params, dataset: str, out_dir: str | Path, *, seed: int = 0, r
                       progress=progress)
     if resume:
         trainer.resume()
-    elif trainer.ckpt_path.exists():
-        trainer.log(f"starting over without --resume: {trainer.ckpt_path} will be replaced")
+    else:
+        if trainer.ckpt_path.exists():
+            trainer.log(f"starting over without --resume: {trainer.ckpt_path} will be replaced")
+        # An earlier run's model must not pass for this one's if this one stops early.
+        for stale in model_files(out_dir):
+            stale.unlink(missing_ok=True)
     try:
         return _run(trainer, stop_after)
     except DatasetError as err:
@@ -515,7 +521,7 @@ def _run(trainer: Trainer, stop_after: int | None) -> dict:
     params, preset, state, model = trainer.params, trainer.preset, trainer.state, trainer.model
     if model.use_cmpa and not bool(model.bank.ready):
         read = warm_up_prototypes(trainer.backbones, model, trainer.loader(0), params,
-                                  max_batches=math.ceil(len(trainer.data) / trainer.micro))
+                                  max_batches=len(trainer.data) // trainer.micro)
         counts = trainer.model.bank.class_counts().tolist()
         trainer.log(f"prototypes built from {read} micro-batches: {counts} features per class")
 

@@ -496,3 +496,9 @@ def test_demo_dag_runs_from_scratch_then_dvc_commit_status_and_metrics_diff(tmp_
     assert not [k for f in diff.values() for k in f if "second" in k]
     plots = json.loads(run(_tool("dvc"), "plots", "diff", "HEAD", "--json").stdout)
     assert not plots.get("errors") and any("train/loss.tsv" in key for key in plots["data"]), plots
+
+
+def test_the_command_line_and_the_dags_know_the_same_datasets():
+    from ssr.cli import DATASETS as CLI_DATASETS
+
+    assert CLI_DATASETS == pipeline.DATASETS

@@ -9,6 +9,7 @@ Nothing from a library is mocked: the only monkeypatches wrap `ssr` functions
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 
 import ssr.train as ssr_train
 from ssr.cli import main as ssr_main
+from ssr.cli import run_dir
 from ssr.model import SSR
 from ssr.train import NonFiniteLoss, lr_at, rng_state, train
 
@@ -495,3 +497,35 @@ def test_ddp_two_ranks_of_two_micro_batches_equal_one_process_of_four(demo):
         torch.testing.assert_close(ddp[name], value, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
         moved += not name.startswith("bank.")
     assert moved > 10
+
+
+def test_a_variant_setting_wins_over_the_dataset_overrides(demo):
+    """The CLI resolves a run's params as dataset overrides, then the variant; train() applying the
+    overrides again must not undo a variant that sets the same key (it did: the variant trained
+    the dataset's value, and the next stage refused the model as trained under other params)."""
+    path, params = demo("variant_over_overrides", **{
+        "train_presets.demo.iterations": 1, "datasets.demo.overrides": {"cmpa.head": "residual"},
+        "datasets.demo.variants": {"paper_heads": {"cmpa.head": "projection"}}})
+    assert ssr_main(["train", "--dataset", "demo", "--params", str(path), "--quiet"]) == 0
+    heads = {run: json.loads((run_dir(params, "demo", run, 0) / "model.json").read_text())["cmpa"]["head"]
+             for run in ("method", "paper_heads")}
+    assert heads == {"method": "residual", "paper_heads": "projection"}
+    assert ssr_main(["pseudo-labels", "--dataset", "demo", "--params", str(path), "--quiet"]) == 0
+
+
+def test_summed_gradients_keep_none_where_no_rank_has_one(tmp_path):
+    """A parameter no rank computed a gradient for (tau under `cmpa.loss: feature`) must stay
+    without one after the all-reduce, as in a single process, or AdamW decays it and moves its
+    moments on a multi-GPU run only. A one-rank gloo group runs the real collectives."""
+    import torch.distributed as dist
+    from torch import nn
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+        model[0](torch.ones(1, 3)).sum().backward()
+        ssr_train.sum_gradients(model)
+        assert model[0].weight.grad is not None and torch.equal(model[0].weight.grad, torch.ones(2, 3))
+        assert model[1].weight.grad is None and model[1].bias.grad is None
+    finally:
+        dist.destroy_process_group()

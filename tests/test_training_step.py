@@ -13,7 +13,7 @@ import torch
 from conftest import write_tiny_params
 
 from ssr.cam import class_slots
-from ssr.cli import _backbones
+from ssr.cli import _backbones_by_run
 from ssr.cli import main as ssr_main
 from ssr.cmpa import masked_average_pool
 from ssr.data.dataset import collate
@@ -30,7 +30,7 @@ def dataset(tmp_path_factory, tiny_clip_dir):
 
     def make(name: str, **overrides):
         _, params = write_tiny_params(base / name, base / "data", tiny_clip_dir, **overrides)
-        backbones = _backbones(params, "demo", torch.device("cpu"))
+        backbones = _backbones_by_run(params, "demo", torch.device("cpu"))("method")
         return Trainer(params, "demo", base / name / "run", seed=0, run="method", device=torch.device("cpu"),
                        backbones=backbones, rank=0, world=1, progress=False)
 

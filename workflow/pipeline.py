@@ -188,11 +188,6 @@ def demo_clip(params: dict, resources: dict) -> Stage:
     )
 
 
-# The demo DINO (`ssr demo-dino`, product ssr/assets/demo_dino/) will sit beside
-# demo_clip here: a frozen stage whose committed files the demo's train,
-# pseudo_labels and evaluate stages read. Not wired yet.
-
-
 def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
     """prepare -> superpixels -> train -> pseudo_labels -> retrain -> evaluate for one dataset."""
     data, results = f"{params['data_root']}/{ds}", params["results_root"]
@@ -281,7 +276,7 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
               outputs={"predictions": [f"{results}/{ds}/predictions"], "metrics": [f"{results}/{ds}_miou.json"]},
               directories=frozenset({f"{results}/{ds}/predictions"}),
               metric=f"{results}/{ds}_miou.json",
-              params=(f"datasets.{ds}", "infer", "retrain"),
+              params=(f"datasets.{ds}", "infer", "retrain", "pseudo_labels.figures"),
               **job("evaluate", gpu=gpu)),
     ]
     assert tuple(s.rule for s in stages) == STAGE_RULES

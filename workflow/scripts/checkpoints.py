@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=pipeline.PARAMS)
     args = parser.parse_args(argv)
 
-    raw, resources = pipeline.load(args.params)
+    raw, resources = pipeline.load(args.params, site=True)  # the folders this machine's runs use
     params = load_params(args.params)
     train = next(s for s in pipeline.dataset_stages(raw, resources, args.dataset) if s.rule == "train")
     inputs = input_stats(train.input_paths)
