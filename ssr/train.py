@@ -17,6 +17,7 @@ have seen. A finished run writes `model.safetensors` + `model.json` (ssr.checkpo
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 import signal
@@ -294,7 +295,8 @@ def warm_up_prototypes(backbones: FrozenBackbones, model: SSR, loader, params: P
 
     The first k-means never sees a single batch: micro-batches of the first epoch are
     pooled (Eq. 2, heads in eval mode) until every class holds `cmpa.warmup_per_class`
-    features on all ranks together, or `max_batches` (one pass) have been read.
+    features on all ranks together, or `max_batches` have been read (the caller's pass over the
+    split, rounded up to whole micro-batches: it may run into the next epoch, which only adds features).
     Returns the number of micro-batches read.
     """
     device = backbones.text.device
@@ -521,7 +523,7 @@ def _run(trainer: Trainer, stop_after: int | None) -> dict:
     params, preset, state, model = trainer.params, trainer.preset, trainer.state, trainer.model
     if model.use_cmpa and not bool(model.bank.ready):
         read = warm_up_prototypes(trainer.backbones, model, trainer.loader(0), params,
-                                  max_batches=len(trainer.data) // trainer.micro)
+                                  max_batches=math.ceil(len(trainer.data) / trainer.micro))
         counts = trainer.model.bank.class_counts().tolist()
         trainer.log(f"prototypes built from {read} micro-batches: {counts} features per class")
 
