@@ -51,8 +51,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from emit import emit  # noqa: E402
 
-from ssr.config import load_params  # noqa: E402
-from ssr.data.demo import render_sample  # noqa: E402
+# ssr.config and ssr.data.demo import torch: they are imported where used, because the stage's
+# worker processes start by importing this script's top level (forkserver), as they import the
+# light `ssr` entry point in a real run, and torch would add ~2 s to every measured pool start.
 from ssr.data.layout import read_image, write_image  # noqa: E402
 from ssr.superpixels import BACKENDS, backend_version, build_superpixels, region_map, stretched_lab  # noqa: E402
 
@@ -158,6 +159,8 @@ def measure_speed(paths: list[tuple[str, Path]], params, workers: int, repeats: 
 
 
 def measure_quality(photos: list[np.ndarray], params, demo_params, demo_images: int) -> dict:
+    from ssr.data.demo import render_sample
+
     p = params
     demo = [render_sample(demo_params, stream, i) for i in range(demo_images // 2) for stream in ("train", "val")]
     out = {"demo_images": len(demo), "photos": len(photos)}
@@ -195,6 +198,8 @@ def main() -> None:
     parser.add_argument("--demo-images", type=int, default=300)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "superpixels_cpu.json"))
     args = parser.parse_args()
+
+    from ssr.config import load_params
 
     all_params = load_params(REPO / "params.yaml")
     params = all_params.superpixels

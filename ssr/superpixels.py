@@ -30,14 +30,17 @@ import re
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
-from ssr.config import SuperpixelParams
 from ssr.data.layout import DatasetError, atomic_path, read_image
 from ssr.data.regions import RegionMaps, image_id_of, region_key
 from ssr.progress import progress_bar
+
+if TYPE_CHECKING:  # a runtime import would pull torch into every worker process (2 s each to start)
+    from ssr.config import SuperpixelParams
 
 METHOD = "slic+kmeans-lab"
 BACKENDS = ("skimage", "opencv")
