@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, read_image, read_label_png
+from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, open_rgb, read_image, read_label_png
 from ssr.data.regions import RegionMaps
 from ssr.data.transforms import random_scale_crop, to_unit
 
@@ -26,16 +26,6 @@ def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarr
     """Resize an (H, W[, 3]) uint8 array to size (h, w)."""
     image = Image.fromarray(array)
     return np.array(image.resize((size[1], size[0]), Image.NEAREST if nearest else Image.BILINEAR))
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    """Decode an image file into an RGB PIL image; a corrupt or truncated file raises DatasetError."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image if image.mode == "RGB" else image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(f"{path}: cannot read image ({err})") from err
 
 
 def snap_size(height: int, width: int, long_side: int, multiple: int) -> tuple[int, int]:
@@ -111,7 +101,7 @@ class TrainCrops(WeakLabelDataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         image_id = self.ids[index]
         rng = np.random.default_rng([self.seed, epoch, index])
-        image = _open_rgb(self.layout.image_path(image_id))
+        image = open_rgb(self.layout.image_path(image_id))
         shape = (image.height, image.width)
         maps = {"regions": (Image.fromarray(self.region_map(image_id, shape)), REGION_PAD)}
         if self.with_gt:

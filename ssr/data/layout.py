@@ -105,14 +105,19 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read label image ({err})") from err
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as an (H, W, 3) uint8 RGB array; a corrupt or truncated file raises DatasetError."""
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file into an RGB PIL image; a corrupt or truncated file raises DatasetError."""
     try:
         with Image.open(path) as image:
             image.load()
-            return np.array(image.convert("RGB"))
+            return image if image.mode == "RGB" else image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:
         raise DatasetError(f"{path}: cannot read image ({err})") from err
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as an (H, W, 3) uint8 RGB array; a corrupt or truncated file raises DatasetError."""
+    return np.array(open_rgb(path))
 
 
 def image_size(path: Path) -> tuple[int, int]:
