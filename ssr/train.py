@@ -353,13 +353,15 @@ def sum_gradients(model: SSR) -> None:
     if not _distributed():
         return
     params = [p for p in model.parameters() if p.requires_grad]
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    # Which ranks had a gradient rides along as a count per parameter, in the same collective.
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([*grads, has_grad])
     dist.all_reduce(flat)
-    dist.all_reduce(has_grad)
+    counts = flat[-len(params):].tolist()
     offset = 0
-    for p, any_rank in zip(params, has_grad.tolist(), strict=True):
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone() if any_rank else None
+    for p, ranks_with_grad in zip(params, counts, strict=True):
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone() if ranks_with_grad else None
         offset += p.numel()
 
 
