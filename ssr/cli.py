@@ -75,12 +75,6 @@ def _backbones_by_run(params: Params, dataset: str, device):
     return backbones
 
 
-def _autocast(params: Params, device):
-    import torch
-
-    return torch.bfloat16 if device.type == "cuda" and params.train.amp_bf16 else None
-
-
 def _seeds(args, params: Params) -> list[int]:
     return list(args.seeds) if getattr(args, "seeds", None) else list(params.dataset(args.dataset).seeds)
 
@@ -259,6 +253,7 @@ def cmd_evaluate(args, params: Params | None) -> None:
     from ssr.config import METHOD_RUN
     from ssr.infer import evaluate_model
     from ssr.metrics import aggregate_seeds
+    from ssr.model import amp_dtype
 
     device = _device(args.device)
     backbones = _backbones_by_run(params, args.dataset, device)
@@ -276,7 +271,7 @@ def cmd_evaluate(args, params: Params | None) -> None:
             scores = evaluate_model(backbones(run), model, root, ds.val_split, run_params.dataset(args.dataset).long_side,
                                     run_params.infer, device=device, progress=args.progress and run == METHOD_RUN,
                                     pred_dir=predictions, figures=params.pseudo_labels.figures,
-                                    autocast_dtype=_autocast(params, device))
+                                    autocast_dtype=amp_dtype(params.train, device))
             if run == METHOD_RUN:
                 metrics.update(scores)
                 continue

@@ -117,6 +117,13 @@ class DemoClipParams(Section):
     eval_images: int = _f(400, "held-out images for zero-shot mAP", ge=8)
     threads: int = _f(2, "torch CPU threads", ge=1)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> DemoClipParams:
+        _problems([(f"{tower}_heads", f"must divide {tower}_width {width}, got {heads}")
+                   for tower, width, heads in (("vision", self.vision_width, self.vision_heads),
+                                               ("text", self.text_width, self.text_heads)) if width % heads])
+        return self
+
 
 class DemoDinoParams(Section):
     """The tiny timm ViT pretrained by DINO self-distillation on unlabelled demo images (`ssr demo-dino`)."""
@@ -159,6 +166,18 @@ class DemoDinoParams(Section):
                                gt=0.0, le=1.0)
     eval_images: int = _f(400, "held-out dino_eval images for the attention IoU", ge=8)
     threads: int = _f(1, "torch CPU threads", ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DemoDinoParams:
+        problems = []
+        if self.width % self.heads:
+            problems.append(("heads", f"must divide width {self.width}, got {self.heads}"))
+        if self.local_scale_min > self.local_scale_max:
+            problems.append(("local_scale_min", f"{self.local_scale_min} exceeds local_scale_max {self.local_scale_max}"))
+        if self.local_size % self.patch_size:
+            problems.append(("local_size", f"must be a multiple of patch_size {self.patch_size}, got {self.local_size}"))
+        _problems(problems)
+        return self
 
 
 Overrides = dict[str, Any]
@@ -422,7 +441,10 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> Params:
-        problems = []
+        # The demo backbones see whole demo images: a patch grid that does not tile them would drop pixels.
+        problems = [(f"{model}.patch_size", f"must divide demo.image_size {self.demo.image_size}, got {patch}")
+                    for model, patch in (("demo_clip", self.demo_clip.patch_size), ("demo_dino", self.demo_dino.patch_size))
+                    if self.demo.image_size % patch]
         for name, ds in self.datasets.items():
             if ds.preset not in self.train_presets:
                 problems.append((f"datasets.{name}.preset",
@@ -430,6 +452,7 @@ class Params(Section):
         # The overridden params of each dataset and variant must be valid params too. Checked once,
         # at the top: the params they make are validated without this step (no recursion).
         if not (info.context or {}).get("overridden"):
+            own = {f"{key}: {message}" for key, message in problems}
             raw = self.model_dump()
             for name, ds in self.datasets.items():
                 todo = [(f"datasets.{name}.overrides", ds.overrides)] if ds.overrides else []
@@ -438,7 +461,8 @@ class Params(Section):
                     try:
                         Params.model_validate(_override(raw, overrides), context={"overridden": True})
                     except (ConfigError, ValidationError) as err:
-                        problems += [(where, line) for line in _lines(err)]
+                        # A problem of the params themselves is reported once, not again per override.
+                        problems += [(where, line) for line in _lines(err) if line not in own]
         _problems(problems)
         return self
 

@@ -21,8 +21,9 @@ import torch
 
 from ssr.config import DemoClipParams, DemoParams
 from ssr.data.demo import render_sample
-from ssr.data.layout import atomic_path, write_json
+from ssr.data.layout import write_json
 from ssr.data.transforms import normalise, to_unit
+from ssr.pretraining import RESUME_FILE, load_resume, save_half_weights, save_resume
 from ssr.progress import progress_bar
 from ssr.schedules import cosine
 
@@ -30,8 +31,6 @@ from ssr.schedules import cosine
 # every consumer reads them back from the model's preprocess config.
 MEAN = open_clip.OPENAI_DATASET_MEAN
 STD = open_clip.OPENAI_DATASET_STD
-# Written at every evaluation and removed at the end: an interrupted `ssr demo-clip` resumes from it.
-RESUME_FILE = "resume.pt"
 
 
 def model_config(p: DemoClipParams, image_size: int) -> dict:
@@ -116,14 +115,12 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
     # Thread count changes speed, not the run, so a run may resume with more or fewer threads.
     run_id = {"config": cfg, "params": p.model_dump(exclude={"threads"}), "demo_params": demo.model_dump()}
     first, ev = 0, None
-    if resume_path.is_file():
-        saved = torch.load(resume_path, map_location="cpu", weights_only=False)
-        if saved["run"] == run_id:
-            model.load_state_dict(saved["model"])
-            optimiser.load_state_dict(saved["optimiser"])
-            first, history = saved["step"], saved["history"]
-            start -= saved["seconds"]
-            print(f"demo CLIP: resuming from {resume_path} at step {first}", flush=True)
+    if (saved := load_resume(resume_path, run_id)) is not None:
+        model.load_state_dict(saved["model"])
+        optimiser.load_state_dict(saved["optimiser"])
+        first, history = saved["step"], saved["history"]
+        start -= saved["seconds"]
+        print(f"demo CLIP: resuming from {resume_path} at step {first}", flush=True)
     # Single-object images give captions as clean as the zero-shot prompts; from
     # scratch on 2 CPU cores, multi-object captions alone learn far slower.
     single_rng = np.random.default_rng([p.seed, 7])
@@ -155,10 +152,8 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
             history.append({"step": step + 1, "loss": float(loss.item()), "map": ev["map"], "map_cosine": ev["map_cosine"],
                             "seconds": round(time.time() - start, 1)})
             print(json.dumps(history[-1]), flush=True)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(resume_path) as tmp:
-                torch.save({"run": run_id, "model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step + 1,
-                            "history": history, "seconds": time.time() - start}, tmp)
+            save_resume(resume_path, run_id, model=model.state_dict(), optimiser=optimiser.state_dict(), step=step + 1,
+                        history=history, seconds=time.time() - start)
     # The loop always evaluates its last step; only a run resumed at its end has no result yet.
     final = ev if ev is not None else zero_shot_map(model, tokenizer, demo, p.eval_images)
     provenance = {
@@ -184,13 +179,8 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
 
 
 def save(out_dir: str | Path, model: torch.nn.Module, cfg: dict, provenance: dict) -> None:
-    from safetensors.torch import save_file
-
+    """Write the open_clip `local-dir:` folder and its provenance."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # fp16 halves the committed file; the loader casts back to the model's fp32.
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     write_json(out_dir / "open_clip_config.json", {"model_cfg": cfg, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}})
-    with atomic_path(out_dir / "open_clip_model.safetensors") as tmp:
-        save_file(state, str(tmp))
+    save_half_weights(out_dir / "open_clip_model.safetensors", model)
     write_json(out_dir / "provenance.json", provenance)

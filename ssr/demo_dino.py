@@ -35,8 +35,9 @@ from torch import nn
 from ssr.backbones import clip_normalisation, clip_visual_forward, load_clip, load_dino
 from ssr.config import DemoDinoParams, DemoParams
 from ssr.data.demo import render_sample
-from ssr.data.layout import atomic_path, write_json
+from ssr.data.layout import write_json
 from ssr.data.transforms import normalise, to_unit
+from ssr.pretraining import RESUME_FILE, load_resume, save_half_weights, save_resume
 from ssr.progress import progress_bar
 from ssr.schedules import cosine
 
@@ -47,8 +48,6 @@ STD = IMAGENET_DEFAULT_STD
 ARCHITECTURE = "vit_small_patch16_224"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-# Written at every evaluation and removed at the end: an interrupted `ssr demo-dino` resumes from it.
-RESUME_FILE = "resume.pt"
 
 # DINO's view augmentations (its BYOL-style recipe), per view: colour jitter
 # (brightness, contrast, saturation, hue; scaled by `colour_jitter`) with
@@ -370,16 +369,14 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
     run_id = {"config": export_config(p, demo.image_size), "params": p.model_dump(exclude={"threads"}),
               "demo_params": demo.model_dump()}
     first = 0
-    if resume_path.is_file():
-        saved = torch.load(resume_path, map_location="cpu", weights_only=False)
-        if saved["run"] == run_id:
-            student.load_state_dict(saved["student"])
-            teacher.load_state_dict(saved["teacher"])
-            optimiser.load_state_dict(saved["optimiser"])
-            centre = saved["centre"]
-            first, history = saved["step"], saved["history"]
-            start -= saved["seconds"]
-            print(f"demo DINO: resuming from {resume_path} at step {first}", flush=True)
+    if (saved := load_resume(resume_path, run_id)) is not None:
+        student.load_state_dict(saved["student"])
+        teacher.load_state_dict(saved["teacher"])
+        optimiser.load_state_dict(saved["optimiser"])
+        centre = saved["centre"]
+        first, history = saved["step"], saved["history"]
+        start -= saved["seconds"]
+        print(f"demo DINO: resuming from {resume_path} at step {first}", flush=True)
     losses, entropies = [], []
     bar = progress_bar(range(first, p.steps), initial=first, total=p.steps, desc="demo DINO", progress=progress)
     for step in bar:
@@ -419,11 +416,9 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
                             "attention_iou": evaluate(), "seconds": round(time.time() - start, 1)})
             losses, entropies = [], []
             print(json.dumps(history[-1]), flush=True)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(resume_path) as tmp:
-                torch.save({"run": run_id, "student": student.state_dict(), "teacher": teacher.state_dict(),
-                            "optimiser": optimiser.state_dict(), "centre": centre, "step": step + 1,
-                            "history": history, "seconds": time.time() - start}, tmp)
+            save_resume(resume_path, run_id, student=student.state_dict(), teacher=teacher.state_dict(),
+                        optimiser=optimiser.state_dict(), centre=centre, step=step + 1, history=history,
+                        seconds=time.time() - start)
     wall = round(time.time() - start, 1)
     save(out_dir, teacher.backbone, export_config(p, demo.image_size))
     # The figures are those of the saved fp16 weights, loaded the way the pipeline loads them.
@@ -458,12 +453,6 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
 
 def save(out_dir: str | Path, backbone: nn.Module, config: dict) -> None:
     """Write the timm folder: config.json and the weights (provenance.json is the caller's)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # fp16 halves the committed file; timm's loader copies it into the model's fp32 parameters.
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in backbone.state_dict().items()}
     write_json(out_dir / CONFIG_FILE, config)
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp))
+    save_half_weights(out_dir / WEIGHTS_FILE, backbone)

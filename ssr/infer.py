@@ -17,7 +17,7 @@ from ssr.data.layout import write_label_png
 from ssr.data.transforms import normalise, to_unit
 from ssr.figures import FigureCandidates, figure_name, prediction_figure, replace_figures
 from ssr.metrics import confusion_matrix, format_table, segmentation_scores
-from ssr.model import SSR, FrozenBackbones
+from ssr.model import SSR, FrozenBackbones, autocast
 from ssr.progress import progress_bar
 
 
@@ -37,9 +37,7 @@ def decoder_probs(backbones: FrozenBackbones, model: SSR, image: torch.Tensor, s
         x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
         views = [x, x.flip(-1)] if flip else [x]
         batch = torch.cat(views)
-        amp = (torch.autocast(image.device.type, dtype=autocast_dtype) if autocast_dtype
-               else torch.autocast(image.device.type, enabled=False))
-        with amp:
+        with autocast(image.device.type, autocast_dtype):
             visual = clip_visual_forward(backbones.clip.visual, normalise(batch, backbones.clip_mean, backbones.clip_std))
             logits, _ = model.decoder(visual.tokens[: backbones.depth - 1], visual.grid)
         logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)

@@ -29,7 +29,7 @@ from ssr.backbones import (
 )
 from ssr.cam import gradcam, present_class_probs
 from ssr.cmpa import PrototypeBank, Temperature, build_head
-from ssr.config import AffinityParams, CmpaParams, DatasetParams, PseudoLabelParams, SgcParams
+from ssr.config import AffinityParams, CmpaParams, DatasetParams, PseudoLabelParams, SgcParams, TrainParams
 from ssr.data.layout import IGNORE_INDEX
 from ssr.data.transforms import normalise
 from ssr.decoder import SegDecoder
@@ -144,6 +144,16 @@ class SSR(nn.Module):
         return self.tsa(text) if self.use_cmpa else text
 
 
+def amp_dtype(train: TrainParams, device: torch.device) -> torch.dtype | None:
+    """bf16 on a GPU when `train.amp_bf16`; None (fp32) on CPU, where bf16 kernels are slower."""
+    return torch.bfloat16 if device.type == "cuda" and train.amp_bf16 else None
+
+
+def autocast(device_type: str, dtype: torch.dtype | None):
+    """Autocast to `dtype`; None turns it off, so that no enclosing autocast reaches the fp32 path."""
+    return torch.autocast(device_type, dtype=dtype) if dtype else torch.autocast(device_type, enabled=False)
+
+
 @contextlib.contextmanager
 def eval_mode(*modules: nn.Module):
     """BatchNorm in train mode couples the images of a batch; the CAM pass must not."""
@@ -208,8 +218,7 @@ def refined_cams(
     region_maps (B, H, W) long or None (then the sgc row is left out and the method propagates unmasked).
     Returns the CAMs of the requested Table 3 rows and of the configured method.
     """
-    amp = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    with amp:
+    with autocast(images.device.type, autocast_dtype):
         cam, visual = initial_cams(backbones, model, images, classes, valid, attn_blocks=affinity.clip_blocks)
         grid = visual.grid
         with torch.no_grad():

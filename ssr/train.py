@@ -39,7 +39,18 @@ from ssr.config import ConfigError, Params, PresetParams, identity_differences, 
 from ssr.data.dataset import TrainCrops, collate
 from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, atomic_path
 from ssr.decoder import affinity_loss_sums, affinity_pairs
-from ssr.model import SSR, FrozenBackbones, ModelDims, build_backbones, cams_to_labels, eval_mode, initial_cams, refined_cams
+from ssr.model import (
+    SSR,
+    FrozenBackbones,
+    ModelDims,
+    amp_dtype,
+    autocast,
+    build_backbones,
+    cams_to_labels,
+    eval_mode,
+    initial_cams,
+    refined_cams,
+)
 from ssr.progress import progress_bar
 from ssr.schedules import poly
 from ssr.superpixels import check_region_maps
@@ -198,9 +209,7 @@ def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, para
     pairs for the prototype bank.
     """
     n_pixels, n_same, n_diff, n_samples = (c.clamp_min(1).float() for c in counts)
-    device_type = m.labels.device.type
-    amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(device_type, enabled=False)
-    with amp:
+    with autocast(m.labels.device.type, autocast_dtype):
         logits, feats = model.decoder(m.tokens, m.grid)
     logits = F.interpolate(logits.float(), size=m.labels.shape[-2:], mode="bilinear", align_corners=False)
     loss_ce = F.cross_entropy(logits, m.labels, ignore_index=IGNORE_INDEX, reduction="sum") / n_pixels
@@ -418,7 +427,7 @@ class Trainer:
         self.ckpt_path = self.out_dir / "checkpoint.pt"
         self.identity = {**training_identity(params, dataset), "seed": seed}
         self.progress = progress and rank == 0
-        self.autocast_dtype = torch.bfloat16 if (device.type == "cuda" and params.train.amp_bf16) else None
+        self.autocast_dtype = amp_dtype(params.train, device)
         self.par = self.ds.par and params.train.supervision == "pseudo"
         root = params.dataset_root(dataset)
         self.data = TrainCrops(root, self.ds.train_split, crop_size=self.preset.crop_size, scale_min=self.preset.scale_min,

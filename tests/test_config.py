@@ -235,6 +235,21 @@ def test_cross_field_problems_are_reported_together_and_overrides_name_their_pla
     assert str(err.value).splitlines() == ["demo.min_objects: 4 exceeds max_objects 2",
                                           "demo.min_object_size: 0.9 exceeds max_object_size 0.45",
                                           "train_presets.voc.accumulation: must divide batch_size 128, got 7"]
+    raw = _set(_set(_raw(), "demo_clip.vision_heads", 3), "demo_clip.text_heads", 5)
+    raw = _set(_set(_set(raw, "demo_dino.heads", 5), "demo_dino.local_scale_min", 0.5), "demo_dino.local_size", 28)
+    raw = _set(_set(raw, "demo_clip.patch_size", 7), "demo_dino.patch_size", 6)
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    assert str(err.value).splitlines() == ["demo_clip.vision_heads: must divide vision_width 128, got 3",
+                                          "demo_clip.text_heads: must divide text_width 64, got 5",
+                                          "demo_dino.heads: must divide width 128, got 5",
+                                          "demo_dino.local_scale_min: 0.5 exceeds local_scale_max 0.4",
+                                          "demo_dino.local_size: must be a multiple of patch_size 6, got 28"]
+    raw = _set(_set(_set(_raw(), "demo_clip.patch_size", 7), "demo_dino.patch_size", 6), "demo_dino.local_size", 30)
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    assert str(err.value).splitlines() == ["demo_clip.patch_size: must divide demo.image_size 64, got 7",
+                                          "demo_dino.patch_size: must divide demo.image_size 64, got 6"]
     raw = _set(_raw(), "datasets.demo.variants", {"typo": {"cmpa.los": "feature"}, "bad": {"cmpa.loss": "nope"}})
     with pytest.raises(ConfigError) as err:
         params_from_dict(raw)

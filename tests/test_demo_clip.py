@@ -106,7 +106,7 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypat
 
     interrupted = tmp_path / "interrupted"
     interrupt_pretraining_at_second_evaluation(demo_clip, "zero_shot_map", interrupted, TINY, DEMO, monkeypatch)
-    assert torch.load(interrupted / demo_clip.RESUME_FILE, weights_only=False)["step"] == 2
+    assert torch.load(interrupted / demo_clip.RESUME_FILE, weights_only=True)["step"] == 2
 
     demo_clip.pretrain(interrupted, TINY, DEMO, progress=False, eval_every=2)
     a = load_clip("demo", demo_dir=straight)[0].state_dict()
