@@ -217,6 +217,15 @@ class FigureCandidates:
         return ([("worst", k, i, self.data[i]) for k, i in enumerate(worst, 1)]
                 + [("first", k, i, self.data[i]) for k, i in enumerate(first, 1)])
 
+    def titled(self, measure: str, among: str) -> list[tuple[str, str, object]]:
+        """(file name, title, data) per pick; the title names the image and why it was picked:
+        "lowest {measure} no. {rank} of {among}" or "first image no. {rank}"."""
+        return [(figure_name(selection, rank, image_id),
+                 f"{image_id}\n" + (f"lowest {measure} no. {rank} of {among}" if selection == "worst"
+                                     else f"first image no. {rank}"),
+                 data)
+                for selection, rank, image_id, data in self.picks()]
+
 
 def figure_name(selection: str, rank: int, image_id: str) -> str:
     """`{selection}_{rank}_{id}.png`: selection "first" (split order) or "worst" (rank 1 = lowest IoU)."""

@@ -15,7 +15,7 @@ from ssr.data.dataset import WholeImages, snap_size
 from ssr.data.download import atomic_dir
 from ssr.data.layout import write_label_png
 from ssr.data.transforms import normalise, to_unit
-from ssr.figures import FigureCandidates, figure_name, prediction_figure, replace_figures
+from ssr.figures import FigureCandidates, prediction_figure, replace_figures
 from ssr.metrics import confusion_matrix, format_table, segmentation_scores
 from ssr.model import SSR, FrozenBackbones, autocast
 from ssr.progress import progress_bar
@@ -160,9 +160,7 @@ def _write_strips(strips: FigureCandidates, folder: Path, names: list[str], scor
     """The picked images' prediction strips, titled with their id, why they were picked and their mIoU."""
     saved = "after DenseCRF" if crf else "prediction"
     out = {}
-    for selection, rank, image_id, data in strips.picks():
-        why = f"lowest mIoU no. {rank} of {scored} images" if selection == "worst" else f"first image no. {rank}"
+    for name, title, data in strips.titled("mIoU", f"{scored} images"):
         score = "" if data["iou"] is None else f", mIoU {data['iou']:.1%} ({saved})"
-        out[figure_name(selection, rank, image_id)] = prediction_figure(
-            data["image"], data["gt"], data["pred"], data["pred_crf"], names, title=f"{image_id}\n{why}{score}")
+        out[name] = prediction_figure(data["image"], data["gt"], data["pred"], data["pred_crf"], names, title=title + score)
     replace_figures(folder, out)

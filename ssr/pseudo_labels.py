@@ -20,7 +20,7 @@ from ssr.config import Params
 from ssr.data.dataset import WholeImages, collate
 from ssr.data.download import atomic_dir
 from ssr.data.layout import write_label_png
-from ssr.figures import ROW_TITLES, FigureCandidates, cam_figure, figure_name, replace_figures
+from ssr.figures import ROW_TITLES, FigureCandidates, cam_figure, replace_figures
 from ssr.metrics import confusion_matrix, format_table, iou_key, segmentation_scores
 from ssr.model import ABLATION_ROWS, SSR, FrozenBackbones, cams_to_labels, initial_cams, refined_cams
 from ssr.progress import progress_bar
@@ -131,12 +131,10 @@ def _seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: 
 def _write_cam_figures(figures: FigureCandidates, folder: Path, names: list[str], scored: int) -> None:
     """The picked images' CAM figures, titled with their id, why they were picked and the method's per-image mIoU."""
     out = {}
-    for selection, rank, image_id, data in figures.picks():
-        why = (f"lowest pseudo-label mIoU no. {rank} of {scored} scored images" if selection == "worst"
-               else f"first image no. {rank}")
+    for name, title, data in figures.titled("pseudo-label mIoU", f"{scored} scored images"):
         score = "" if data["iou"] is None else f", pseudo-label mIoU {data['iou']:.1%}"
-        out[figure_name(selection, rank, image_id)] = cam_figure(
-            data["image"], data["gt"], data["label"], data["cams"], data["classes"], names, title=f"{image_id}\n{why}{score}")
+        out[name] = cam_figure(data["image"], data["gt"], data["label"], data["cams"], data["classes"], names,
+                               title=title + score)
     replace_figures(folder, out)
 
 

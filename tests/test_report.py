@@ -281,3 +281,5 @@ def test_figure_candidates_pick_the_worst_and_the_first_holding_only_those():
     for image_id, iou in [("a", 0.0), ("b", 0.5), ("c", 0.4), ("d", 0.9), ("e", 0.9)]:
         picker.offer(image_id, iou, lambda i=image_id: i)
     assert [(s, i) for s, _, i, _ in picker.picks()] == [("worst", "a"), ("worst", "c"), ("first", "b"), ("first", "d")]
+    assert [(name, title) for name, title, _ in picker.titled("mIoU", "5 images")][1:3] == [
+        ("worst_2_c.png", "c\nlowest mIoU no. 2 of 5 images"), ("first_1_b.png", "b\nfirst image no. 1")]
