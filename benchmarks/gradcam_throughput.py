@@ -22,7 +22,6 @@ The last line of output is a JSON object with every number printed above.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from ssr.backbones import clip_visual_forward, dino_last_attention  # noqa: E402
 from ssr.cam import class_slots, minmax_normalise  # noqa: E402
 from ssr.data.transforms import normalise  # noqa: E402
 from ssr.data.voc import VOC_CLASSES  # noqa: E402
-from ssr.model import eval_mode, refined_cams  # noqa: E402
+from ssr.model import autocast, eval_mode, refined_cams  # noqa: E402
 from ssr.sgc import sgc_mask  # noqa: E402
 
 
@@ -51,12 +50,11 @@ def loop_pass(backbones, model, images, labels, regions, params, amp_dtype):
     """The reference codes' CAM pass: frozen blocks batched, then per image x present class one backward."""
     device, affinity, sgc = images.device, params.affinity, params.sgc
     classes, valid = class_slots(labels, device)
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     visual_model = backbones.clip.visual
     last = visual_model.transformer.resblocks[-1]
     num_fg, total = backbones.num_foreground, backbones.text.shape[0]
     scale = backbones.clip.logit_scale.exp().float()
-    with amp:
+    with autocast(device.type, amp_dtype):
         with torch.no_grad():
             visual = clip_visual_forward(visual_model, normalise(images, backbones.clip_mean, backbones.clip_std),
                                          attn_blocks=affinity.clip_blocks)

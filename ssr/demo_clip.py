@@ -112,7 +112,8 @@ def pretrain(out_dir: str | Path, p: DemoClipParams, demo: DemoParams, *, progre
     history = []
     out_dir = Path(out_dir)
     resume_path = out_dir / RESUME_FILE
-    # Thread count changes speed, not the run, so a run may resume with more or fewer threads.
+    # Threads are not part of the run: they change speed, and the float summation order of some
+    # kernels (so the result to rounding); a run may resume with more or fewer threads.
     run_id = {"config": cfg, "params": p.model_dump(exclude={"threads"}), "demo_params": demo.model_dump()}
     first, ev = 0, None
     if (saved := load_resume(resume_path, run_id)) is not None:

@@ -365,7 +365,8 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
     history: list[dict] = []
     out_dir = Path(out_dir)
     resume_path = out_dir / RESUME_FILE
-    # Thread count changes speed, not the run, so a run may resume with more or fewer threads.
+    # Threads are not part of the run: they change speed, and the float summation order of some
+    # kernels (so the result to rounding); a run may resume with more or fewer threads.
     run_id = {"config": export_config(p, demo.image_size), "params": p.model_dump(exclude={"threads"}),
               "demo_params": demo.model_dump()}
     first = 0

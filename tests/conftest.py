@@ -94,21 +94,3 @@ def tiny_params_file(tmp_path, tiny_clip_dir):
         return write_tiny_params(tmp_path, tmp_path / "data", tiny_clip_dir, **overrides)
 
     return make
-
-
-def interrupt_pretraining_at_second_evaluation(module, evaluator: str, out_dir, params, demo, monkeypatch):
-    """Leave a resume file at step 2 of a 4-step `module.pretrain` run (demo_clip or demo_dino), by
-    interrupting the held-out evaluation that step 2 (`eval_every=2`) calls."""
-    real = getattr(module, evaluator)
-    calls = {"n": 0}
-
-    def stop_at_second(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, evaluator, stop_at_second)
-    with pytest.raises(KeyboardInterrupt):
-        module.pretrain(out_dir, params, demo, progress=False, eval_every=2)
-    monkeypatch.setattr(module, evaluator, real)

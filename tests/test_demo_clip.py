@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import interrupt_pretraining_at_second_evaluation
 
 import ssr.demo_clip as demo_clip
 from ssr.backbones import load_clip
@@ -98,35 +97,6 @@ def test_zero_shot_map_compares_classes_within_an_image():
     result = demo_clip.zero_shot_map(Cluttered(), tokenizer, demo, 60)
     assert result["map"] == pytest.approx(1.0)
     assert result["map_cosine"] < 0.95
-
-
-def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    straight = tmp_path / "straight"
-    demo_clip.pretrain(straight, TINY, DEMO, progress=False, eval_every=2)
-
-    interrupted = tmp_path / "interrupted"
-    interrupt_pretraining_at_second_evaluation(demo_clip, "zero_shot_map", interrupted, TINY, DEMO, monkeypatch)
-    assert torch.load(interrupted / demo_clip.RESUME_FILE, weights_only=True)["step"] == 2
-
-    demo_clip.pretrain(interrupted, TINY, DEMO, progress=False, eval_every=2)
-    a = load_clip("demo", demo_dir=straight)[0].state_dict()
-    b = load_clip("demo", demo_dir=interrupted)[0].state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_a_resume_file_from_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys):
-    interrupt_pretraining_at_second_evaluation(demo_clip, "zero_shot_map", tmp_path, TINY, DEMO, monkeypatch)
-    capsys.readouterr()
-    prov = demo_clip.pretrain(tmp_path, TINY.model_copy(update={"lr": 5e-4}), DEMO, progress=False, eval_every=2)
-    assert "resuming" not in capsys.readouterr().out
-    assert prov["params"]["lr"] == 5e-4 and [h["step"] for h in prov["history"]] == [2, 4]
-
-
-def test_a_resume_file_is_resumed_with_another_thread_count(tmp_path, monkeypatch, capsys):
-    interrupt_pretraining_at_second_evaluation(demo_clip, "zero_shot_map", tmp_path, TINY, DEMO, monkeypatch)
-    capsys.readouterr()
-    demo_clip.pretrain(tmp_path, TINY.model_copy(update={"threads": 2}), DEMO, progress=False, eval_every=2)
-    assert "resuming from" in capsys.readouterr().out
 
 
 def test_the_committed_demo_clip_matches_params_yaml():

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import interrupt_pretraining_at_second_evaluation
 
 import ssr.demo_dino as demo_dino
 from ssr.backbones import dino_last_attention, dino_normalisation, load_dino
@@ -123,31 +122,6 @@ def test_cls_attention_and_the_streams():
     cls = demo_dino.dino_cls_attention(backbone, torch.rand(2, 3, 64, 64))
     assert cls.shape == (2, 8, 8) and (cls > 0).all() and (cls.sum(dim=(1, 2)) < 1).all()
     assert len(set(STREAMS.values())) == len(STREAMS) and {"dino_train", "dino_eval"} <= STREAMS.keys()
-
-
-def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
-    straight = tmp_path / "straight"
-    a_prov = demo_dino.pretrain(straight, TINY, DEMO, progress=False, eval_every=2)
-
-    interrupted = tmp_path / "interrupted"
-    interrupt_pretraining_at_second_evaluation(demo_dino, "attention_quality", interrupted, TINY, DEMO, monkeypatch)
-    assert torch.load(interrupted / demo_dino.RESUME_FILE, weights_only=False)["step"] == 2
-    capsys.readouterr()
-    # another thread count is the same run
-    b_prov = demo_dino.pretrain(interrupted, TINY.model_copy(update={"threads": 2}), DEMO, progress=False, eval_every=2)
-    assert "resuming from" in capsys.readouterr().out
-    a = load_dino("demo", demo_dir=straight).state_dict()
-    b = load_dino("demo", demo_dir=interrupted).state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [h["loss"] for h in a_prov["history"]] == [h["loss"] for h in b_prov["history"]]
-
-
-def test_a_resume_file_from_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys):
-    interrupt_pretraining_at_second_evaluation(demo_dino, "attention_quality", tmp_path, TINY, DEMO, monkeypatch)
-    capsys.readouterr()
-    prov = demo_dino.pretrain(tmp_path, TINY.model_copy(update={"lr": 1e-4}), DEMO, progress=False, eval_every=2)
-    assert "resuming" not in capsys.readouterr().out
-    assert prov["params"]["lr"] == 1e-4 and [h["step"] for h in prov["history"]] == [2, 4]
 
 
 def test_cli_demo_dino_writes_the_folder_and_scores_the_clip(tmp_path, tiny_params_file, capsys):
