@@ -1,6 +1,7 @@
 # Entry points for a fresh machine (README quick start):
 #   make demo        set up .venv and run the offline demo DAG (Snakemake) from scratch where needed
 #   make test        set up .venv, lint (ruff check .) and run the test suite
+#   make test-portable  the suite again on other CPUs' kernel paths (AVX2 only, then none)
 #   make schema      rewrite workflow/schemas/params.schema.json from ssr/config.py
 #   make dvc         rewrite dvc.yaml (and workflow/dvc/*/dvc.yaml) from params.yaml and workflow/resources.yaml
 #   make reference   the demo's reference run: a clean demo, then `dvc commit` -> dvc.lock; commit what it lists
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: demo test lint schema setup dvc reference clean-results
+.PHONY: demo test test-portable lint schema setup dvc reference clean-results
 
 setup: $(STAMP)
 
@@ -33,6 +34,13 @@ demo: $(STAMP)
 
 test: lint
 	$(RUN) $(BIN)/python -m pytest -q
+
+# The suite on the CPU kernel paths of other machines, as torch's, oneDNN's and MKL's dispatchers
+# allow: AVX2 only (an AMD EPYC before Zen 4, older Intel), then no vector extensions at all.
+# Results may differ there by rounding; a test that fails is one that relied on this machine's.
+test-portable: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(RUN) $(BIN)/python -m pytest -q
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(RUN) $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
