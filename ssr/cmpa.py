@@ -3,8 +3,8 @@
 ISA and TSA project CLIP's image and text embeddings (Eq. 1). Per (image, present class),
 f_image pools the projected patch embeddings with the class's GradCAM (Eq. 2) and f_text is
 the projected prompt of the class. k-means over the collected f_image gives the image
-prototypes P_I; the nearest one to each sample is its cluster pseudo-label pos_idx; the
-text prototypes P_T are the projected prompts (k-means over the dataset's f_text, which take
+prototypes P_I; the nearest one to each sample is its cluster pseudo-label pos_idx (or,
+with `cmpa.positive: class`, the sample's own class); the text prototypes P_T are the projected prompts (k-means over the dataset's f_text, which take
 one value per class, returns exactly those values when there are as many clusters as classes).
 L_proto (Eq. 3-6) then pulls each f_image to the text prototype of its cluster and away from
 the others, and each text prototype to the image prototype of its class.
@@ -152,6 +152,20 @@ class PrototypeBank(nn.Module):
     def assign(self, features: torch.Tensor) -> torch.Tensor:
         """pos_idx: the image-prototype cluster of each feature (M, E) -> (M,) long."""
         return (F.normalize(features.float(), dim=-1) @ self.image_prototypes.T).argmax(dim=1)
+
+
+def positive_index(rule: str, bank: PrototypeBank, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """pos_idx of Eq. 4-5 for features (M, E) of samples of classes (M,) -> (M,) long.
+
+    "cluster" (the paper): the nearest image prototype, a pseudo-label that can name another
+    class where the prototypes are poorly separated; "class" (our option): the sample's own
+    image-level class, which cluster k stands for since class k seeds it.
+    """
+    if rule == "cluster":
+        return bank.assign(features)
+    if rule == "class":
+        return classes
+    raise ValueError(f"unknown CMPA positive {rule!r}; expected 'cluster' or 'class'")
 
 
 class Temperature(nn.Module):

@@ -307,6 +307,9 @@ class CmpaParams(Section):
     tau_init: float = _f(0.05, "learnable temperature, initial value", "P", gt=0.0)
     loss: Literal[CMPA_LOSSES] = _f("cross_modal", "Table 4: cross_modal (the method), in_modal, feature", "P")  # type: ignore[valid-type]
     text_prototype_term: bool = _f(True, "constraint (2): text prototypes gather with same-class visual prototypes", "P")
+    positive: Literal["cluster", "class"] = _f(
+        "cluster",
+        'pos_idx (Eq. 4-5): the nearest image prototype, a cluster pseudo-label; "class" = the sample\'s own class (O)', "P")
     bank_size: int = _f(4096, "memory of (image, class) features that k-means clusters", ge=1)
     warmup_per_class: int = _f(8, "features of every class collected before the first k-means", ge=1)
     kmeans_iters: int = _f(20, "spherical k-means iterations per prototype refresh", ge=1)

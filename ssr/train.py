@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ssr.cam import class_slots
 from ssr.checkpoint import model_files, save_model
-from ssr.cmpa import masked_average_pool, prototype_loss_term, sample_loss_sum
+from ssr.cmpa import masked_average_pool, positive_index, prototype_loss_term, sample_loss_sum
 from ssr.config import ConfigError, Params, PresetParams, identity_differences, training_identity
 from ssr.data.dataset import TrainCrops, collate
 from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, atomic_path
@@ -223,7 +223,7 @@ def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, para
         f_image = masked_average_pool(model.isa(m.dense), m.cam)[m.valid]           # (M, d2), Eq. 2
         labels = m.classes[m.valid]
         text = model.tsa(backbones.text[: backbones.num_foreground])                 # (C, d2): P_T, one per class
-        pos_idx = model.bank.assign(f_image.detach())
+        pos_idx = positive_index(params.cmpa.positive, model.bank, f_image.detach(), labels)
         loss_proto = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text, model.bank.image_prototypes,
                                      pos_idx, model.tau()) / n_samples
         loss = loss + loss_proto

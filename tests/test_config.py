@@ -33,7 +33,7 @@ from ssr.site import LOCAL_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
-KEY_LINE = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w]*):(?P<rest>.*)$")
+KEY_LINE = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w.]*):(?P<rest>.*)$")  # dotted: the keys of overrides
 
 
 def _raw() -> dict:

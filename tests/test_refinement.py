@@ -19,6 +19,7 @@ from ssr.cmpa import (
     ResidualHead,
     Temperature,
     masked_average_pool,
+    positive_index,
     prototype_loss_term,
     sample_loss_sum,
     spherical_kmeans,
@@ -500,6 +501,21 @@ def test_prototype_bank_refresh_and_assign():
     clone = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
     clone.load_state_dict(bank.state_dict())
     assert torch.equal(clone.assign(x), bank.assign(x)) and bool(clone.ready)
+
+
+def test_the_positive_is_the_nearest_prototype_or_the_sample_s_own_class():
+    """pos_idx (Eq. 4-5): "cluster" follows the features (so a class-0 sample lying in class 1's
+    cluster is pulled towards class 1), "class" keeps each sample's own class."""
+    x, labels, centres, g = _planted_clusters(seed=2)
+    bank = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
+    bank.push(x, labels)
+    bank.refresh(centres)
+    stray = centres[1:2] * 5                                            # a class-0 sample on class 1's direction
+    feats, classes = torch.cat([x, stray]), torch.cat([labels, torch.tensor([0])])
+    assert positive_index("cluster", bank, feats, classes).tolist() == labels.tolist() + [1]
+    assert torch.equal(positive_index("class", bank, feats, classes), classes)
+    with pytest.raises(ValueError, match="unknown CMPA positive 'nearest'"):
+        positive_index("nearest", bank, feats, classes)
 
 
 def test_class_absent_from_the_first_features_gets_its_prototype_from_its_own_later_features():
