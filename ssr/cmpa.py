@@ -4,10 +4,11 @@ ISA and TSA project CLIP's image and text embeddings (Eq. 1). Per (image, presen
 f_image pools the projected patch embeddings with the class's GradCAM (Eq. 2) and f_text is
 the projected prompt of the class. k-means over the collected f_image gives the image
 prototypes P_I; the nearest one to each sample is its cluster pseudo-label pos_idx (or,
-with `cmpa.positive: class`, the sample's own class); the text prototypes P_T are the projected prompts (k-means over the dataset's f_text, which take
-one value per class, returns exactly those values when there are as many clusters as classes).
-L_proto (Eq. 3-6) then pulls each f_image to the text prototype of its cluster and away from
-the others, and each text prototype to the image prototype of its class.
+with `cmpa.positive: class`, the sample's own class); the text prototypes P_T are the
+projected prompts (k-means over the dataset's f_text, which take one value per class,
+returns exactly those values when there are as many clusters as classes). L_proto
+(Eq. 3-6) then pulls each f_image to the text prototype of its positive and away from the
+others, and each text prototype to the image prototype of its class.
 """
 
 from __future__ import annotations
