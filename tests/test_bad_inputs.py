@@ -378,12 +378,12 @@ def test_superpixels_without_an_image_of_the_split_are_refused(ref, tmp_path, ca
 
 
 def test_a_checkpoint_from_another_config_is_refused_naming_the_keys(ref, tmp_path, capsys):
-    path = workspace(ref, tmp_path, "train", keep_state=True, **{"cmpa.tau_init": 0.1, "sgc.rho": 0.3})
+    path = workspace(ref, tmp_path, "train", keep_state=True, **{"cmpa.tau_init": 0.1, "sgc.t_hi": 0.4})
     checkpoint = tmp_path / RUN / "checkpoint.pt"
     before = checkpoint.read_bytes()
     rc, err = run_stage(capsys, args("train", path, "--resume"))
     last = assert_one_line_error(rc, err, "train", checkpoint, "written under other params")
-    assert "cmpa.tau_init (recorded 0.05, now 0.1)" in last and "sgc.rho (recorded 0.5, now 0.3)" in last
+    assert "cmpa.tau_init (recorded 0.05, now 0.1)" in last and "sgc.t_hi (recorded 0.5, now 0.4)" in last
     assert checkpoint.read_bytes() == before
     assert_no_outputs(tmp_path, "train")
 

@@ -247,14 +247,14 @@ def test_a_model_under_other_params_is_refused_naming_the_keys(pipeline, capsys)
     """A stage loading a trained model under params that changed what it was trained with stops,
     naming each changed key with both values, and writes nothing."""
     path, _ = write_params(pipeline.base / "changed", Path(pipeline.params.data_root), pipeline.clip_dir,
-                           **{"cmpa.tau_init": 0.1, "sgc.rho": 0.3})
+                           **{"cmpa.tau_init": 0.1, "sgc.t_hi": 0.4})
     path.write_text(path.read_text().replace(f"results_root: {path.parent / 'results'}", f"results_root: {pipeline.results}"))
     seeds_file = pipeline.results / "demo_seeds.json"
     before = seeds_file.read_bytes()
     assert ssr_main(["pseudo-labels", "--dataset", "demo", "--params", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "model.json: trained under other params" in err
-    assert "cmpa.tau_init (recorded 0.05, now 0.1)" in err and "sgc.rho (recorded 0.5, now 0.3)" in err
+    assert "cmpa.tau_init (recorded 0.05, now 0.1)" in err and "sgc.t_hi (recorded 0.5, now 0.4)" in err
     assert seeds_file.read_bytes() == before
 
 
