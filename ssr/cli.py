@@ -549,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "params") and not (args.stage == "evaluate" and (args.pred or args.gt)):
             params = load_params(args.params)
             if getattr(args, "dataset", None):
+                # Said on every stage: `dvc exp run -S sgc.rho=...` does not reach a dataset that overrides it.
+                shadowed = params.shadowed(args.dataset)
+                if shadowed:
+                    logger.info("datasets.%s.overrides sets %s", args.dataset,
+                                ", ".join(f"{key} {value!r} (top level {top!r})" for key, top, value in shadowed))
                 params = params.for_dataset(args.dataset)
         if getattr(args, "threads", None) is not None:
             params = _limit_threads(args.threads, params)

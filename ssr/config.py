@@ -491,6 +491,19 @@ class Params(Section):
             return self
         return _validated(_override(self.model_dump(), overrides), f"datasets.{dataset}.overrides: ")
 
+    def shadowed(self, dataset: str) -> list[tuple[str, Any, Any]]:
+        """(dotted key, top-level value, the dataset's value) for each key the dataset's `overrides`
+        sets to something else: an edit of that key at the top level does not reach the dataset."""
+        raw = self.model_dump()
+        out = []
+        for dotted, value in self.dataset(dataset).overrides.items():
+            node = raw
+            for key in str(dotted).split("."):
+                node = node[key]
+            if node != value:
+                out.append((str(dotted), node, value))
+        return out
+
     def runs(self, dataset: str) -> list[str]:
         """The training runs of a dataset: the method, then its variants in params order."""
         return [METHOD_RUN, *self.dataset(dataset).variants]

@@ -98,7 +98,7 @@ def _params(tmp_path: Path) -> Path:
 def test_a_missing_input_names_the_command_that_writes_it(tmp_path, capsys, stage, hint):
     path = _params(tmp_path)
     assert cli.main([stage, "--dataset", "demo", "--params", str(path)]) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith(f"ssr {stage}: error: ") and hint in err, err
 
 
@@ -116,3 +116,15 @@ def test_missing_superpixels_and_model_name_their_stage(tmp_path, capsys):
         run = tmp_path / "results" / "demo" / "method" / "seed0"
         run.mkdir(parents=True)                                              # an interrupted run: no model yet
         ssr.load_model(run)
+
+
+def test_every_stage_says_which_top_level_values_the_dataset_overrides(tmp_path, capsys):
+    # `dvc exp run -S sgc.rho=0.4` edits the top level, which the demo's own `sgc.rho` shadows: say so.
+    path = _params(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["datasets"]["demo"]["overrides"] = {"sgc.rho": 0.3, "sgc.t_hi": raw["sgc"]["t_hi"]}
+    raw["sgc"]["rho"] = 0.4
+    path.write_text(yaml.safe_dump(raw))
+    assert cli.main(["prepare", "--dataset", "demo", "--params", str(path)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "overrides" in line]
+    assert said == ["INFO ssr.cli: datasets.demo.overrides sets sgc.rho 0.3 (top level 0.4)"]

@@ -9,9 +9,11 @@ after SIGTERM, torchrun) is in tests/test_workflow_train.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -502,3 +504,34 @@ def test_the_command_line_and_the_dags_know_the_same_datasets():
     from ssr.cli import DATASETS as CLI_DATASETS
 
     assert CLI_DATASETS == pipeline.DATASETS
+
+
+def _dotted(node, key: str):
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def test_every_dvc_exp_run_in_the_readme_sets_params_that_reach_the_demo(tmp_path):
+    """The README's `dvc exp run -S` lines, applied by DVC's own `-S` parser to a copy of
+    params.yaml: the params still load, and the demo's (its overrides applied) carry each value."""
+    from dvc.utils.hydra import apply_overrides
+
+    from ssr.config import load_params
+
+    lines = [line.split("#")[0] for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+             if line.strip().startswith("dvc exp run -S")]
+    assert len(lines) >= 4, lines
+    for line in lines:
+        words = shlex.split(line)
+        sets = [value for flag, value in itertools.pairwise(words) if flag == "-S"]
+        path = tmp_path / "params.yaml"
+        shutil.copy(REPO / "params.yaml", path)
+        apply_overrides(str(path), sets)
+        demo = load_params(path, site=False).for_dataset("demo")
+        for assignment in sets:
+            key, value = assignment.split("=", 1)
+            value = yaml.safe_load(value)
+            wanted = value.items() if key == "datasets.demo.overrides" else [(key, value)]
+            for dotted, expected in wanted:
+                assert _dotted(demo, dotted) == expected, (line, dotted)
