@@ -56,9 +56,12 @@ def class_legend(indices, class_names: list[str]) -> list[Patch]:
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 100) -> None:
-    """Write a figure as PNG, atomically."""
+    """Write a figure as PNG, atomically, its title and panel titles in the PNG's text (Title,
+    Description): what a screen reader, or a test, can read without looking at pixels."""
+    panels = [ax.get_title().replace("\n", " ") for ax in fig.axes if ax.get_title()]
+    metadata = {"Title": fig.get_suptitle().replace("\n", " "), "Description": "panels: " + " | ".join(panels)}
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        fig.savefig(tmp, format="png", dpi=dpi, metadata=metadata)
 
 
 def _bare(ax) -> None:

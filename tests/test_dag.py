@@ -511,7 +511,7 @@ def test_demo_dag_runs_from_scratch_then_dvc_commit_status_and_metrics_diff(tmp_
     plots = json.loads(run(_tool("dvc"), "plots", "diff", "HEAD", "--json").stdout)
     assert not plots.get("errors") and "demo method: train/loss" in plots["data"], plots
     # the headline: a diff that fits a screen, beside the full files
-    headline = run(_tool("dvc"), "metrics", "diff", "results/demo_headline.json").stdout.splitlines()
+    headline = run(_tool("dvc"), "metrics", "diff", "--targets", "results/demo_headline.json").stdout.splitlines()
     assert 3 < len(headline) <= 24 and any("val_miou" in line for line in headline), headline
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import io
 import json
 import re
 import shutil
@@ -23,6 +24,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_params
+from PIL import Image
 from test_dag import _run, _tool, copy_workflow, make_paths
 
 from ssr import report as ssr_report
@@ -224,6 +226,10 @@ def test_snakemake_report_of_the_tiny_demo_shows_the_metrics_files(tmp_path, tin
         assert [re.match(r".*/(random|worst)_", n)[1] for n in names] == ["random", "random", "worst", "worst"]
     assert {by_name[n]["labels"]["picked"] for n in cams} == {"random 1", "random 2", "worst 1", "worst 2"}
     assert all(decoded(by_name[n]).startswith(b"\x89PNG") for n in [*cams, *strips])
+    for name in cams:  # every CAM figure has SGC's region panels (the panel titles are in the PNG's text)
+        panels = Image.open(io.BytesIO(decoded(by_name[name]))).text["Description"]
+        assert "regions (SLIC + k-means)" in panels and "SGC target regions" in panels, (name, panels)
+        assert panels.count("CAM") >= 1 and "+ CLIP attention" in panels, (name, panels)
     page = decoded(by_name["report/gallery.html"]).decode()
     images = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)">', page)
     shown = {Path(n).name: decoded(by_name[n]) for n in [*cams, *strips]}
