@@ -238,6 +238,10 @@ def test_snakemake_report_of_the_tiny_demo_shows_the_metrics_files(tmp_path, tin
 
     # the curves: one per logged quantity, named in words; and a CSV of every number, the paper's beside it
     assert {n for n in by_name if n.startswith("report/curves/")} == {f"report/curves/{q.replace('/', '-')}.png" for q in CURVES}
+    for quantity, words in CURVES.items():
+        png = Image.open(io.BytesIO(decoded(by_name[f"report/curves/{quantity.replace('/', '-')}.png"])))
+        assert png.text["Title"] == f"{quantity}: {words}"
+        assert png.text["Description"] == f"panels: method | {variant} | {bound}"
     numbers = decoded(by_name["report/metrics.csv"]).decode().splitlines()
     assert numbers[0] == "table,section,row,metric,mean,std,min,max,paper" and len(numbers) > 100
     assert "seeds,Table 3,CAM,miou," in "\n".join(numbers) and any(line.endswith(",0.633") for line in numbers)
