@@ -123,9 +123,13 @@ def _ssr_module(name: str):
     return module
 
 
+def _site_module():
+    return _ssr_module("site")
+
+
 def with_site(params: dict, params_path: str | os.PathLike = PARAMS) -> dict:
     """params with the per-site data_root / results_root (params.local.yaml, SSR_DATA_ROOT, SSR_RESULTS_ROOT)."""
-    return _ssr_module("site").apply_site(params, params_path)
+    return _site_module().apply_site(params, params_path)
 
 
 def load(params_path: str | os.PathLike = PARAMS, resources_path: str | os.PathLike | None = None, *,
