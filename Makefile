@@ -11,12 +11,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# DVC's offline plots page (.dvc/config plots.html_template): vega's scripts from the installed vl-convert-python
+PLOTS_TEMPLATE := .dvc/plots_template.html
 CORES ?= 2
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 .PHONY: demo test test-portable lint schema setup dvc reference clean-results
 
-setup: $(STAMP)
+setup: $(STAMP) $(PLOTS_TEMPLATE)
 
 # Reinstall when the dependency list changes; the editable install tracks ssr/ itself.
 $(STAMP): pyproject.toml
@@ -29,8 +31,11 @@ $(STAMP): pyproject.toml
 # The target is the `demo` rule, which asks for every product of the demo's
 # stages (models, pseudo-labels, predictions): a checkout without data/ and
 # results/demo/ computes them all, whatever the committed metrics files say.
-demo: $(STAMP)
+demo: $(STAMP) $(PLOTS_TEMPLATE)
 	$(RUN) $(BIN)/snakemake --cores $(CORES) demo
+
+$(PLOTS_TEMPLATE): $(STAMP)
+	$(BIN)/python workflow/pipeline.py plots-template
 
 test: lint
 	$(RUN) $(BIN)/python -m pytest -q

@@ -335,21 +335,30 @@ def cmd_retrain(args, params: Params) -> None:
 
 
 def cmd_report(args, params: Params) -> None:
-    from ssr.report import write_report
+    from ssr.report import build_report
+
+    out = Path(args.out) if args.out else results_dir(params, args.dataset) / "report"
+    written = build_report(params, args.dataset, out, params_path=Path(args.params), seeds=_seeds(args, params))
+    print(f"wrote {len(written)} report files to {out}")
+
+
+def cmd_headline(args, params: Params) -> None:
+    from ssr.data.layout import atomic_path
+    from ssr.report import headline_markdown, headline_metrics
 
     results = Path(params.results_root)
 
     def metrics(name: str, stage: str):
         return read_json(results / f"{args.dataset}_{name}.json", f"run `ssr {stage} --dataset {args.dataset}` first")
 
-    written = write_report(
-        Path(args.out) if args.out else results_dir(params, args.dataset) / "report",
-        seeds=metrics("seeds", "pseudo-labels"), miou=metrics("miou", "evaluate"), train=metrics("train", "train"),
-        class_names=DatasetLayout(params.dataset_root(args.dataset)).classes(),
-        variants=params.dataset(args.dataset).variants, cmpa_loss=params.cmpa.loss,
-        run_dirs={run: {seed: run_dir(params, args.dataset, run, seed) for seed in _seeds(args, params)}
-                  for run in params.runs(args.dataset)})
-    print(f"wrote {len(written)} report files to {written[0].parent}")
+    variants = params.dataset(args.dataset).variants
+    headline = headline_metrics(metrics("seeds", "pseudo-labels"), metrics("miou", "evaluate"), variants)
+    text = headline_markdown(headline, args.dataset, variants, params.cmpa.loss)
+    with atomic_path(results_dir(params, args.dataset) / "headline.md") as tmp:
+        tmp.write_text(text)
+    write_json(results / f"{args.dataset}_headline.json", headline)
+    if not args.quiet:
+        print(text)
 
 
 def cmd_schema(args, params: Params | None) -> None:
@@ -416,7 +425,13 @@ STAGES = {
                   "ssr evaluate --pred preds/ --gt data/voc/labels --num-classes 21 --classes data/voc/classes.json "
                   "--out scores.json"],
                  ("params", "dataset?")),
-    "report": (cmd_report, "tables (HTML, CSV) of every metrics file and figures of the training curves",
+    "headline": (cmd_headline, "the few numbers a run is judged by, from the seeds and val metrics files",
+                 "Writes results_root/{dataset}_headline.json: val mIoU without and with DenseCRF, the seed ablation's "
+                 "Table 3 rows and the share of the fully supervised bound, each as mean and std over seeds (a DVC "
+                 "metric that `dvc metrics diff` shows in a screen), and the same beside the paper's figures as a "
+                 "Markdown table, results_root/{dataset}/headline.md.",
+                 ["ssr headline --dataset demo"], ("params", "dataset")),
+    "report": (cmd_report, "the HTML report's pages: tables beside the paper's figures, curves, params, gallery",
                "Writes results_root/{dataset}/report/, which `snakemake --report` collects (docs/workflow.md).",
                ["ssr report --dataset demo", "ssr report --dataset voc --out /tmp/voc_report"], ("params", "dataset")),
     "schema": (cmd_schema, "write params.yaml's JSON Schema (types, bounds, choices, descriptions, P/W/O sources)",

@@ -336,8 +336,8 @@ class PseudoLabelParams(Section):
                                                          min_length=1)
     par_w_colour: float = _f(0.3, "PAR colour-affinity temperature", "W", gt=0.0)
     par_w_position: float = _f(0.01, "PAR weight of the neighbour-distance term", "W", ge=0.0)
-    figures: int = _f(4, "images drawn per selection (first, worst): pseudo_labels' CAM panels, evaluate's prediction strips",
-                      ge=0)
+    figures: int = _f(4, "images drawn per selection, a fixed random sample and the lowest-mIoU ones (2x this in all): "
+                         "pseudo_labels' CAM figures, evaluate's prediction strips", ge=0)
 
     @model_validator(mode="after")
     def _band(self) -> PseudoLabelParams:

@@ -104,8 +104,8 @@ def evaluate_model(backbones: FrozenBackbones, model: SSR, root: Path, split: st
     """Decoder predictions on `split`, scored with and without DenseCRF -> flat metrics dict.
 
     With `pred_dir`, the saved predictions (after DenseCRF when `infer.crf`) go to pred_dir/{id}.png
-    and `figures` strips (image | ground truth | prediction | after DenseCRF; the lowest-mIoU images
-    and the first ones, see `FigureCandidates`) to pred_dir/figures/; the folder appears under its
+    and 2 x `figures` strips (image | ground truth | prediction | after DenseCRF; the lowest-mIoU
+    images and a fixed random sample, see `FigureCandidates`) to pred_dir/figures/; the folder appears under its
     name (replacing an earlier one) only once all of it is written.
     """
     args = (backbones, model, root, split, long_side, infer)

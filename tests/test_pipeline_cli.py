@@ -22,6 +22,7 @@ import torch
 from conftest import write_tiny_params
 
 from ssr.cli import main as ssr_main
+from ssr.data.dataset import WholeImages
 from ssr.data.layout import DatasetLayout, read_label_png, write_label_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,8 +124,35 @@ def test_pseudo_labels_cover_the_train_split_and_score_as_reported(pipeline):
     assert pipeline.seeds["method_miou"] == pytest.approx(numpy_miou(pairs, len(pipeline.classes)), abs=1e-12)
 
     figures = sorted((pipeline.results / "demo" / "figures").glob("*.png"))
-    assert len(figures) == min(pipeline.params.pseudo_labels.figures, len(ids))
+    assert len(figures) == min(2 * pipeline.params.pseudo_labels.figures, len(ids))  # random and worst picks
     assert all(f.stat().st_size > 0 for f in figures)
+
+
+def test_cam_figures_get_each_image_s_regions_and_sgc_targets(pipeline, tmp_path, monkeypatch):
+    """The pseudo_labels stage hands every CAM figure the image's region map (the superpixels
+    file's, at the image's size) and, per class of the image, its SGC target regions."""
+    import ssr.pseudo_labels
+
+    path, params = write_params(tmp_path, Path(pipeline.params.data_root), pipeline.clip_dir)
+    shutil.copytree(pipeline.results / "demo" / "method", Path(params.results_root) / "demo" / "method")
+    drawn, real = [], ssr.pseudo_labels.cam_figure
+
+    def recorded(*args, **kwargs):
+        drawn.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssr.pseudo_labels, "cam_figure", recorded)
+    torch.set_num_threads(1)
+    assert ssr_main(["pseudo-labels", "--dataset", "demo", "--params", str(path), "--quiet"]) == 0
+    data = WholeImages(params.dataset_root("demo"), "train", long_side=32, patch_size=8,
+                       superpixels=params.dataset_root("demo") / "superpixels.h5")
+    assert len(drawn) == len(list((Path(params.results_root) / "demo" / "figures").glob("*.png"))) > 0
+    for (image, gt, _label, _cams, classes, _names), kwargs in drawn:
+        image_id = kwargs["title"].split("\n")[0]
+        assert np.array_equal(kwargs["regions"], data.region_map(image_id, image.shape[:2])), image_id
+        assert kwargs["targets"].shape == (len(classes), params.superpixels.n_clusters)
+        assert kwargs["targets"].dtype == bool and kwargs["targets"].any()
+        assert classes == sorted(set(np.unique(gt).tolist()) - {0, 255})  # the demo's image labels are its true classes
 
 
 def test_miou_json_reports_plain_and_crf_scores(pipeline):
