@@ -282,7 +282,7 @@ def cmd_evaluate(args, params: Params | None) -> None:
             predictions = results_dir(params, args.dataset) / "predictions" if k == 0 and run == METHOD_RUN else None
             scores = evaluate_model(backbones(run), model, root, ds.val_split, run_params.dataset(args.dataset).long_side,
                                     run_params.infer, device=device, progress=args.progress and run == METHOD_RUN,
-                                    pred_dir=predictions, figures=params.pseudo_labels.figures,
+                                    tables=not args.quiet and run == METHOD_RUN, pred_dir=predictions, figures=params.pseudo_labels.figures,
                                     autocast_dtype=amp_dtype(params.train, device), store=partial / run / f"seed{seed}",
                                     crf_pool=pool, batch_size=args.batch_size)
             if run == METHOD_RUN:
