@@ -282,9 +282,9 @@ def cmd_evaluate(args, params: Params | None) -> None:
             predictions = results_dir(params, args.dataset) / "predictions" if k == 0 and run == METHOD_RUN else None
             scores = evaluate_model(backbones(run), model, root, ds.val_split, run_params.dataset(args.dataset).long_side,
                                     run_params.infer, device=device, progress=args.progress and run == METHOD_RUN,
-                                    tables=not args.quiet and run == METHOD_RUN, pred_dir=predictions, figures=params.pseudo_labels.figures,
-                                    autocast_dtype=amp_dtype(params.train, device), store=partial / run / f"seed{seed}",
-                                    crf_pool=pool, batch_size=args.batch_size)
+                                    tables=not args.quiet and run == METHOD_RUN, pred_dir=predictions,
+                                    figures=params.pseudo_labels.figures, autocast_dtype=amp_dtype(params.train, device),
+                                    store=partial / run / f"seed{seed}", crf_pool=pool, batch_size=args.batch_size)
             if run == METHOD_RUN:
                 metrics.update(scores)
                 continue
@@ -627,6 +627,7 @@ MAIN_EPILOG = """\
 examples:
   ssr prepare --dataset demo && ssr superpixels --dataset demo && ssr train --dataset demo
   ssr evaluate --dataset voc --device cuda
+  ssr predict --model results/demo/method/seed0 --out masks/ photos/
   ssr schema --out workflow/schemas/params.schema.json
 
 Every stage reads params.yaml (--params); data_root and results_root may also come from

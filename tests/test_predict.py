@@ -181,7 +181,7 @@ def test_densecrf_in_worker_processes_equals_densecrf_here(demo):
     with CrfPool(2) as pool:
         pooled = list(pool.map(iter(jobs), infer))
     assert [k for k, _ in pooled] == list(range(5))
-    for (k, job), (_, result) in zip(jobs, pooled, strict=True):
+    for (_, job), (_, result) in zip(jobs, pooled, strict=True):
         if job is None:
             assert result is None
             continue
@@ -365,3 +365,46 @@ def test_a_device_that_is_not_there_is_named_with_exit_code_2(demo, tmp_path, ca
         assert rc == 2 and err.strip().splitlines()[-1].startswith(f"ssr {stage}: error: {message}"), err
     with pytest.raises(ValueError, match="no CUDA GPU") if device != "gpu" else pytest.raises(ValueError, match="not a torch"):
         ssr.load_model(demo.model_dir, device=device)
+
+
+def test_inputs_that_would_overwrite_each_other_or_themselves_are_refused(tmp_path):
+    from ssr.predict_files import check_outputs
+
+    a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.jpg"
+    with pytest.raises(ValueError, match=f"same outputs in {tmp_path / 'out'}: {a} and {b}; predict them into separate"):
+        check_outputs([a, b], tmp_path / "out", probabilities=False)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'a' / 'x.png'}: an output would replace the input image"):
+        check_outputs([a], tmp_path / "a", probabilities=False)
+    check_outputs([a, tmp_path / "b" / "y.jpg"], tmp_path / "out", probabilities=True)
+
+
+def test_inference_options_outside_model_mode_are_refused(demo, capsys):
+    rc, _, err = run_cli(capsys, "evaluate", "--dataset", "demo", "--params", str(demo.path), "--scales", "1.0", "--no-crf")
+    assert rc == 2 and "--scales, --crf: inference settings go with --model" in err, err
+
+
+def test_a_killed_densecrf_worker_is_an_error_saying_so(demo):
+    """A worker killed mid-job (the kernel's out-of-memory killer) stops the stream with a message, not a hang."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (600, 600, 3), dtype=np.uint8)             # seconds of DenseCRF at 21 classes
+    probs = rng.dirichlet(np.ones(21), size=(600, 600)).transpose(2, 0, 1).astype(np.float32)
+
+    def kill_the_worker():
+        deadline = time.time() + 60
+        while not multiprocessing.active_children() and time.time() < deadline:
+            time.sleep(0.05)
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+
+    with CrfPool(1) as pool:
+        killer = threading.Thread(target=kill_the_worker)
+        killer.start()
+        with pytest.raises(RuntimeError, match="a DenseCRF worker process died"):
+            list(pool.map(iter([(0, CrfJob(image, probs, (600, 600)))]), demo.trained.infer))
+        killer.join()
