@@ -247,7 +247,6 @@ class PredictionStore:
             write_label_png(path, label)
 
 
-
 def saved_predictions(store: Path, crf: bool) -> Path:
     """The folder of a `PredictionStore` holding what is saved as the prediction: after DenseCRF when it ran."""
     return Path(store) / ("predictions_crf" if crf else "predictions")
