@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Iterable, Iterator
@@ -162,15 +163,20 @@ def run_crf_job(job: CrfJob, params: InferParams | CrfSettings) -> tuple[np.ndar
     return q.argmax(0).astype(np.uint8), (q if job.keep_probs else None)
 
 
-def _worker_start() -> None:
+def _worker_start(parent: int) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the pool, the workers must not
-    # print tracebacks of their own. A parent that dies (SIGKILL, out of memory) takes them along.
+    # print tracebacks of their own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent that dies (SIGKILL, out of memory) must take its workers along: they hold both ends
+    # of their job queue and would wait on it forever. The kernel signals a worker once its parent
+    # is gone; a parent that died while the worker was still starting is seen here.
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class CrfPool:
@@ -211,7 +217,8 @@ class CrfPool:
                                    "script using DenseCRF workers must run under `if __name__ == \"__main__\":` "
                                    "(or use 0 workers)")
             self._executor = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start)
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                initargs=(os.getpid(),))
         return self._executor.submit(run_crf_job, job, params)
 
     def map(self, items: Iterable[tuple[object, CrfJob | None]],

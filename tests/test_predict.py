@@ -408,3 +408,76 @@ def test_a_killed_densecrf_worker_is_an_error_saying_so(demo):
         with pytest.raises(RuntimeError, match="a DenseCRF worker process died"):
             list(pool.map(iter([(0, CrfJob(image, probs, (600, 600)))]), demo.trained.infer))
         killer.join()
+
+
+PARENT = '''
+import multiprocessing, sys, threading, time
+from pathlib import Path
+
+import numpy as np
+
+from ssr.crf import CrfJob, CrfPool, CrfSettings
+
+if __name__ == "__main__":
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    probs = rng.dirichlet(np.ones(21), size=(200, 200)).transpose(2, 0, 1).astype(np.float32)
+    jobs = [(k, CrfJob(image, probs, (200, 200))) for k in range(8)]
+
+    def report():
+        Path(sys.argv[1] + ".tmp").write_text(" ".join(str(c.pid) for c in multiprocessing.active_children()))
+        Path(sys.argv[1] + ".tmp").rename(sys.argv[1])
+
+    def report_when_started():
+        while len(multiprocessing.active_children()) < 2:
+            time.sleep(0.01)
+        report()
+
+    if sys.argv[2] == "starting":
+        threading.Thread(target=report_when_started, daemon=True).start()
+    with CrfPool(2) as pool:
+        for k, _ in pool.map(iter(jobs), CrfSettings(10, 3.0, 3.0, 64.0, 5.0, 4.0, 500)):
+            if k == 0 and sys.argv[2] == "working":                 # both workers busy with the next jobs
+                report()
+'''
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for whoever adopted it to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from Linux's /proc")
+@pytest.mark.parametrize("when", ["starting", "working"])
+def test_densecrf_workers_die_with_their_parent(tmp_path, when):
+    """A parent killed outright (SIGKILL: a scheduler's time limit, the out-of-memory killer), while its workers
+    start or while they work, leaves no worker behind: they would wait on their job queue forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, pids = tmp_path / "parent.py", tmp_path / "pids"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(pids), when])
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 120
+        while not pids.exists() and time.time() < deadline:
+            time.sleep(0.01)
+        workers = [int(p) for p in pids.read_text().split()]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 60
+        while any(_alive(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if _alive(pid)], "DenseCRF workers outlived their parent"
+    finally:
+        parent.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
