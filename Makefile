@@ -5,7 +5,8 @@
 #   make schema      rewrite workflow/schemas/params.schema.json from ssr/config.py
 #   make dvc         rewrite dvc.yaml (and workflow/dvc/*/dvc.yaml) from params.yaml and workflow/resources.yaml
 #   make reference   the demo's reference run: a clean demo, then `dvc commit` -> dvc.lock; commit what it lists
-# Each creates .venv on first use; torch and torchvision are pinned in pyproject.toml.
+# Each creates .venv on first use (with the test and export extras: the ONNX test runs onnxruntime);
+# torch and torchvision are pinned in pyproject.toml.
 
 PYTHON ?= python3
 VENV := .venv
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,export]'
 	touch $(STAMP)
 
 # The target is the `demo` rule, which asks for every product of the demo's

@@ -400,6 +400,8 @@ class InferParams(Section):
     crf_bi_w: float = _f(4.0, "DenseCRF appearance kernel weight", "W", ge=0.0)
     crf_reference_size: int = _f(500, "the stds above are for ~500 px images; scaled by long side / this (0 = never scaled)",
                                  ge=0)
+    crf_max_side: int = _f(1024, "DenseCRF runs at most at this long side, then its probabilities are upsampled "
+                                 "(0 = always at the image's size)", ge=0)
 
 
 class RetrainParams(Section):

@@ -67,8 +67,8 @@ def test_iteration_zero_labels_are_clip_es_labels_on_the_real_size_configuration
     assert ours.cam[valid].amax() > 0, "no activation at all: the comparison would not bite"
     torch.testing.assert_close(ours.cam, reference.cam, atol=1e-5, rtol=0)
     refine = dict(num_regions=params.superpixels.n_clusters, rows=())
-    refined = [refined_cams(backbones, model, batch["image"], classes, valid, batch["regions"], p.affinity, p.sgc, **refine).method
-               for model, p in ((method, params), (plain, plain_params))]
+    refined = [refined_cams(backbones, model, batch["image"], classes, valid, batch["regions"], p.affinity, p.sgc,
+                            **refine).method for model, p in ((method, params), (plain, plain_params))]
     torch.testing.assert_close(refined[0], refined[1], atol=1e-5, rtol=0)
     agree = (ours.labels == reference.labels).float().mean().item()
     assert agree >= 0.99, f"{dataset}: {agree:.1%} of the online labels agree with CLIP-ES's at iteration 0"

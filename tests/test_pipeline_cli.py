@@ -237,7 +237,11 @@ def pairs_mask(pairs, c: int) -> tuple[float, bool]:
 def test_evaluate_label_folders_needs_all_its_arguments(tmp_path):
     proc = ssr_cli("evaluate", "--pred", str(tmp_path), "--out", str(tmp_path / "x.json"), cwd=REPO)
     assert proc.returncode != 0
-    assert "--pred, --gt, --num-classes and --out go together" in proc.stderr
+    assert "--pred and --gt go together" in proc.stderr
+    write_label_png(tmp_path / "gt" / "a.png", np.zeros((2, 2), np.uint8))
+    proc = ssr_cli("evaluate", "--pred", str(tmp_path), "--gt", str(tmp_path / "gt"), cwd=REPO)
+    assert proc.returncode == 2
+    assert "give --num-classes, --classes FILE or --model RUN_DIR" in proc.stderr
 
 
 def test_evaluate_label_folders_runs_without_a_params_file(tmp_path):
@@ -302,7 +306,7 @@ def test_load_model_and_predict_from_the_run_folder_alone(pipeline):
     # the same decoder probabilities as the evaluate stage: equal labels with CRF, as saved in predictions/
     saved = read_label_png(pipeline.results / "demo" / "predictions" / f"{image_id}.png")
     assert np.array_equal(ssr.predict(trained, image), saved)
-    with pytest.raises(ValueError, match="uint8 RGB"):
+    with pytest.raises(ValueError, match=r"float images must lie within \[0, 1\]"):
         ssr.predict(trained, image.astype(np.float32))
 
 
