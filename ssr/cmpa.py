@@ -186,7 +186,8 @@ class SampleMemory:
 
     @torch.no_grad()
     def write(self, slots: torch.Tensor, features: torch.Tensor) -> None:
-        """slots (M,) long, features (M, E): a later write to a slot replaces the earlier one."""
+        """slots (M,) long, features (M, E): a later write to a slot replaces the earlier one (a slot twice in one
+        write, an image seen at the end of one epoch and the start of the next in one step, keeps either)."""
         self.features[slots] = F.normalize(features.float(), dim=-1)
         self.filled[slots] = True
 
