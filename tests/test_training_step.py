@@ -17,6 +17,7 @@ from ssr.cli import _backbones_by_run
 from ssr.cli import main as ssr_main
 from ssr.cmpa import masked_average_pool
 from ssr.data.dataset import collate
+from ssr.data.transforms import unit_images
 from ssr.model import refined_cams
 from ssr.train import Trainer, micro_batch_loss, prepare_micro_batch, step_counts, warm_up_prototypes
 
@@ -47,14 +48,15 @@ def test_eq2_pools_the_projected_patches_with_the_gradcam_not_the_refined_cam(da
     batch = _batch(trainer)
     m = prepare_micro_batch(backbones, model, batch, params, num_regions=params.superpixels.n_clusters, par=False)
     classes, valid = class_slots(batch["labels"])
-    cams = refined_cams(backbones, model, batch["image"], classes, valid, batch["regions"], params.affinity, params.sgc,
-                        num_regions=params.superpixels.n_clusters, rows=())
+    cams = refined_cams(backbones, model, unit_images(batch["image"]), classes, valid, batch["regions"], params.affinity,
+                        params.sgc, num_regions=params.superpixels.n_clusters, rows=(), fast=params.train.fast_path)
     torch.testing.assert_close(m.cam, cams.cam.detach(), atol=1e-6, rtol=0)
     assert not torch.allclose(m.cam, cams.method, atol=1e-3), "refined and initial CAM coincide: the test would not bite"
 
     model.train()
     _, parts = micro_batch_loss(backbones, model, m, params, trainer.preset, step_counts([m], torch.device("cpu")))
-    f_image, labels = parts["bank"]
+    f_image, labels, keep = parts["bank"]      # the fast path's every slot, and which are valid
+    f_image, labels = f_image[keep], labels[keep]
     expected = masked_average_pool(model.isa(m.dense), cams.cam.detach())[valid]
     torch.testing.assert_close(f_image, expected.detach(), atol=1e-5, rtol=1e-5)
     assert torch.equal(labels, classes[valid])
