@@ -308,11 +308,12 @@ def _fast_visual_forward(visual: nn.Module, images: torch.Tensor, grid: tuple[in
 
 
 def _fast_block_forward(block: nn.Module, x: torch.Tensor, cast, *, need_weights: bool, cam_leaf: str | None):
-    """`_block_forward`, with the attention written out: one GEMM for q, k and v, SDPA for the output.
+    """`_block_forward`, with the attention written out: one GEMM for q, k and v, SDPA for the output
+    (the CAM block, which GradCAM differentiates: softmax(q k^T) v as nn.MultiheadAttention computes it).
 
     need_weights: also the head-averaged attention of the patch rows and columns, (B, N, N)
-    float32, computed on the side without grad (what nn.MultiheadAttention's weights hold
-    there: softmax over all keys, CLS included, then the CLS row and column dropped).
+    float32, without grad (what nn.MultiheadAttention's weights hold there: softmax over all
+    keys, CLS included, then the CLS row and column dropped), on the side of SDPA.
     cam_leaf "ln_1" or "qkv": that tensor becomes a grad leaf. -> x, weights, ln_1 output, qkv leaf.
     """
     attn, mlp = block.attn, block.mlp
@@ -326,12 +327,22 @@ def _fast_block_forward(block: nn.Module, x: torch.Tensor, cast, *, need_weights
         qkv = leaf = qkv.detach().requires_grad_(True)
     b, t, _ = qkv.shape
     q, k, v = qkv.view(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)   # (B, heads, T, hd)
+    scale = math.sqrt(1.0 / attn.head_dim)
     weights = None
-    if need_weights:
-        with torch.no_grad():
-            scores = (q[:, :, 1:] * math.sqrt(1.0 / attn.head_dim)) @ k.transpose(-2, -1)           # (B, heads, N, T)
-            weights = scores.softmax(dim=-1)[..., 1:].float().mean(dim=1)
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+    if cam_leaf is not None:
+        # GradCAM back-propagates through this block once per class slot, batched by autograd's vmap:
+        # the explicit softmax(q k^T) v has batching rules everywhere, and the softmax serves the weights too
+        probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)                                # (B, heads, T, T)
+        out = probs @ v
+        if need_weights:
+            weights = probs.detach()[:, :, 1:, 1:].float().mean(dim=1)
+    else:
+        if need_weights:
+            with torch.no_grad():
+                scores = (q[:, :, 1:] * scale) @ k.transpose(-2, -1)                              # (B, heads, N, T)
+                weights = scores.softmax(dim=-1)[..., 1:].float().mean(dim=1)
+        out = F.scaled_dot_product_attention(q, k, v)
+    out = out.transpose(1, 2).reshape(b, t, -1)
     x = x + block.ls_1(F.linear(out, cast(attn.out_proj.weight), cast(attn.out_proj.bias)))
     h = F.linear(block.ln_2(x), cast(mlp.c_fc.weight), cast(mlp.c_fc.bias))
     x = x + block.ls_2(F.linear(mlp.gelu(h), cast(mlp.c_proj.weight), cast(mlp.c_proj.bias)))

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-# par_refine's implementations: "torch" (this module), "triton" (ssr.par_triton), "auto" (Triton on CUDA tensors
-# when it is importable, torch otherwise).
+# par_refine's implementations: "torch" (this module), "triton" (ssr.par_triton), "auto" (Triton when it is importable
+# and the tensors are on CUDA, or TRITON_INTERPRET=1 asks for Triton's CPU interpreter; torch otherwise).
 BACKENDS = ("auto", "torch", "triton")
 
 # The 8 neighbours of a pixel at unit dilation, (dy, dx).
@@ -63,11 +64,12 @@ def par_affinity(image: torch.Tensor, dilations: list[int], w_colour: float = 0.
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> "triton" on a CUDA device with Triton importable, else "torch"; the others as given."""
+    """"auto" -> "triton" on a CUDA device (or any, under TRITON_INTERPRET=1) with Triton importable, else "torch"."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown PAR backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "torch"
+        wanted = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        return "triton" if wanted and importlib.util.find_spec("triton") is not None else "torch"
     return backend
 
 
