@@ -22,14 +22,14 @@ run() { local name=$1; shift; echo "== $name"; timeout "$@" || { echo "!! $name 
 
 if [ "${SMOKE:-0}" = 1 ]; then
   cpu=(--device cpu)
-  run step_phases 600 $PY benchmarks/step_phases.py "${cpu[@]}" --micro-batch 4 --repeats 1 --out "$OUT/step_phases_64.json"
+  run step_phases 600 $PY benchmarks/step_phases.py "${cpu[@]}" --micro-batch 4 --repeats 1 --out "$OUT/step_phases_cuda_64.json"
   run step_phases_voc 600 $PY benchmarks/step_phases.py "${cpu[@]}" --micro-batch 2 --accumulation 2 --repeats 1 \
-      --out "$OUT/step_phases_voc.json"
+      --out "$OUT/step_phases_cuda_voc.json"
   run train_step 600 $PY benchmarks/train_step.py "${cpu[@]}" --micro-batch 2 4 --par on --steps 1 --warmup 1 --profile \
-      --out "$OUT/train_step.json"
-  run bf16 600 $PY benchmarks/bf16_cams.py "${cpu[@]}" --model tiny --size 32 --batch 4 --par --out "$OUT/bf16_cams.json"
+      --out "$OUT/train_step_cuda_fast.json"
+  run bf16 600 $PY benchmarks/bf16_cams.py "${cpu[@]}" --model tiny --size 32 --batch 4 --par --out "$OUT/bf16_cams_cuda_fast.json"
   run gradcam_3 600 $PY benchmarks/gradcam_throughput.py "${cpu[@]}" --classes-per-image 3 --repeats 1 \
-      --out "$OUT/gradcam_throughput_3cls.json"
+      --out "$OUT/gradcam_throughput_cuda_3cls_fast.json"
 else
   if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -38,13 +38,13 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   $PY -c "import torch, triton, open_clip, timm; print('torch', torch.__version__, 'triton', triton.__version__, \
 'open_clip', open_clip.__version__, 'timm', timm.__version__)"
-  run step_phases 150 $PY benchmarks/step_phases.py --micro-batch 64 --repeats 5 --out "$OUT/step_phases_64.json"
+  run step_phases 150 $PY benchmarks/step_phases.py --micro-batch 64 --repeats 5 --out "$OUT/step_phases_cuda_64.json"
   run step_phases_voc 120 $PY benchmarks/step_phases.py --micro-batch 16 --accumulation 8 --repeats 3 \
-      --out "$OUT/step_phases_voc.json"
+      --out "$OUT/step_phases_cuda_voc.json"
   run train_step 120 $PY benchmarks/train_step.py --micro-batch 64 128 --par on --steps 10 --warmup 3 --profile \
-      --out "$OUT/train_step.json"
-  run bf16 90 $PY benchmarks/bf16_cams.py --batch 16 --par --out "$OUT/bf16_cams.json"
-  run gradcam_3 60 $PY benchmarks/gradcam_throughput.py --batch 16 --classes-per-image 3 --out "$OUT/gradcam_throughput_3cls.json"
+      --out "$OUT/train_step_cuda_fast.json"
+  run bf16 90 $PY benchmarks/bf16_cams.py --batch 16 --par --out "$OUT/bf16_cams_cuda_fast.json"
+  run gradcam_3 60 $PY benchmarks/gradcam_throughput.py --batch 16 --classes-per-image 3 --out "$OUT/gradcam_throughput_cuda_3cls_fast.json"
 fi
 
 $PY - "$OUT" <<'EOF' || status=1
@@ -55,26 +55,26 @@ def load(name):
     path = out / name
     return json.loads(path.read_text()) if path.exists() else None
 print("== summary (" + ", ".join(p.name for p in sorted(out.glob("*.json"))) + ")")
-for name in ("step_phases_64.json", "step_phases_voc.json"):
+for name in ("step_phases_cuda_64.json", "step_phases_cuda_voc.json"):
     r = load(name)
     if r:
         s = r["phases"]["step"]
         print(f"{name}: {r['device']}, micro-batch {r['micro_batch']} x {r['accumulation']}: step "
               f"{s['reference']['images_per_s']:.0f} -> {s['fast']['images_per_s']:.0f} images/s (reference -> fast); "
               f"losses within tolerance {r['step_losses_within_tolerance']}; PAR {r['par_check']}; "
-              f"host syncs per micro-batch {r['host_syncs_per_micro_batch']}")
-r = load("train_step.json")
+              f"host syncs per micro-batch {r['host_syncs_per_micro_batch']}; uint8 exact {r['uint8_to_float_exact']}")
+r = load("train_step_cuda_fast.json")
 if r:
     for e in r["sizes"]:
-        print(f"train_step.json: micro-batch {e['micro_batch']}: {e['images_per_s']:.0f} images/s, "
+        print(f"train_step_cuda_fast.json: micro-batch {e['micro_batch']}: {e['images_per_s']:.0f} images/s, "
               f"peak {e['peak_memory_gib']} GiB, MFU {e.get('mfu_vs_measured')}")
-r = load("bf16_cams.json")
+r = load("bf16_cams_cuda_fast.json")
 if r:
-    print(f"bf16_cams.json: reference within tolerance {r['within_tolerance']} (labels {r['label_agreement']:.4f}), "
+    print(f"bf16_cams_cuda_fast.json: reference within tolerance {r['within_tolerance']} (labels {r['label_agreement']:.4f}), "
           f"fast within tolerance {r['fast_within_tolerance']} (labels {r['fast_label_agreement']:.4f})")
-r = load("gradcam_throughput_3cls.json")
+r = load("gradcam_throughput_cuda_3cls_fast.json")
 if r:
-    print(f"gradcam_throughput_3cls.json: fast {r['speedup_fast']:.1f}x, batched {r['speedup_batched']:.1f}x the loop; "
+    print(f"gradcam_throughput_cuda_3cls_fast.json: fast {r['speedup_fast']:.1f}x, batched {r['speedup_batched']:.1f}x the loop; "
           f"within tolerance {r['within_tolerance']}")
 EOF
 exit $status

@@ -13,9 +13,10 @@ Phases of one micro-batch (and the step's optimiser update), timed with the refe
 - step:          the whole `ssr.train.optimiser_step` (the headline: images/s)
 
 It also checks, where only a GPU can: the Triton PAR against torch's (max |diff| <= 1e-5, the CPU
-test's bound), the host syncs each path's micro-batch makes (torch.cuda.set_sync_debug_mode), and
-the fast step's losses against the reference step's from the same weights and inputs (bf16:
-`benchmarks/bf16_cams.py`'s relative tolerance, 0.05).
+test's bound), the host syncs each path's micro-batch makes (torch.cuda.set_sync_debug_mode), the
+device's uint8 -> float conversion against the loader's (bit for bit), and the fast step's losses
+against the reference step's from the same weights and inputs (bf16: `benchmarks/bf16_cams.py`'s
+relative tolerance, 0.05).
 
 On CUDA: the real configuration (ViT-B/16 + DINO ViT-S/16, random weights), bf16 autocast,
 crop 320, PAR on. On CPU: the tiny configuration, a smoke run (PAR stays on torch there).
@@ -35,6 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from configs import build, device_name, emit, fill_bank, synthetic_batch
@@ -42,7 +44,7 @@ from configs import build, device_name, emit, fill_bank, synthetic_batch
 from ssr.cam import class_slots  # noqa: E402
 from ssr.cmpa import masked_average_pool, positive_index, sample_loss_sum  # noqa: E402
 from ssr.data.layout import IGNORE_INDEX  # noqa: E402
-from ssr.data.transforms import unit_images  # noqa: E402
+from ssr.data.transforms import channels_first, to_unit, unit_images  # noqa: E402
 from ssr.decoder import affinity_loss_sums, upsample_bilinear  # noqa: E402
 from ssr.model import autocast, initial_cams, refined_cams  # noqa: E402
 from ssr.par import par_refine  # noqa: E402
@@ -234,6 +236,10 @@ def main(argv=None):
               "crop": crop, "classes_per_image": f"1..{args.classes_per_image}", "par": True, "repeats": args.repeats,
               "phases": {}}
 
+    # every uint8 value through the device's conversion against the loader's float conversion (numpy)
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=-1)
+    report["uint8_to_float_exact"] = torch.equal(unit_images(channels_first(pixels)[None], device).cpu(), to_unit(pixels)[None])
+
     def phase(name, fns):
         result = alternate(fns, device, args.repeats)
         report["phases"][name] = result
@@ -287,7 +293,8 @@ def main(argv=None):
         print(f"{name:14s} {ref:13.1f} {fast:9.1f} {ref / fast if fast > 0 else float('nan'):8.2f}x")
     print(f"step: {step['reference']['images_per_s']:.0f} -> {step['fast']['images_per_s']:.0f} images/s; "
           f"host syncs per micro-batch {report['host_syncs_per_micro_batch']}; "
-          f"PAR check {report['par_check']}; step losses relative diff max {max(relative.values()):.1e} "
+          f"PAR check {report['par_check']}; uint8 conversion exact {report['uint8_to_float_exact']}; "
+          f"step losses relative diff max {max(relative.values()):.1e} "
           f"(within {LOSS_TOLERANCE}: {report['step_losses_within_tolerance']})")
     emit(report, args.out)
 

@@ -27,6 +27,7 @@ from ssr.par import position_softmax
 # numpy calls, so it wants few, wide programs; a GPU wants many narrow ones.
 GPU_BLOCK = 256
 INTERPRETER_BLOCK = 16384
+MAX_BLOCK_C = 8
 
 
 @triton.jit
@@ -52,7 +53,7 @@ def _accumulate(acc, src, read, q, weight_ptr, in_image):
 @triton.jit
 def _propagate_kernel(src_ptr, affinity_ptr, dilations_ptr, active_ptr, dst_ptr, C, H, W,
                       ND: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
-    """One PAR iteration for one image (program axis 1) x BLOCK pixels x all its C channels.
+    """One PAR iteration for one image (program axis 1) x BLOCK pixels x BLOCK_C of its C channels (axis 2).
 
     dst[c, p] = sum_k src[c, neighbour_k(p)] * affinity[k, p], accumulated in k order from 0
     (dilation-major, OFFSETS order, as `ssr.par.par_refine`); channels whose `active` flag is 0
@@ -64,7 +65,7 @@ def _propagate_kernel(src_ptr, affinity_ptr, dilations_ptr, active_ptr, dst_ptr,
     in_image = p < HW
     y = p // W
     x = p % W
-    c = tl.arange(0, BLOCK_C)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_channels = c < C
     active = tl.load(active_ptr + b * C + c, mask=in_channels, other=0) != 0
     read = active[:, None] & in_image[None, :]
@@ -232,11 +233,14 @@ def par_refine_triton(image: torch.Tensor, scores: torch.Tensor, *, dilations: l
         return src.masked_fill(active[..., None, None] == 0, 0.0)
     block = _block(scores.device)
     buffers = [torch.empty_like(src), torch.empty_like(src)]
-    grid = (triton.cdiv(h * w, block), b)
+    # channels per program: all of a VOC image's (background + up to 7 classes) read each neighbour's
+    # weight once; more (COCO) would cost registers, so they split over programs
+    block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
+    grid = (triton.cdiv(h * w, block), b, triton.cdiv(c, block_c))
     for i in range(iterations):
         dst = buffers[i % 2]
         with torch.profiler.record_function("triton::par_propagate"):
             _propagate_kernel[grid](src, affinity, dilation_values, active, dst, c, h, w, ND=len(dilations),
-                                    BLOCK_C=triton.next_power_of_2(c), BLOCK=block)
+                                    BLOCK_C=block_c, BLOCK=block)
         src = dst
     return src

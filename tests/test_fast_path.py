@@ -431,3 +431,18 @@ def test_compact_and_cached_crops_are_the_same_crops(dataset_trainer, tmp_path):
             assert torch.equal(item["regions"].long(), a["regions"]) and torch.equal(item["gt"].long(), a["gt"])
     assert len(list((tmp_path / "decoded").glob("*.rgb.*.npy"))) == 3
     assert len(list((tmp_path / "decoded").glob("*.regions.*.npy"))) == 3
+
+
+def test_num_workers_auto_is_the_free_cores_and_threads_cap_it(tiny_params_file, monkeypatch):
+    from ssr.cli import _limit_threads
+    from ssr.config import available_cpus
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(6)), raising=False)
+    assert available_cpus(16) == 5 and available_cpus(4) == 4
+    _, params = tiny_params_file(**{"train.num_workers": "auto"})
+    assert params.train.num_workers == 5
+    assert _limit_threads(2, params).train.num_workers == 2
+    _, params = tiny_params_file(**{"train.num_workers": 0})
+    assert params.train.num_workers == 0 and _limit_threads(2, params).train.num_workers == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert available_cpus(16) == 0          # one core: the main process loads the data itself

@@ -77,19 +77,21 @@ def test_triton_par_equals_the_reference(tmp_path):
 
 
 def test_inactive_channels_are_skipped_and_come_out_zero(tmp_path):
-    """A padded class slot (all-zero scores, as cams_to_labels passes them) refines to zero either way."""
-    image, scores = _inputs((2, 4, 24, 40), seed=3)
-    active = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    """A padded class slot (all-zero scores, as cams_to_labels passes them) refines to zero either way.
+    Ten channels: more than one program's MAX_BLOCK_C, so the channels split over programs too."""
+    image, scores = _inputs((2, 10, 24, 40), seed=3)
+    active = torch.ones(2, 10, dtype=torch.bool)
+    active[1, 3:] = False
     scores = scores * active[..., None, None]
     kwargs = {"dilations": [1, 2, 4], "iterations": 5, "active": active}
     skipped, ones = run_interpreted(tmp_path, [("par_refine_triton", (image, scores), kwargs),
-                                               ("par_refine_triton", (image, torch.ones(2, 4, 24, 40)), kwargs)])
+                                               ("par_refine_triton", (image, torch.ones(2, 10, 24, 40)), kwargs)])
     reference = par_refine(image, scores, dilations=[1, 2, 4], iterations=5, backend="torch")
     assert (skipped - reference).abs().max() < 1e-5
-    assert torch.equal(skipped[1, 2:], torch.zeros_like(skipped[1, 2:]))
+    assert torch.equal(skipped[1, 3:], torch.zeros_like(skipped[1, 3:]))
     # a channel marked inactive is not computed even when it holds scores
-    assert torch.equal(ones[1, 2:], torch.zeros_like(ones[1, 2:]))
-    torch.testing.assert_close(ones[0], torch.ones(4, 24, 40), atol=1e-5, rtol=0)   # weights sum to 1
+    assert torch.equal(ones[1, 3:], torch.zeros_like(ones[1, 3:]))
+    torch.testing.assert_close(ones[0], torch.ones(10, 24, 40), atol=1e-5, rtol=0)   # weights sum to 1
 
 
 def test_auto_backend_is_triton_on_cuda_or_when_interpreting_and_torch_otherwise(monkeypatch):
@@ -112,7 +114,7 @@ target = GPUTarget("cuda", 90, 32)
 pointers = {"src_ptr": "*fp32", "affinity_ptr": "*fp32", "dilations_ptr": "*i32", "active_ptr": "*i8", "dst_ptr": "*fp32"}
 propagate = ASTSource(kernels._propagate_kernel, {**pointers, "C": "i32", "H": "i32", "W": "i32", "ND": "constexpr",
                       "BLOCK_C": "constexpr", "BLOCK": "constexpr"},
-                      constexprs={"ND": 6, "BLOCK_C": 4, "BLOCK": kernels.GPU_BLOCK})
+                      constexprs={"ND": 6, "BLOCK_C": kernels.MAX_BLOCK_C, "BLOCK": kernels.GPU_BLOCK})
 affinity = ASTSource(kernels._affinity_kernel, {"image_ptr": "*fp32", "dilations_ptr": "*i32", "position_ptr": "*fp32",
                      "out_ptr": "*fp32", "H": "i32", "W": "i32", "w_colour": "fp32", "norm": "fp32", "ND": "constexpr",
                      "BLOCK": "constexpr"}, constexprs={"ND": 6, "BLOCK": kernels.GPU_BLOCK})
