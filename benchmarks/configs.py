@@ -97,14 +97,11 @@ def synthetic_batch(batch: int, size: int, num_regions: int, classes_per_image: 
     return {"image": images, "regions": regions, "labels": labels, "id": [f"synthetic_{i}" for i in range(batch)]}
 
 
-def fill_bank(model: SSR, generator: torch.Generator) -> None:
-    """A full prototype bank and built prototypes, as after the training's warm-up."""
-    bank = model.bank
-    size, dim = bank.features.shape
-    feats = torch.randn(size, dim, generator=generator).to(bank.features.device)
-    labels = torch.arange(size, device=bank.features.device) % bank.num_classes
-    bank.push(feats, labels)
-    bank.refresh(feats[: bank.num_classes])
+def fill_prototypes(model: SSR, generator: torch.Generator) -> None:
+    """Built prototypes, as after the training's warm-up."""
+    prototypes = model.prototypes
+    feats = torch.randn(*prototypes.image.shape, generator=generator).to(prototypes.image.device)
+    prototypes.refresh(torch.nn.functional.normalize(feats, dim=-1), feats)
 
 
 def demo_batch(params, batch: int, generator: torch.Generator) -> dict:

@@ -35,7 +35,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from configs import build, device_name, emit, fill_bank, synthetic_batch  # noqa: E402
+from configs import build, device_name, emit, fill_prototypes, synthetic_batch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from ssr.train import micro_batch_loss, prepare_micro_batch, step_counts  # noqa: E402
@@ -127,7 +127,7 @@ def main(argv=None):
     params = params.model_copy(update={"datasets": {**params.datasets,
                                                     "voc": params.dataset("voc").model_copy(update={"par": True})}})
     gen = torch.Generator().manual_seed(0)
-    fill_bank(model, gen)
+    fill_prototypes(model, gen)
     preset = params.preset("voc")
     batch = synthetic_batch(args.micro_batch, args.crop, params.superpixels.n_clusters, args.classes_per_image, gen)
     # exact uint8 values, so that both paths see the same images

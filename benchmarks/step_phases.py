@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from configs import build, device_name, emit, fill_bank, synthetic_batch
+from configs import build, device_name, emit, fill_prototypes, synthetic_batch
 
 from ssr.cam import class_slots  # noqa: E402
 from ssr.cmpa import masked_average_pool, positive_index, sample_loss_sum  # noqa: E402
@@ -86,7 +86,7 @@ class Phases:
         voc = self.params.dataset("voc").model_copy(update={"par": True})
         self.params = self.params.model_copy(update={"datasets": {**self.params.datasets, "voc": voc}})
         gen = torch.Generator().manual_seed(0)
-        fill_bank(self.model, gen)
+        fill_prototypes(self.model, gen)
         self.preset = self.params.preset("voc")
         self.amp = torch.bfloat16 if amp else None
         self.start = copy.deepcopy(self.model.state_dict())
@@ -159,13 +159,14 @@ class Phases:
         m, model, backbones = self.prepared[path], self.model, self.backbones
         n = m.valid.sum().clamp_min(1).float()
         if path == "fast":
-            loss, _ = masked_prototype_loss(backbones, model, m, self.params, n)
+            loss = masked_prototype_loss(backbones, model, m, self.params, n)[0]
         else:
             f_image = masked_average_pool(model.isa(m.dense), m.cam)[m.valid]
             labels = m.classes[m.valid]
             text = model.tsa(backbones.text[: backbones.num_foreground])
-            pos_idx = positive_index(self.params.cmpa.positive, model.bank, f_image.detach(), labels)
-            loss = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text, model.bank.image_prototypes, pos_idx,
+            text_prototypes = text if self.params.cmpa.text_prototypes == "live" else model.prototypes.text
+            pos_idx = positive_index(self.params.cmpa.positive, model.prototypes.image, f_image.detach(), labels)
+            loss = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text_prototypes, model.prototypes.image, pos_idx,
                                    model.tau()) / n
         loss.backward()
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from configs import REPO, build, device_name, emit, fill_bank, synthetic_batch
+from configs import REPO, build, device_name, emit, fill_prototypes, synthetic_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -65,7 +65,7 @@ class Setup:
             voc = self.params.dataset("voc").model_copy(update={"par": par})
             self.params = self.params.model_copy(update={"datasets": {**self.params.datasets, "voc": voc}})
         gen = torch.Generator().manual_seed(0)
-        fill_bank(self.model, gen)
+        fill_prototypes(self.model, gen)
         self.preset = self.params.preset("voc")
         self.optimiser = build_optimiser(self.model, self.preset)
         if fused_adamw:

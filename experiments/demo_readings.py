@@ -3,13 +3,14 @@
 Every reading is the repository's params.yaml with a few dotted keys changed. Each runs the
 real stages (`ssr train`, `ssr pseudo-labels`, optionally `ssr evaluate`) for the demo's
 training seeds into its own folder, sharing one prepared dataset and its superpixels.
-Choices are made on the seeds' scores on the demo's train split; `--evaluate` adds the val
-figures for reporting only.
+Choices are made on the demo's train split: the seeds' scores, and for readings that act on the
+decoder only (PAR, its learning rate) `--decoder-on-train`, the decoder's mIoU on the train split;
+`--evaluate` adds the val figures for reporting only.
 
     python experiments/demo_readings.py --out /tmp/readings \\
         --reading default \\
         --reading image_denominator sgc.denominator=image sgc.rho=0.1 \\
-        [--evaluate] [--seeds 0 1 2]
+        [--decoder-on-train] [--evaluate] [--seeds 0 1 2]
 
 Prints one JSON line per reading (mean, std, min, max of every seed row) and writes
 {out}/{reading}/results/demo_{seeds,miou}.json.
@@ -63,6 +64,8 @@ def main() -> None:
                         help="a name, then dotted params keys with YAML values")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--evaluate", action="store_true", help="also score the decoder on val (for reporting, not choosing)")
+    parser.add_argument("--decoder-on-train", action="store_true",
+                        help="also score the decoder on the train split (for choosing)")
     args = parser.parse_args()
 
     data_root = args.out / "data"
@@ -86,6 +89,18 @@ def main() -> None:
             miou = json.loads((folder / "results" / "demo_miou.json").read_text())
             line["val"] = [round(100 * miou[f"miou{s}"], 1) for s in ("", "_std")]
             line["val_crf"] = [round(100 * miou[f"crf_miou{s}"], 1) for s in ("", "_std")]
+        if args.decoder_on_train:
+            # the same trained models scored on the train split, in a folder of their own
+            on_train = folder / "decoder_on_train"
+            path = write_params(on_train, data_root, {**overrides, "datasets.demo.val_split": "train"}, args.seeds)
+            (on_train / "results").mkdir(parents=True, exist_ok=True)
+            link = on_train / "results" / "demo"
+            if not link.exists():
+                link.symlink_to(folder / "results" / "demo", target_is_directory=True)
+            ssr("evaluate", "--dataset", "demo", "--params", str(path), cwd=REPO)
+            miou = json.loads((on_train / "results" / "demo_miou.json").read_text())
+            line["decoder_train"] = [round(100 * miou[f"miou{s}"], 1) for s in ("", "_std")]
+            line["decoder_train_crf"] = [round(100 * miou[f"crf_miou{s}"], 1) for s in ("", "_std")]
         print(json.dumps(line), flush=True)
 
 

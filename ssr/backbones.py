@@ -57,14 +57,19 @@ def clip_normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
 
 
-def resample_positional_embedding(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
-    """(num_prefix + n0*n0, D) positional embedding -> (num_prefix + h*w, D) by bicubic interpolation."""
+def resample_positional_embedding(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1,
+                                  mode: str = "bilinear") -> torch.Tensor:
+    """(num_prefix + n0*n0, D) positional embedding -> (num_prefix + h*w, D), resized on the patch grid.
+
+    Bilinear (half-pixel centres) by default: CLIP-ES and WeCLIP resize CLIP's embedding so, and
+    every VOC and COCO grid differs from CLIP's native 14x14. (timm resizes DINO's itself.)
+    """
     prefix, patches = pos_embed[:num_prefix], pos_embed[num_prefix:]
     n0 = int(math.isqrt(patches.shape[0]))
     if (n0, n0) == tuple(grid):
         return pos_embed
     patches = patches.reshape(1, n0, n0, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    patches = F.interpolate(patches.float(), size=grid, mode=mode, align_corners=False).to(pos_embed.dtype)
     return torch.cat([prefix, patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
 
 

@@ -2,13 +2,17 @@
 
 ISA and TSA project CLIP's image and text embeddings (Eq. 1). Per (image, present class),
 f_image pools the projected patch embeddings with the class's GradCAM (Eq. 2) and f_text is
-the projected prompt of the class. k-means over the collected f_image gives the image
-prototypes P_I; the nearest one to each sample is its cluster pseudo-label pos_idx (or,
-with `cmpa.positive: class`, the sample's own class); the text prototypes P_T are the
-projected prompts (k-means over the dataset's f_text, which take one value per class,
-returns exactly those values when there are as many clusters as classes). L_proto
-(Eq. 3-6) then pulls each f_image to the text prototype of its positive and away from the
-others, and each text prototype to the image prototype of its class.
+the projected prompt of the class. Prototypes are class-indexed, row k = class k: clustering
+the dataset's f_text gives one cluster per class (each class's prompt takes one value), so
+P_T row k is class k's projected prompt, and P_I row k is the normalised mean of the stored
+f_image of class k, which is what k-means seeded with the class means returns before its
+first iteration (free k-means is an option; its clusters are then relabelled to classes).
+A sample's positive (Eq. 4-5) is the text prototype of its own class, constraint (1);
+L_proto (Eq. 3-6) pulls each f_image to it and away from the other classes' prototypes, and
+each text prototype to the image prototype of its class, constraint (2).
+
+The stored f_image live in a `SampleMemory` with one slot per (image, class) sample of the
+train split, so a refresh reads the whole split, as the paper's collection over the dataset.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 
@@ -80,8 +85,7 @@ def spherical_kmeans(x: torch.Tensor, init: torch.Tensor, iters: int = 20) -> tu
     """k-means under cosine similarity on L2-normalised rows, seeded with `init`.
 
     x (M, E), init (K, E) -> centroids (K, E) normalised, assignment (M,) long.
-    A cluster that loses all members keeps its previous centroid, so the
-    cluster index stays tied to the class that seeded it.
+    A cluster that loses all members keeps its previous centroid.
     """
     x = F.normalize(x.float(), dim=-1)
     centroids = F.normalize(init.float(), dim=-1)
@@ -96,77 +100,129 @@ def spherical_kmeans(x: torch.Tensor, init: torch.Tensor, iters: int = 20) -> tu
     return centroids, (x @ centroids.T).argmax(dim=1)
 
 
-class PrototypeBank(nn.Module):
-    """A FIFO memory of (f_image, class) pairs and the image prototypes P_I k-means builds from it.
+def class_means(features: torch.Tensor, labels: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Normalised mean of each class's normalised features: features (M, E), labels (M,) in [0, K),
+    fallback (K, E) for a class without features -> (K, E), row k = class k."""
+    sums = torch.zeros_like(fallback, dtype=torch.float32).index_add_(0, labels, F.normalize(features.float(), dim=-1))
+    counts = torch.bincount(labels, minlength=len(fallback))
+    return torch.where(counts[:, None] > 0, F.normalize(sums, dim=-1), F.normalize(fallback.float(), dim=-1))
 
-    State lives in buffers so it is saved in, and resumed from, checkpoints. Cluster k is
-    seeded with class k's mean feature, so index k stays the class-k prototype.
+
+def relabel_clusters(centroids: torch.Tensor, assignment: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Reorder k-means centroids (K, E) so that row k is the cluster matched to class k.
+
+    The matching maximises the samples whose cluster and class agree (Hungarian algorithm on
+    the K x K cluster-by-class counts): a cluster index is otherwise no class, and cannot pick
+    a row of the class-ordered text prototypes.
     """
+    k = len(centroids)
+    counts = torch.zeros(k, k, dtype=torch.long).index_put_((assignment.cpu(), labels.cpu()), torch.ones(len(labels),
+                                                            dtype=torch.long), accumulate=True)
+    clusters, classes = linear_sum_assignment(counts.numpy(), maximize=True)
+    out = torch.empty_like(centroids)
+    out[torch.as_tensor(classes, device=centroids.device)] = centroids[torch.as_tensor(clusters, device=centroids.device)]
+    return out
 
-    def __init__(self, num_classes: int, dim: int, size: int):
+
+def image_prototypes(features: torch.Tensor, labels: torch.Tensor, fallback: torch.Tensor, kmeans_iters: int = 0) -> torch.Tensor:
+    """P_I (K, E), row k = class k, from the stored features (M, E) of classes labels (M,).
+
+    `kmeans_iters` 0: each class's mean feature (k-means stopped at its class seed, the clusters
+    that clustering the paired text gives). Above 0: that many iterations of free spherical
+    k-means seeded with the class means, then the clusters relabelled to classes. A class
+    without stored features keeps `fallback[k]`.
+    """
+    means = class_means(features, labels, fallback)
+    if kmeans_iters == 0:
+        return means
+    centroids, assignment = spherical_kmeans(features, means, kmeans_iters)
+    return relabel_clusters(centroids, assignment, labels)
+
+
+class Prototypes(nn.Module):
+    """P_I and, for `cmpa.text_prototypes: snapshot`, P_T as taken at the last refresh: (K, E) buffers,
+    so that they are saved with the model and resumed with it."""
+
+    def __init__(self, num_classes: int, dim: int):
         super().__init__()
         self.num_classes = num_classes
-        self.register_buffer("features", torch.zeros(size, dim))
-        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
-        self.register_buffer("image_prototypes", torch.zeros(num_classes, dim))
+        self.register_buffer("image", torch.zeros(num_classes, dim))
+        self.register_buffer("text", torch.zeros(num_classes, dim))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
-    def push(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """features (M, E), labels (M,) 0-based foreground classes."""
-        size = len(self.labels)
-        for start in range(0, len(features), size):
-            chunk_f, chunk_l = features[start:start + size], labels[start:start + size]
-            index = (self.pointer + torch.arange(len(chunk_f), device=self.pointer.device)) % size
-            self.features[index] = F.normalize(chunk_f.float(), dim=-1)
-            self.labels[index] = chunk_l
-            self.pointer.copy_((self.pointer + len(chunk_f)) % size)
-
-    def class_counts(self) -> torch.Tensor:
-        """(K,) long: stored features per class."""
-        filled = self.labels >= 0
-        return torch.bincount(self.labels[filled], minlength=self.num_classes)
-
-    @torch.no_grad()
-    def refresh(self, fallback: torch.Tensor | None = None, iters: int = 20) -> None:
-        """Re-cluster the stored features into P_I.
-
-        Seeds: each class's mean stored feature; a class with none keeps its previous
-        prototype, or before the first refresh `fallback` (K, E), its projected prompt
-        (needed only then).
-        """
-        filled = self.labels >= 0
-        feats, labels = self.features[filled], self.labels[filled]
-        if len(feats) == 0:
-            return
-        if not bool(self.ready) and fallback is None:
-            raise ValueError("the first refresh needs a fallback prototype for every class")
-        seeds = self.image_prototypes.clone() if bool(self.ready) else F.normalize(fallback.float(), dim=-1).clone()
-        for c in range(self.num_classes):
-            members = feats[labels == c]
-            if len(members):
-                seeds[c] = members.mean(dim=0)
-        self.image_prototypes.copy_(spherical_kmeans(feats, seeds, iters)[0])
+    def refresh(self, image: torch.Tensor, text: torch.Tensor) -> None:
+        self.image.copy_(image)
+        self.text.copy_(F.normalize(text.float(), dim=-1))
         self.ready.fill_(True)
 
-    def assign(self, features: torch.Tensor) -> torch.Tensor:
-        """pos_idx: the image-prototype cluster of each feature (M, E) -> (M,) long."""
-        return (F.normalize(features.float(), dim=-1) @ self.image_prototypes.T).argmax(dim=1)
+
+class SampleMemory:
+    """The latest f_image of every (image, class) sample of a split, one slot each.
+
+    image_labels: 1-based foreground classes per image id, as image_labels.json holds them.
+    Slots are laid out by image id in split order, then by the image's classes in label order
+    (the order of `ssr.cam.class_slots`), so a micro-batch's valid slots map to memory slots
+    without any device work. Memory: samples x E x 4 bytes (VOC train_aug: about 16k samples,
+    32 MB at E = 512; COCO train: about 240k, 490 MB). State: `state_dict()`, for checkpoints.
+    """
+
+    def __init__(self, ids: list[str], image_labels: dict[str, list[int]], num_classes: int, dim: int, device=None):
+        self.num_classes = num_classes
+        self.offsets, start = {}, 0
+        labels = []
+        for image_id in ids:
+            self.offsets[image_id] = start
+            start += len(image_labels[image_id])
+            labels += [c - 1 for c in image_labels[image_id]]
+        self.labels = torch.tensor(labels, dtype=torch.long, device=device)
+        self.features = torch.zeros(start, dim, device=device)
+        self.filled = torch.zeros(start, dtype=torch.bool, device=device)
+
+    def slots(self, ids: list[str], counts: list[int]) -> torch.Tensor:
+        """(M,) long memory slots of the valid (image, slot) pairs of a batch, row-major; counts[b]: image b's classes."""
+        return torch.tensor([self.offsets[i] + s for i, n in zip(ids, counts, strict=True) for s in range(n)],
+                            dtype=torch.long, device=self.features.device)
+
+    @torch.no_grad()
+    def write(self, slots: torch.Tensor, features: torch.Tensor) -> None:
+        """slots (M,) long, features (M, E): a later write to a slot replaces the earlier one."""
+        self.features[slots] = F.normalize(features.float(), dim=-1)
+        self.filled[slots] = True
+
+    def class_counts(self) -> torch.Tensor:
+        """(K,) long: filled slots per class."""
+        return torch.bincount(self.labels[self.filled], minlength=self.num_classes)
+
+    def prototypes(self, fallback: torch.Tensor, kmeans_iters: int = 0) -> torch.Tensor:
+        """P_I (K, E) from the filled slots; `image_prototypes` says how."""
+        return image_prototypes(self.features[self.filled], self.labels[self.filled], fallback, kmeans_iters)
+
+    def state_dict(self) -> dict:
+        return {"features": self.features, "filled": self.filled}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["features"].shape != self.features.shape:
+            raise ValueError(f"sample memory of {tuple(state['features'].shape)} does not fit {tuple(self.features.shape)}")
+        self.features.copy_(state["features"])
+        self.filled.copy_(state["filled"])
 
 
-def positive_index(rule: str, bank: PrototypeBank, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+POSITIVES = ("class", "nearest_prototype")
+
+
+def positive_index(rule: str, image_prototypes: torch.Tensor, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """pos_idx of Eq. 4-5 for features (M, E) of samples of classes (M,) -> (M,) long.
 
-    "cluster" (the paper): the nearest image prototype, a pseudo-label that can name another
-    class where the prototypes are poorly separated; "class" (our option): the sample's own
-    image-level class, which cluster k stands for since class k seeds it.
+    "class" (the paper's constraint (1)): the text prototype of the sample's own class.
+    "nearest_prototype" (our option): the class of the nearest image prototype (P_I (K, E)),
+    which names another class wherever the prototypes are poorly separated.
     """
-    if rule == "cluster":
-        return bank.assign(features)
     if rule == "class":
         return classes
-    raise ValueError(f"unknown CMPA positive {rule!r}; expected 'cluster' or 'class'")
+    if rule == "nearest_prototype":
+        return (F.normalize(features.float(), dim=-1) @ F.normalize(image_prototypes.float(), dim=-1).T).argmax(dim=1)
+    raise ValueError(f"unknown CMPA positive {rule!r}; expected one of {POSITIVES}")
 
 
 class Temperature(nn.Module):
@@ -197,7 +253,7 @@ def sample_loss_sum(
     """The per-sample part of L_proto, SUMMED over the M samples (the caller divides by the step's count).
 
     image_features / text_features (M, E): f_image and f_text of each (image, class) sample;
-    text_prototypes P_T / image_prototypes P_I (K, E); pos_idx (M,) each sample's cluster.
+    text_prototypes P_T / image_prototypes P_I (K, E); pos_idx (M,) each sample's positive.
     kind (Table 4):
     - "cross_modal" (Eq. 3-6, the method): -log softmax(f_image . P_T / tau)[pos_idx];
     - "in_modal": the same against the image's own prototypes P_I;

@@ -282,18 +282,25 @@ class AffinityParams(Section):
     fusion: Literal["transform_then_fuse", "fuse_then_transform"] = _f(
         "transform_then_fuse", "Eq. 9 leaves open whether the CLIP-ES transform comes before the 0.4:0.6 fusion "
                                "(transform_then_fuse) or after it (fuse_then_transform); chosen on the train split (README)")
+    box_mask: bool = _f(True, "CLIP-ES's box mask on the propagation of the Table 3 rows without SGC and of the method when "
+                              "use_sgc is false", "W")
+    box_threshold: float = _f(0.4, "CLIP-ES's box threshold, a share of the CAM's maximum (VOC 0.4, COCO 0.7)", "W",
+                              ge=0.0, le=1.0)
 
 
 class SgcParams(Section):
     """Superpixel-guided target regions (paper Eq. 7-8)."""
 
     t_hi: float = _f(0.5, "high-confidence CAM threshold; paper leaves it unnamed", ge=0.0, le=1.0)
-    rho: float = _f(0.5, "min share of high-confidence activation for a target region", ge=0.0, le=1.0)
+    rho: float = _f(0.3, "min share of high-confidence activation for a target region; chosen on the train split (README)",
+                    ge=0.0, le=1.0)
     patch_area: float = _f(0.5, "a patch belongs to a region if more than this share of it lies there", ge=0.0, le=1.0)
     keep_best: bool = _f(True, "a class with no region over rho keeps its best region, never vanishes")
     denominator: Literal["region", "image"] = _f(
         "region", "\"the total activation\" of Eq. 8: the region's own (region) or the image's (image); chosen on the train "
                   "split (README)")
+    within_box: bool = _f(False, "SGC's column mask intersected with CLIP-ES's box mask (true) or in its place (false); "
+                                 "chosen on the train split (README)")
 
 
 class CmpaParams(Section):
@@ -301,19 +308,22 @@ class CmpaParams(Section):
 
     enabled: bool = _f(True, "CMPA heads and prototype loss on; off = plain CLIP features", "P")
     head: Literal["projection", "residual"] = _f(
-        "projection", 'ISA/TSA: stacked Linear+BN+ReLU reducing d1 to d2; "residual" = x + MLP(x), zero-init (O)', "P")
-    proj_dim: int = _f(256, "d2: the paper reduces the width but gives no value; capped at d1", ge=1)
+        "residual", "ISA/TSA: x + MLP(x), the MLP's last Linear zero-initialised, so training starts from CLIP-ES's CAM; "
+                    "\"projection\" = the paper's Linear+BN+ReLU d1 -> d2, whose CAM starts as a random map (README)")
+    proj_dim: int = _f(256, "d2 of the projection heads: the paper reduces the width but gives no value; capped at d1", ge=1)
     hidden_dim: int = _f(512, "MLP width of ISA and TSA", ge=1)
     num_layers: int = _f(2, "stacked layers; (O) depth", "P", ge=1)
     tau_init: float = _f(0.05, "learnable temperature, initial value", "P", gt=0.0)
     loss: Literal[CMPA_LOSSES] = _f("cross_modal", "Table 4: cross_modal (the method), in_modal, feature", "P")  # type: ignore[valid-type]
     text_prototype_term: bool = _f(True, "constraint (2): text prototypes gather with same-class visual prototypes", "P")
-    positive: Literal["cluster", "class"] = _f(
-        "cluster",
-        'pos_idx (Eq. 4-5): the nearest image prototype, a cluster pseudo-label; "class" = the sample\'s own class (O)', "P")
-    bank_size: int = _f(4096, "memory of (image, class) features that k-means clusters", ge=1)
-    warmup_per_class: int = _f(8, "features of every class collected before the first k-means", ge=1)
-    kmeans_iters: int = _f(20, "spherical k-means iterations per prototype refresh", ge=1)
+    positive: Literal["class", "nearest_prototype"] = _f(
+        "class", "pos_idx (Eq. 4-5): constraint (1), the text prototype of the sample's own class; "
+                 "\"nearest_prototype\" = the class of its nearest image prototype (O)", "P")
+    text_prototypes: Literal["live", "snapshot"] = _f(
+        "live", "P_T of the sample term: the current projected prompts (live) or those of the last refresh (snapshot); "
+                "chosen on the train split (README)")
+    kmeans_iters: int = _f(0, "0 = P_I is each class's mean stored feature (k-means stopped at its class seed); "
+                              "> 0 = free k-means iterations, clusters relabelled to classes", ge=0)
 
 
 class PseudoLabelParams(Section):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssr.affinity import average_attention, fuse_attention, propagate
+from ssr.affinity import average_attention, box_mask, fuse_attention, propagate
 from ssr.backbones import (
     FrozenCache,
     clip_normalisation,
@@ -29,7 +29,7 @@ from ssr.backbones import (
     load_dino,
 )
 from ssr.cam import gradcam, gradcam_at_qkv, present_class_probs
-from ssr.cmpa import PrototypeBank, Temperature, build_head
+from ssr.cmpa import Prototypes, Temperature, build_head
 from ssr.config import AffinityParams, CmpaParams, DatasetParams, PseudoLabelParams, SgcParams, TrainParams
 from ssr.data.layout import IGNORE_INDEX
 from ssr.data.transforms import normalise
@@ -121,7 +121,7 @@ class ModelDims:
 
 
 class SSR(nn.Module):
-    """Everything SSR trains: ISA, TSA, tau and the prototype bank (CMPA), and the decoder."""
+    """Everything SSR trains: ISA, TSA, tau and the prototypes (CMPA), and the decoder."""
 
     def __init__(self, dims: ModelDims, cmpa: CmpaParams):
         super().__init__()
@@ -133,7 +133,7 @@ class SSR(nn.Module):
         self.isa = build_head(cmpa.head, e, proj, cmpa.hidden_dim, cmpa.num_layers)
         self.tsa = build_head(cmpa.head, e, proj, cmpa.hidden_dim, cmpa.num_layers)
         self.tau = Temperature(cmpa.tau_init)
-        self.bank = PrototypeBank(dims.num_foreground, proj, cmpa.bank_size)
+        self.prototypes = Prototypes(dims.num_foreground, proj)
         self.decoder = SegDecoder(dims.width, dims.depth - 1, dims.num_foreground + 1,
                                   width=dims.decoder_width, layers=dims.decoder_layers, heads=dims.decoder_heads)
 
@@ -167,6 +167,23 @@ def eval_mode(*modules: nn.Module):
     finally:
         for m, state in zip(modules, states, strict=True):
             m.train(state)
+
+
+@contextlib.contextmanager
+def batch_statistics(*modules: nn.Module):
+    """Train mode (BatchNorm normalises by the batch, as in the training loss) with every running
+    statistic restored afterwards: features computed outside a training step leave no trace."""
+    states = [m.training for m in modules]
+    saved = [{k: v.clone() for k, v in m.named_buffers()} for m in modules]
+    for m in modules:
+        m.train()
+    try:
+        yield
+    finally:
+        for m, state, buffers in zip(modules, states, saved, strict=True):
+            m.train(state)
+            for name, value in m.named_buffers():
+                value.copy_(buffers[name])
 
 
 @dataclass
@@ -225,7 +242,9 @@ def refined_cams(
     """Initial CAM -> affinity propagation -> SGC, for an image batch.
 
     images (B, 3, H, W) in [0, 1]; classes/valid (B, S) from `cam.class_slots`;
-    region_maps (B, H, W) long or None (then the sgc row is left out and the method propagates unmasked).
+    region_maps (B, H, W) long or None (then the sgc row is left out and the method uses the rows' mask).
+    The rows without SGC (+ CLIP, + DINO) propagate inside CLIP-ES's boxes (`affinity.box_mask`);
+    the SGC row inside its target regions (and the boxes, with `sgc.within_box`).
     Returns the CAMs of the requested Table 3 rows and of the configured method.
     `fast`: the training step's fast operators (`initial_cams`, DINO, SGC), same CAMs to rounding.
     """
@@ -245,10 +264,14 @@ def refined_cams(
                                      f"patch sizes must match")
 
     with torch.no_grad():
-        mask = None
+        box = box_mask(cam, grid, affinity.box_threshold) if affinity.box_mask or sgc.within_box else None
+        sgc_columns = None
         if region_maps is not None:
-            mask = sgc_mask(cam, region_maps, num_regions, grid, t_hi=sgc.t_hi, rho=sgc.rho, patch_area=sgc.patch_area,
-                            keep_best=sgc.keep_best, denominator=sgc.denominator, fast=fast)
+            sgc_columns = sgc_mask(cam, region_maps, num_regions, grid, t_hi=sgc.t_hi, rho=sgc.rho, patch_area=sgc.patch_area,
+                                   keep_best=sgc.keep_best, denominator=sgc.denominator, fast=fast)
+            if sgc.within_box:
+                sgc_columns = sgc_columns * box
+        rows_box = box if affinity.box_mask else None  # CLIP-ES's mask of the rows without SGC
 
         @functools.cache  # the rows share affinities; each is a matrix power over (B, N, N)
         def fused(use_clip: bool, use_dino: bool) -> torch.Tensor:
@@ -261,17 +284,17 @@ def refined_cams(
             if row == "cam":
                 out[row] = cam
             elif row == "clip":
-                out[row] = propagate(fused(True, False), cam)
+                out[row] = propagate(fused(True, False), cam, rows_box)
             elif row == "dino" and a_dino is not None:
-                out[row] = propagate(fused(True, True), cam)
-            elif row == "sgc" and mask is not None:
-                out[row] = propagate(fused(True, a_dino is not None), cam, mask)
+                out[row] = propagate(fused(True, True), cam, rows_box)
+            elif row == "sgc" and sgc_columns is not None:
+                out[row] = propagate(fused(True, a_dino is not None), cam, sgc_columns)
         use_dino = affinity.use_dino and a_dino is not None
-        use_mask = mask if affinity.use_sgc else None
+        sgc_on = affinity.use_sgc and sgc_columns is not None
         if affinity.use_clip or use_dino:
-            method = propagate(fused(affinity.use_clip, use_dino), cam, use_mask)
-        else:
-            method = cam if use_mask is None else cam * use_mask
+            method = propagate(fused(affinity.use_clip, use_dino), cam, sgc_columns if sgc_on else rows_box)
+        else:  # no propagation, so no box: the CAM row, or the CAM inside its SGC target regions
+            method = cam * sgc_columns if sgc_on else cam
         method = method * valid[..., None]
     return CamPass(cam, method, {k: v * valid[..., None] for k, v in out.items()}, visual, grid)
 

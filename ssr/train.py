@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ssr.cam import class_slots
 from ssr.checkpoint import model_files, save_model
-from ssr.cmpa import masked_average_pool, positive_index, prototype_loss_term, sample_loss_sum
+from ssr.cmpa import SampleMemory, masked_average_pool, positive_index, prototype_loss_term, sample_loss_sum
 from ssr.config import ConfigError, Params, PresetParams, identity_differences, training_identity
 from ssr.data.dataset import TrainCrops, collate
 from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, atomic_path
@@ -46,9 +46,9 @@ from ssr.model import (
     ModelDims,
     amp_dtype,
     autocast,
+    batch_statistics,
     build_backbones,
     cams_to_labels,
-    eval_mode,
     initial_cams,
     refined_cams,
 )
@@ -127,9 +127,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model: SSR, optimiser, state: TrainState, identity: dict) -> None:
+def save_checkpoint(path: Path, model: SSR, optimiser, state: TrainState, identity: dict,
+                    memory: SampleMemory | None = None) -> None:
     payload = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "state": asdict(state), "rng": rng_state(),
                "identity": identity}
+    if memory is not None:
+        payload["memory"] = memory.state_dict()
     # Serialised in memory first: torch's own file writer reports a full disk as "unexpected pos".
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -169,6 +172,8 @@ class MicroBatch:
     dense: torch.Tensor          # (B, N, E) CLIP patch embeddings
     classes: torch.Tensor        # (B, S)
     valid: torch.Tensor          # (B, S)
+    ids: list[str]               # the images, for their CMPA samples' memory slots
+    counts: list[int]            # classes per image: the valid slots of each row of `valid`
 
 
 def patch_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -191,7 +196,8 @@ def prepare_micro_batch(backbones: FrozenBackbones, model: SSR, batch: dict, par
         labels = cams_to_labels(cam.method, classes, valid, cam.grid, images.shape[-2:], params.pseudo_labels,
                                 images=images, par=par, fast=fast)
     return MicroBatch([t.detach() for t in cam.visual.tokens[: backbones.depth - 1]], cam.grid, labels,
-                      patch_labels(labels, cam.grid), cam.cam.detach(), cam.visual.dense.detach().float(), classes, valid)
+                      patch_labels(labels, cam.grid), cam.cam.detach(), cam.visual.dense.detach().float(), classes, valid,
+                      list(batch["id"]), [len(present) for present in batch["labels"]])
 
 
 def step_counts(micro: list[MicroBatch], device) -> torch.Tensor:
@@ -207,8 +213,8 @@ def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, para
                      counts: torch.Tensor, *, autocast_dtype=None) -> tuple[torch.Tensor, dict]:
     """This micro-batch's share of the step loss: its sums divided by the whole step's counts.
 
-    Returns the loss (not yet backpropagated) and its parts; parts["bank"] holds the (f_image, class)
-    pairs for the prototype bank.
+    Returns the loss (not yet backpropagated) and its parts; parts["f_image"] holds the samples'
+    f_image (M, d2), row-major over the valid slots, for the sample memory.
     """
     n_pixels, n_same, n_diff, n_samples = (c.clamp_min(1).float() for c in counts)
     with autocast(m.labels.device.type, autocast_dtype):
@@ -225,51 +231,54 @@ def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, para
     loss = preset.gamma * (loss_ce + preset.affinity_weight * loss_aff)
     parts = {"loss_ce": loss_ce.detach(), "loss_aff": loss_aff.detach()}
     if model.use_cmpa and params.train.fast_path:
-        loss_proto, bank = masked_prototype_loss(backbones, model, m, params, n_samples)
+        loss_proto, f_image, slot_valid = masked_prototype_loss(backbones, model, m, params, n_samples)
         loss = loss + loss_proto
-        parts.update(loss_proto=loss_proto.detach(), bank=bank)
+        parts.update(loss_proto=loss_proto.detach(), f_image=f_image, slot_valid=slot_valid)
     elif model.use_cmpa:
         f_image = masked_average_pool(model.isa(m.dense), m.cam)[m.valid]           # (M, d2), Eq. 2
         labels = m.classes[m.valid]
-        text = model.tsa(backbones.text[: backbones.num_foreground])                 # (C, d2): P_T, one per class
-        pos_idx = positive_index(params.cmpa.positive, model.bank, f_image.detach(), labels)
-        loss_proto = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text, model.bank.image_prototypes,
+        text = model.tsa(backbones.text[: backbones.num_foreground])                 # (C, d2): each class's f_text
+        text_prototypes = text if params.cmpa.text_prototypes == "live" else model.prototypes.text
+        pos_idx = positive_index(params.cmpa.positive, model.prototypes.image, f_image.detach(), labels)
+        loss_proto = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text_prototypes, model.prototypes.image,
                                      pos_idx, model.tau()) / n_samples
         loss = loss + loss_proto
-        parts.update(loss_proto=loss_proto.detach(), bank=(f_image.detach(), labels))
+        parts.update(loss_proto=loss_proto.detach(), f_image=f_image.detach())
     return loss, parts
 
 
 def masked_prototype_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, params: Params,
-                          n_samples: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+                          n_samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`micro_batch_loss`'s L_proto share without selecting the valid slots (a device sync):
     every slot's sample loss, padded slots weighted 0. Padded slots pool an all-zero CAM, so
-    their f_image is 0 and their loss finite. -> (loss share, (f_image, classes, valid) for the bank)."""
+    their f_image is 0 and their loss finite. -> (loss share, f_image (B * S, d2) detached, valid (B * S,))."""
     f_image = masked_average_pool(model.isa(m.dense), m.cam).flatten(0, 1)          # (B * S, d2), Eq. 2
-    labels, weight = m.classes.flatten(), m.valid.flatten().float()
-    text = model.tsa(backbones.text[: backbones.num_foreground])                      # (C, d2): P_T, one per class
-    pos_idx = positive_index(params.cmpa.positive, model.bank, f_image.detach(), labels)
-    loss = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text, model.bank.image_prototypes, pos_idx, model.tau(),
-                           weight=weight) / n_samples
-    return loss, (f_image.detach(), labels, m.valid.flatten())
+    labels, valid = m.classes.flatten(), m.valid.flatten()
+    text = model.tsa(backbones.text[: backbones.num_foreground])                      # (C, d2): each class's f_text
+    text_prototypes = text if params.cmpa.text_prototypes == "live" else model.prototypes.text
+    pos_idx = positive_index(params.cmpa.positive, model.prototypes.image, f_image.detach(), labels)
+    loss = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text_prototypes, model.prototypes.image, pos_idx,
+                           model.tau(), weight=valid.float()) / n_samples
+    return loss, f_image.detach(), valid
 
 
 def prototype_step_loss(backbones: FrozenBackbones, model: SSR, world: int) -> torch.Tensor | None:
     """The step's prototype-level term (`cmpa.prototype_loss_term`), once per step; divided by `world`
     since the ranks' gradients are summed. None when the CMPA loss has no such term."""
     text = model.tsa(backbones.text[: backbones.num_foreground])
-    term = prototype_loss_term(model.cmpa_loss, text, model.bank.image_prototypes, model.tau())
+    term = prototype_loss_term(model.cmpa_loss, text, model.prototypes.image, model.tau())
     return None if term is None else term / world
 
 
 def optimiser_step(backbones: FrozenBackbones, model: SSR, optimiser, batches: list[dict], params: Params, preset: PresetParams,
                    *, lr: float, par: bool = False, autocast_dtype=None, world: int = 1, iteration: int = 0,
-                   ckpt_path: Path | None = None) -> dict:
+                   ckpt_path: Path | None = None, memory: SampleMemory | None = None) -> dict:
     """One optimiser step over this rank's micro-batches (a list of collated batches).
 
     CAM passes first (they fix the labels and so the step's counts, summed over ranks), then
     each micro-batch's loss share and backward, the step's prototype term, the gradient sum
-    over ranks, a finiteness check, the update and the bank. Returns the step's losses and lr.
+    over ranks, a finiteness check, the update, the sample memory and, every `refresh_every`
+    iterations, the prototypes. Returns the step's losses and lr.
     """
     device = backbones.text.device
     for group in optimiser.param_groups:
@@ -279,17 +288,18 @@ def optimiser_step(backbones: FrozenBackbones, model: SSR, optimiser, batches: l
                                  autocast_dtype=autocast_dtype) for batch in batches]
     counts = _all_reduce(step_counts(micro, device))
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, aff, proto
-    bank, seen = [], []
+    samples = []  # (micro-batch, f_image, which of its rows are valid slots or None), for the sample memory
+    seen = []
     last_good = _last_good(ckpt_path) if ckpt_path is not None else "no checkpoint"
     for m in micro:
         loss, parts = micro_batch_loss(backbones, model, m, params, preset, counts, autocast_dtype=autocast_dtype)
         if params.train.fast_path:      # checked once, with the gradients, before the update
-            seen.append((loss.detach(), {k: v for k, v in parts.items() if k != "bank"}))
+            seen.append((loss.detach(), parts))
         elif not torch.isfinite(loss):
             raise_non_finite_loss(loss, parts, iteration, last_good)
         loss.backward()
-        if "bank" in parts:
-            bank.append(parts.pop("bank"))
+        if "f_image" in parts and memory is not None:
+            samples.append((m, parts["f_image"], parts.get("slot_valid")))
         proto = parts.get("loss_proto", loss.new_zeros(()))
         totals += torch.stack([loss.detach(), parts["loss_ce"], parts["loss_aff"], proto]).double()
     term = prototype_step_loss(backbones, model, world) if model.use_cmpa and params.cmpa.text_prototype_term else None
@@ -308,14 +318,14 @@ def optimiser_step(backbones: FrozenBackbones, model: SSR, optimiser, batches: l
             f"non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} at iteration {iteration} "
             f"(loss {totals[0].item():.4g}); {last_good}")
     optimiser.step()
-    if bank:
-        features, labels = torch.cat([b[0] for b in bank]), torch.cat([b[1] for b in bank])
-        if len(bank[0]) == 3:           # masked_prototype_loss's every slot: keep the valid ones (a sync, after the update)
-            keep = torch.cat([b[2] for b in bank])
-            features, labels = features[keep], labels[keep]
-        model.bank.push(_all_gather(features), _all_gather(labels))
+    if samples:
+        # the memory's slots come from the host; the fast path's f_image holds every slot, the valid ones are
+        # taken here, after the update (a device sync, once per step)
+        slots = torch.cat([memory.slots(m.ids, m.counts) for m, _, _ in samples])
+        f_image = torch.cat([f if valid is None else f[valid] for _, f, valid in samples])
+        memory.write(_all_gather(slots), _all_gather(f_image))
         if (iteration + 1) % preset.refresh_every == 0:
-            model.bank.refresh(iters=params.cmpa.kmeans_iters)  # ready since the warm-up: no fallback needed
+            refresh_prototypes(backbones, model, memory, params)
     totals = _all_reduce(totals)
     losses = dict(zip(("loss", "loss_ce", "loss_aff", "loss_proto"), totals.tolist(), strict=True))
     if model.use_cmpa:
@@ -328,32 +338,42 @@ def optimiser_step(backbones: FrozenBackbones, model: SSR, optimiser, batches: l
 # ---------------------------------------------------------------- prototypes before the first step
 
 @torch.no_grad()
-def warm_up_prototypes(backbones: FrozenBackbones, model: SSR, loader, params: Params, *, max_batches: int) -> int:
-    """Fill the prototype bank before the first step and build P_I from it.
+def warm_up_prototypes(backbones: FrozenBackbones, model: SSR, memory: SampleMemory, loader, params: Params, *,
+                       max_batches: int) -> int:
+    """Fill the sample memory with one pass over the split, then build the first prototypes.
 
-    The first k-means never sees a single batch: micro-batches of the first epoch are
-    pooled (Eq. 2, heads in eval mode) until every class holds `cmpa.warmup_per_class`
-    features on all ranks together, or `max_batches` have been read (the caller's pass over the
-    split, rounded up to whole micro-batches: it may run into the next epoch, which only adds features).
+    `max_batches` micro-batches are read (the caller's pass over the split, rounded up to whole
+    micro-batches: the last may reach into the next epoch, which only refreshes some slots). f_image
+    is pooled as the training loss pools it (Eq. 2 over the heads' output with BatchNorm in train
+    mode), without moving the running statistics, which are the training steps' to set.
     Returns the number of micro-batches read.
     """
     device = backbones.text.device
-    needed = params.cmpa.warmup_per_class
     read = 0
     for batch in loader:
         images = unit_images(batch["image"], device)
         classes, valid = class_slots(batch["labels"], device)
         cam, visual = initial_cams(backbones, model, images, classes, valid, attn_blocks=0, fast=params.train.fast_path)
-        with eval_mode(model.isa, model.tsa):
+        with batch_statistics(model.isa):
             f_image = masked_average_pool(model.isa(visual.dense.detach().float()), cam.detach())[valid]
-        model.bank.push(_all_gather(f_image), _all_gather(classes[valid]))
+        slots = memory.slots(list(batch["id"]), [len(present) for present in batch["labels"]])
+        memory.write(_all_gather(slots), _all_gather(f_image))
         read += 1
-        if bool((model.bank.class_counts() >= needed).all()) or read >= max_batches:
+        if read >= max_batches:
             break
-    with eval_mode(model.tsa):  # BatchNorm's running statistics are the training steps' to set
-        fallback = model.adapt_text(backbones.text[: backbones.num_foreground])
-    model.bank.refresh(fallback, iters=params.cmpa.kmeans_iters)
+    refresh_prototypes(backbones, model, memory, params)
     return read
+
+
+@torch.no_grad()
+def refresh_prototypes(backbones: FrozenBackbones, model: SSR, memory: SampleMemory, params: Params) -> None:
+    """P_I from the sample memory, and P_T's snapshot: the projected prompts as the loss sees them
+    (TSA with BatchNorm in train mode, running statistics untouched). A class without stored
+    features keeps its last image prototype, or before the first refresh its projected prompt."""
+    with batch_statistics(model.tsa):
+        text = model.adapt_text(backbones.text[: backbones.num_foreground]).float()
+    fallback = model.prototypes.image if bool(model.prototypes.ready) else text
+    model.prototypes.refresh(memory.prototypes(fallback, params.cmpa.kmeans_iters), text)
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -450,7 +470,7 @@ def non_finite_gradients(model, losses: list[torch.Tensor] = ()) -> list[str]:
 def raise_non_finite_loss(loss: torch.Tensor, parts: dict, iteration: int, last_good: str) -> None:
     raise NonFiniteLoss(
         f"non-finite loss ({loss.item()}) at iteration {iteration} "
-        f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items() if k != 'bank')}); {last_good}")
+        f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items() if v.dim() == 0)}); {last_good}")
 
 
 def _last_good(ckpt_path: Path) -> str:
@@ -490,6 +510,10 @@ class Trainer:
         self.model = SSR(ModelDims.of(backbones), params.cmpa).to(device)
         self.optimiser = build_optimiser(self.model, self.preset)
         self.state = TrainState()
+        self.memory = None
+        if self.model.use_cmpa:
+            self.memory = SampleMemory(self.data.ids, self.data.labels, backbones.num_foreground,
+                                       self.model.prototypes.image.shape[1], device)
 
     def loader(self, start: int) -> DataLoader:
         # The loader draws its workers' base seed from its own generator, not the global torch RNG: a draw
@@ -507,6 +531,8 @@ class Trainer:
         ckpt = load_checkpoint(self.ckpt_path, self.identity, self.device)
         self.model.load_state_dict(ckpt["model"])
         self.optimiser.load_state_dict(ckpt["optimiser"])
+        if self.memory is not None:
+            self.memory.load_state_dict(ckpt["memory"])
         self.state = TrainState(**ckpt["state"])
         set_rng_state(ckpt["rng"])
         self.log(f"resuming {self.dataset} ({self.run}, seed {self.seed}) from {self.ckpt_path} "
@@ -522,7 +548,7 @@ class Trainer:
         return optimiser_step(self.backbones, self.model, self.optimiser,
                               [next(batches) for _ in range(self.preset.accumulation)],
                               self.params, self.preset, lr=lr, par=self.par, autocast_dtype=self.autocast_dtype, world=self.world,
-                              iteration=self.state.iteration, ckpt_path=self.ckpt_path)
+                              iteration=self.state.iteration, ckpt_path=self.ckpt_path, memory=self.memory)
 
 
 def train(params: Params, dataset: str, out_dir: str | Path, *, seed: int = 0, run: str = "method", resume: bool = False,
@@ -578,10 +604,10 @@ def _worker_error(err: DatasetError) -> DatasetError:
 
 def _run(trainer: Trainer, stop_after: int | None) -> dict:
     params, preset, state, model = trainer.params, trainer.preset, trainer.state, trainer.model
-    if model.use_cmpa and not bool(model.bank.ready):
-        read = warm_up_prototypes(trainer.backbones, model, trainer.loader(0), params,
+    if model.use_cmpa and not bool(model.prototypes.ready):
+        read = warm_up_prototypes(trainer.backbones, model, trainer.memory, trainer.loader(0), params,
                                   max_batches=math.ceil(len(trainer.data) / trainer.micro))
-        counts = trainer.model.bank.class_counts().tolist()
+        counts = trainer.memory.class_counts().tolist()
         trainer.log(f"prototypes built from {read} micro-batches: {counts} features per class")
 
     stop = {"signal": False}
@@ -615,7 +641,7 @@ def _run(trainer: Trainer, stop_after: int | None) -> dict:
             if trainer.rank == 0 and (state.iteration % params.train.checkpoint_every == 0 or stop["signal"]):
                 state.seconds += time.time() - tic
                 tic = time.time()
-                save_checkpoint(trainer.ckpt_path, model, trainer.optimiser, state, trainer.identity)
+                save_checkpoint(trainer.ckpt_path, model, trainer.optimiser, state, trainer.identity, trainer.memory)
             if stop["signal"]:
                 raise KeyboardInterrupt(f"SIGTERM: checkpoint written at iteration {state.iteration} to {trainer.ckpt_path}")
     finally:
@@ -630,7 +656,7 @@ def _run(trainer: Trainer, stop_after: int | None) -> dict:
                "images_per_second": round(state.images_seen / max(state.seconds, 1e-6), 2),
                **{f"final_{k}": round(v, 5) for k, v in state.last_losses.items()}}
     if trainer.rank == 0:
-        save_checkpoint(trainer.ckpt_path, model, trainer.optimiser, state, trainer.identity)
+        save_checkpoint(trainer.ckpt_path, model, trainer.optimiser, state, trainer.identity, trainer.memory)
         if state.iteration >= preset.iterations:
             save_model(trainer.out_dir, model, params, trainer.dataset, classes=trainer.data.classes, seed=trainer.seed,
                        run=trainer.run, summary=summary)

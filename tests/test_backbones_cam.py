@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import open_clip
 import pytest
 import timm
@@ -267,16 +268,38 @@ def test_pos_embed_identity_at_native_size():
     assert torch.equal(resample_positional_embedding(pe, (4, 4)), pe)
 
 
-@pytest.mark.parametrize("grid", [(4, 6), (6, 4), (2, 3), (8, 8)])
-def test_pos_embed_interpolation_matches_timm(grid):
+def bilinear_by_hand(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
+    """Bilinear resize of a square patch embedding with half-pixel centres (the convention of CLIP-ES's
+    `F.upsample(..., mode="bilinear")`), written out in numpy: an independent reference."""
+    pe = pos_embed.detach().double().numpy()
+    patches = pe[num_prefix:]
+    n0 = int(round(len(patches) ** 0.5))
+    square = patches.reshape(n0, n0, -1)
+
+    def taps(out_size):
+        src = np.maximum((np.arange(out_size) + 0.5) * n0 / out_size - 0.5, 0.0)
+        low = np.floor(src).astype(int)
+        return low, np.minimum(low + 1, n0 - 1), src - low
+
+    y0, y1, fy = taps(grid[0])
+    x0, x1, fx = taps(grid[1])
+    rows = square[y0] * (1 - fy)[:, None, None] + square[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return torch.from_numpy(np.concatenate([pe[:num_prefix], out.reshape(grid[0] * grid[1], -1)])).float()
+
+
+@pytest.mark.parametrize("grid", [(4, 6), (6, 4), (2, 3), (8, 8), (12, 10)])
+def test_pos_embed_interpolation_is_bilinear_as_clip_es(grid):
     model = tiny_clip()
     pe = model.visual.positional_embedding
     got = resample_positional_embedding(pe, grid)
-    expected = resample_abs_pos_embed(pe[None], new_size=list(grid), old_size=[4, 4], num_prefix_tokens=1,
-                                      interpolation="bicubic", antialias=False)[0]
     assert got.shape == (1 + grid[0] * grid[1], pe.shape[1])
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, bilinear_by_hand(pe, grid), atol=1e-6, rtol=1e-6)
     assert torch.equal(got[0], pe[0])              # CLS position untouched
+    # bicubic (timm's DINO convention) is a different embedding at these grids
+    bicubic = resample_abs_pos_embed(pe[None], new_size=list(grid), old_size=[4, 4], num_prefix_tokens=1,
+                                     interpolation="bicubic", antialias=False)[0]
+    assert (got - bicubic).abs().max() > 1e-3
 
 
 def test_pos_embed_interpolation_keeps_row_major_layout():
@@ -304,9 +327,8 @@ def test_non_square_forward_equals_open_clip_with_resized_pos_embed():
     assert out.tokens[-1].shape == (2, 25, 24)
     assert all(a.shape == (2, 25, 25) for a in out.attentions.values())
     resized = copy.deepcopy(model)
-    resized.visual.positional_embedding = nn.Parameter(
-        resample_abs_pos_embed(model.visual.positional_embedding[None], new_size=[4, 6], old_size=[4, 4],
-                               num_prefix_tokens=1, interpolation="bicubic", antialias=False)[0], requires_grad=False)
+    resized.visual.positional_embedding = nn.Parameter(bilinear_by_hand(model.visual.positional_embedding, (4, 6)),
+                                                       requires_grad=False)
     with torch.no_grad():
         expected = resized.encode_image(x)
     torch.testing.assert_close(out.pooled, expected, atol=1e-5, rtol=1e-5)
@@ -461,8 +483,7 @@ def test_non_square_refined_cams_and_labels(tmp_path, tokenizer):
     assert out.visual.tokens[-1].shape == (2, 25, backbones.width)
 
     # the non-square CAM equals the reference loop run with the interpolated pos-embed
-    pe = resample_abs_pos_embed(backbones.clip.visual.positional_embedding[None], new_size=[4, 6], old_size=[4, 4],
-                                num_prefix_tokens=1, interpolation="bicubic", antialias=False)[0]
+    pe = bilinear_by_hand(backbones.clip.visual.positional_embedding, (4, 6))
     reference = reference_cams(backbones, model, images, labels, pos_embed=pe)
     for b, present in enumerate(labels):
         torch.testing.assert_close(out.cam[b, :len(present)], reference[b], atol=1e-5, rtol=1e-4)

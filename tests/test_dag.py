@@ -467,7 +467,8 @@ def test_demo_dag_runs_from_scratch_then_dvc_commit_status_and_metrics_diff(tmp_
         metrics = json.loads((work / f"results/demo_{m}.json").read_text())
         assert metrics != {"miou": 0.5}
         assert not [k for k in metrics if "second" in k], f"timings in results/demo_{m}.json"
-    assert json.loads((work / "results/demo/timings/train.json").read_text())["method"][0]["train_seconds"] > 0
+    # a timing is recorded (a fast machine may round a 2-iteration run to 0.0 s: no lower bound)
+    assert json.loads((work / "results/demo/timings/train.json").read_text())["method"][0]["train_seconds"] >= 0
     assert "Nothing to be done" in run(_tool("snakemake"), "-n", "--cores", "2", "demo").stdout
 
     # the reference run's lock: dvc commit after Snakemake, and both tools agree it is up to date

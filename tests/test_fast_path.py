@@ -377,9 +377,8 @@ def test_fast_and_reference_micro_batches_agree(dataset_trainer):
     scale = max(g.abs().max() for g in rgrads.values())
     for name in rgrads:
         torch.testing.assert_close(fgrads[name], rgrads[name], atol=1e-5 * scale, rtol=0, msg=name)
-    features, labels, keep = fparts["bank"]
-    torch.testing.assert_close(features[keep], rparts["bank"][0], atol=1e-6, rtol=1e-5)
-    assert torch.equal(labels[keep], rparts["bank"][1])
+    torch.testing.assert_close(fparts["f_image"][fparts["slot_valid"]], rparts["f_image"], atol=1e-6, rtol=1e-5)
+    assert torch.equal(fparts["slot_valid"], rm.valid.flatten())
 
 
 # ---------------------------------------------------------------- data on the host

@@ -12,15 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssr.affinity import average_attention, clip_es_transform, fuse_attention, propagate, row_normalise
+from ssr.affinity import average_attention, box_mask, clip_es_transform, fuse_attention, propagate, row_normalise
 from ssr.cmpa import (
     ProjectionHead,
-    PrototypeBank,
+    Prototypes,
     ResidualHead,
+    SampleMemory,
     Temperature,
+    image_prototypes,
     masked_average_pool,
     positive_index,
     prototype_loss_term,
+    relabel_clusters,
     sample_loss_sum,
     spherical_kmeans,
 )
@@ -126,11 +129,24 @@ def test_clip_affinity_equals_hand_computation(rounds, power):
     assert out.shape == (2, 12, 12)
     for b in range(2):
         hand = _hand_clip_transform([a[b].double() for a in attentions], rounds, power)
-        # The W transform itself is symmetric and non-negative ...
-        assert torch.allclose(hand, hand.T, atol=1e-12)
-        # ... and clip_affinity returns it row-normalised (its documented row-stochastic output).
-        expected = hand / hand.sum(dim=1, keepdim=True)
-        assert torch.allclose(out[b].double(), expected, atol=1e-6)
+        assert torch.allclose(out[b].double(), hand, atol=1e-6)
+
+
+def test_transform_ends_with_the_power_as_clip_es_does():
+    """CLIP-ES's steps, on a matrix that three rounds leave far from doubly stochastic: the rows of the
+    result do not sum to 1, and the transform returns them as they are (no normalisation after the power)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(16, 16, generator=g) ** 8 * 50 + torch.eye(16) * 30       # peaky, uneven rows and columns
+    t = a / a.sum(dim=0, keepdim=True)                                        # CLIP-ES: one column-row round ...
+    t = t / t.sum(dim=1, keepdim=True)
+    for _ in range(2):                                                        # ... then two more
+        t = t / t.sum(dim=0, keepdim=True)
+        t = t / t.sum(dim=1, keepdim=True)
+    t = (t + t.T) / 2
+    t = t @ t
+    assert (t.sum(dim=1) - 1).abs().max() > 1e-3                              # the case this test is about
+    out = clip_es_transform(a[None], rounds=3, power=2)[0]
+    torch.testing.assert_close(out, t, atol=1e-6, rtol=1e-5)
 
 
 def test_clip_affinity_drops_prefix_tokens():
@@ -150,14 +166,10 @@ def test_clip_affinity_symmetric_nonnegative():
     for rounds in (3, 50):
         out = clip_affinity(attentions, rounds=rounds, power=2)
         assert (out >= 0).all()
-        assert torch.allclose(out.sum(dim=-1), torch.ones(2, 16), atol=1e-5)
-    # Once the alternating normalisation has converged (doubly stochastic), the final row
-    # normalisation is a no-op and the output is the symmetric W affinity.
+        torch.testing.assert_close(out, out.transpose(-1, -2), atol=1e-6, rtol=1e-6)
+    # Once the alternating normalisation has converged (doubly stochastic), rows sum to 1.
     out = clip_affinity(attentions, rounds=50, power=2)
-    assert torch.allclose(out, out.transpose(-1, -2), atol=1e-5)
-    # With the default 3 rounds it is symmetric up to the residual imbalance of the normalisation.
-    out = clip_affinity(attentions, rounds=3, power=2)
-    assert (out - out.transpose(-1, -2)).abs().max() < 0.05 * out.abs().max()
+    assert torch.allclose(out.sum(dim=-1), torch.ones(2, 16), atol=1e-5)
 
 
 # ---------------------------------------------------------------- fusion (Eq. 9)
@@ -169,7 +181,7 @@ def test_transform_then_fuse_mixes_transformed_clip_with_row_normalised_dino():
     rb = b / b.sum(dim=-1, keepdim=True)
     transformed = clip_es_transform(a, rounds=3, power=2)
     fused = fuse_attention(a, b, 0.4, 0.6, order="transform_then_fuse")
-    expected = 0.4 * transformed + 0.6 * rb          # rows already sum to 0.4 + 0.6 = 1
+    expected = 0.4 * row_normalise(transformed) + 0.6 * rb      # each source's share of every row
     assert torch.allclose(fused, expected, atol=1e-6)
     assert torch.allclose(fused.sum(-1), torch.ones(2, n), atol=1e-6)
     # The weights are relative: 2:3 is the same mix as 0.4:0.6.
@@ -190,7 +202,7 @@ def test_fuse_then_transform_applies_the_transform_to_the_mix():
         hand = hand / hand.sum(dim=1, keepdim=True)
     hand = (hand + hand.T) / 2
     hand = hand @ hand @ hand
-    assert torch.allclose(out[0].double(), hand / hand.sum(1, keepdim=True), atol=1e-6)
+    assert torch.allclose(out[0].double(), hand, atol=1e-6)
     # The two readings of Eq. 9 differ as soon as both sources are present ...
     assert not torch.allclose(out, fuse_attention(a, b, 0.4, 0.6, order="transform_then_fuse", rounds=2, power=3), atol=1e-3)
     # ... and agree for CLIP alone (the "+ CLIP attention" row).
@@ -209,6 +221,52 @@ def test_fusion_single_source():
         fuse_attention(None, None, 0.4, 0.6)
     with pytest.raises(ValueError, match="fusion order"):
         fuse_attention(a, b, 0.4, 0.6, order="fuse_twice")
+
+
+# ---------------------------------------------------------------- CLIP-ES's box mask
+
+def _boxes_by_hand(grid, boxes):
+    """A (h, w) mask with 1 inside each (y0, x0, y1, x1) half-open box."""
+    out = torch.zeros(grid)
+    for y0, x0, y1, x1 in boxes:
+        out[y0:y1, x0:x1] = 1
+    return out
+
+
+def test_box_mask_covers_the_boxes_of_the_confident_blobs_as_clip_es():
+    h, w = 6, 8
+    cam = torch.full((h, w), 0.1)
+    cam[1:3, 1:3] = 1.0                            # blob A
+    cam[4, 5:8] = 0.5                              # blob B, reaching the right edge
+    cam[0, 5], cam[1, 6] = 0.9, 0.9                # two diagonal neighbours: one 8-connected blob C
+    mask = box_mask(cam.reshape(1, 1, -1), (h, w), 0.4).reshape(h, w)
+    # CLIP-ES clips a box's end to the last index and slices up to it: B loses the last column
+    expected = _boxes_by_hand((h, w), [(1, 1, 3, 3), (4, 5, 5, 7), (0, 5, 2, 7)])
+    assert torch.equal(mask, expected)
+    # the threshold is a share of the maximum, strict: at 0.7 blob B (0.5) is no box
+    mask = box_mask(cam.reshape(1, 1, -1), (h, w), 0.7).reshape(h, w)
+    assert torch.equal(mask, _boxes_by_hand((h, w), [(1, 1, 3, 3), (0, 5, 2, 7)]))
+
+
+def test_box_mask_is_per_slot_and_empty_for_a_zero_map():
+    h, w = 4, 5
+    cams = torch.zeros(2, 2, h * w)
+    ell = torch.zeros(h, w)
+    ell[0:3, 1] = 1.0
+    ell[2, 1:4] = 1.0                              # an L: its box holds the patches the L leaves out
+    cams[0, 1] = ell.flatten()
+    cams[1, 0, 0] = 1.0                            # one patch in the corner
+    mask = box_mask(cams, (h, w), 0.4)
+    assert mask.shape == (2, 2, h * w)
+    assert torch.equal(mask[0, 0], torch.zeros(h * w))                       # an all-zero map: no box
+    assert torch.equal(mask[0, 1].reshape(h, w), _boxes_by_hand((h, w), [(0, 1, 3, 4)]))
+    assert torch.equal(mask[1, 0].reshape(h, w), _boxes_by_hand((h, w), [(0, 0, 1, 1)]))
+    # the mask keeps propagation inside the box: a column outside it contributes nothing
+    affinity = torch.rand(2, h * w, h * w, generator=torch.Generator().manual_seed(2)) + 0.1
+    base = propagate(affinity, cams, mask)
+    changed = cams.clone()
+    changed[0, 1, 0] = 0.7                         # patch (0, 0) lies outside the L's box
+    assert torch.equal(propagate(affinity, changed, mask)[0, 1], base[0, 1])
 
 
 # ---------------------------------------------------------------- SGC (Eq. 7-8)
@@ -444,10 +502,6 @@ def test_kmeans_recovers_planted_clusters():
     assert torch.allclose(centroids.norm(dim=-1), torch.ones(3), atol=1e-5)
     cos = (centroids * centres).sum(-1)
     assert (cos > 0.95).all()
-    # Cluster indices stay tied to their seeds: permuted seeds permute the assignment.
-    order = torch.tensor([2, 0, 1])
-    _, permuted = spherical_kmeans(x, init[order])
-    assert torch.equal(order[permuted], labels)
 
 
 def test_kmeans_empty_cluster_keeps_its_seed():
@@ -459,90 +513,94 @@ def test_kmeans_empty_cluster_keeps_its_seed():
     assert torch.allclose(centroids[3], F.normalize(far, dim=0), atol=1e-6)
 
 
-def test_prototype_bank_push_is_fifo():
-    bank = PrototypeBank(num_classes=3, dim=4, size=5)
-    feats = torch.randn(7, 4, generator=torch.Generator().manual_seed(13)) * 3
-    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
-    bank.push(feats[:3], labels[:3])
-    assert int(bank.pointer) == 3
-    assert bank.labels.tolist() == [0, 1, 2, -1, -1]
-    assert torch.allclose(bank.features[:3], feats[:3] / feats[:3].norm(dim=-1, keepdim=True), atol=1e-6)
-    bank.push(feats[3:], labels[3:])                                   # wraps: 7 pushed into 5 slots
-    assert int(bank.pointer) == 7 % 5
-    # Slots 0,1 hold items 5,6; slots 2,3,4 hold items 2,3,4: the most recent 5.
-    held = [5, 6, 2, 3, 4]
-    assert bank.labels.tolist() == labels[held].tolist()
-    assert torch.allclose(bank.features, F.normalize(feats[held], dim=-1), atol=1e-6)
-    # A single push larger than the bank keeps its last `size` items.
-    big = PrototypeBank(num_classes=3, dim=4, size=5)
-    big.push(feats, labels)
-    assert sorted(big.labels.tolist()) == sorted(labels[2:].tolist())
-    kept = {tuple(f.round(decimals=5).tolist()) for f in big.features}
-    assert kept == {tuple(f.round(decimals=5).tolist()) for f in F.normalize(feats[2:], dim=-1)}
+def _classes_across_clusters(seed=0, per=40, dim=16):
+    """Features whose natural clusters are not the classes: a strong nuisance direction (3 clusters,
+    drawn independently of the class) plus a weak class direction (3 classes)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(dim, 6, generator=g))[0].T
+    nuisance, classes = basis[:3], basis[3:]
+    labels = torch.arange(3).repeat(per)
+    cluster = torch.randint(0, 3, (len(labels),), generator=g)
+    x = 4 * nuisance[cluster] + 1.0 * classes[labels] + 0.2 * torch.randn(len(labels), dim, generator=g)
+    return x, labels, cluster, g
 
 
-def test_prototype_bank_refresh_and_assign():
-    x, labels, centres, g = _planted_clusters(seed=2)
-    text = centres + 0.3 * torch.randn(3, centres.shape[1], generator=g)
-    bank = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
-    bank.refresh(text)                                                 # empty bank: nothing happens
-    assert not bool(bank.ready) and torch.equal(bank.image_prototypes, torch.zeros(3, x.shape[1]))
-
-    bank.push(x, labels)
-    assert bank.class_counts().tolist() == [30, 30, 30]
-    bank.refresh(text)
-    assert bool(bank.ready)
-    # Image prototypes: k-means seeded with per-class means -> the normalised class directions.
-    class_means = F.normalize(torch.stack([F.normalize(x[labels == k], dim=-1).mean(0) for k in range(3)]), dim=-1)
-    assert torch.allclose(bank.image_prototypes, class_means, atol=1e-4)
-    assert torch.equal(bank.assign(x), labels)
-
-    # State is in buffers: a fresh bank loaded from the state dict assigns identically.
-    clone = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
-    clone.load_state_dict(bank.state_dict())
-    assert torch.equal(clone.assign(x), bank.assign(x)) and bool(clone.ready)
+def test_prototype_rows_are_classes_and_the_positive_is_the_class_when_clusters_are_not():
+    """Constraint (1): a visual feature's positive is its own class's text prototype, and P_I row k is class
+    k's, even where the features' natural clusters cut across the classes."""
+    x, labels, cluster, g = _classes_across_clusters()
+    fallback = torch.randn(3, x.shape[1], generator=g)
+    # free k-means finds the nuisance clusters, not the classes: the case this test is about
+    _, assignment = spherical_kmeans(x, torch.stack([F.normalize(x[labels == k], dim=-1).mean(0) for k in range(3)]))
+    assert (assignment == labels).float().mean() < 0.5
+    means = image_prototypes(x, labels, fallback, kmeans_iters=0)
+    for k in range(3):                             # row k is the normalised mean of class k's normalised features
+        expected = F.normalize(F.normalize(x[labels == k], dim=-1).mean(0), dim=0)
+        torch.testing.assert_close(means[k], expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(positive_index("class", means, x, labels), labels)
+    # the nearest image prototype is another class for many samples: the rule the paper's constraint (1) rules out
+    assert (positive_index("nearest_prototype", means, x, labels) != labels).any()
+    with pytest.raises(ValueError, match="unknown CMPA positive 'cluster'"):
+        positive_index("cluster", means, x, labels)
 
 
-def test_the_positive_is_the_nearest_prototype_or_the_sample_s_own_class():
-    """pos_idx (Eq. 4-5): "cluster" follows the features (so a class-0 sample lying in class 1's
-    cluster is pulled towards class 1), "class" keeps each sample's own class."""
-    x, labels, centres, g = _planted_clusters(seed=2)
-    bank = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
-    bank.push(x, labels)
-    bank.refresh(centres)
-    stray = centres[1:2] * 5                                            # a class-0 sample on class 1's direction
-    feats, classes = torch.cat([x, stray]), torch.cat([labels, torch.tensor([0])])
-    assert positive_index("cluster", bank, feats, classes).tolist() == labels.tolist() + [1]
-    assert torch.equal(positive_index("class", bank, feats, classes), classes)
-    with pytest.raises(ValueError, match="unknown CMPA positive 'nearest'"):
-        positive_index("nearest", bank, feats, classes)
+def test_free_kmeans_clusters_are_relabelled_to_classes():
+    """kmeans_iters > 0: the centroid that most of class k's samples fall into becomes row k."""
+    x, labels, centres, g = _planted_clusters(seed=5)
+    order = torch.tensor([2, 0, 1])                # seeds in another order than the classes
+    seeds = torch.stack([x[labels == k].mean(0) for k in range(3)])[order]
+    centroids, assignment = spherical_kmeans(x, seeds)
+    assert not torch.equal(assignment, labels)     # cluster indices are not classes
+    relabelled = relabel_clusters(centroids, assignment, labels)
+    for k in range(3):
+        assert F.cosine_similarity(relabelled[k], centres[k], dim=0) > 0.95
+    protos = image_prototypes(x, labels, torch.zeros(3, x.shape[1]), kmeans_iters=20)
+    assert torch.equal((F.normalize(x, dim=-1) @ protos.T).argmax(dim=1), labels)
 
 
-def test_class_absent_from_the_first_features_gets_its_prototype_from_its_own_later_features():
-    """The warm-up pools features until every class has some; a class missing from the first
-    pushes is seeded from its own features once they arrive, not left on its text fallback."""
-    x, labels, centres, g = _planted_clusters(seed=3)
-    fallback = torch.randn(3, x.shape[1], generator=g)                 # unrelated "projected prompts"
-    bank = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
-    first = labels != 2
-    bank.push(x[first][:20], labels[first][:20])                       # the first batch: no class 2
-    assert bank.class_counts()[2] == 0
-    bank.push(x[labels == 2], labels[labels == 2])                     # class 2 arrives later
-    bank.refresh(fallback)
-    own_mean = F.normalize(F.normalize(x[labels == 2], dim=-1).mean(0), dim=0)
-    assert F.cosine_similarity(bank.image_prototypes[2], own_mean, dim=0) > 0.99
-    assert F.cosine_similarity(bank.image_prototypes[2], F.normalize(fallback[2], dim=0), dim=0) < 0.5
-
-
-def test_class_never_seen_falls_back_to_its_projected_prompt():
+def test_a_class_without_features_keeps_its_fallback():
     x, labels, centres, g = _planted_clusters(seed=4)
-    fallback = F.normalize(torch.randn(3, x.shape[1], generator=g), dim=-1)
-    bank = PrototypeBank(num_classes=3, dim=x.shape[1], size=200)
+    fallback = torch.randn(3, x.shape[1], generator=g)
     seen = labels != 1
-    bank.push(x[seen], labels[seen])
-    bank.refresh(fallback)
-    assert torch.allclose(bank.image_prototypes[1], fallback[1], atol=1e-5) or \
-        F.cosine_similarity(bank.image_prototypes[1], fallback[1], dim=0) > 0.99
+    protos = image_prototypes(x[seen], labels[seen], fallback)
+    torch.testing.assert_close(protos[1], F.normalize(fallback[1], dim=0))
+    assert F.cosine_similarity(protos[0], centres[0], dim=0) > 0.95
+
+
+def test_sample_memory_has_one_slot_per_image_and_class_and_keeps_the_latest():
+    ids = ["a", "b", "c"]
+    labels = {"a": [2], "b": [1, 3], "c": [3]}     # 1-based, as image_labels.json
+    memory = SampleMemory(ids, labels, num_classes=3, dim=4)
+    assert memory.labels.tolist() == [1, 0, 2, 2]  # a:2 -> 1; b:1 -> 0, b:3 -> 2; c:3 -> 2
+    # a batch of (c, b): valid slots row-major -> c's one slot, then b's two
+    assert memory.slots(["c", "b"], [1, 2]).tolist() == [3, 1, 2]
+    g = torch.Generator().manual_seed(13)
+    first, second = torch.randn(3, 4, generator=g), torch.randn(1, 4, generator=g)
+    memory.write(memory.slots(["c", "b"], [1, 2]), first)
+    assert memory.filled.tolist() == [False, True, True, True] and memory.class_counts().tolist() == [1, 0, 2]
+    memory.write(memory.slots(["c"], [1]), second)                # c seen again: its slot is replaced
+    torch.testing.assert_close(memory.features[3], F.normalize(second[0], dim=0))
+    torch.testing.assert_close(memory.features[1], F.normalize(first[1], dim=0))
+    fallback = torch.randn(3, 4, generator=g)
+    protos = memory.prototypes(fallback)           # class 1 (slot 0) never written: its fallback
+    torch.testing.assert_close(protos[1], F.normalize(fallback[1], dim=0))
+    torch.testing.assert_close(protos[2], F.normalize(F.normalize(first[2], dim=0) + F.normalize(second[0], dim=0), dim=0))
+    clone = SampleMemory(ids, labels, num_classes=3, dim=4)
+    clone.load_state_dict(memory.state_dict())
+    assert torch.equal(clone.features, memory.features) and torch.equal(clone.filled, memory.filled)
+    with pytest.raises(ValueError, match="does not fit"):
+        SampleMemory(ids[:2], labels, num_classes=3, dim=4).load_state_dict(memory.state_dict())
+
+
+def test_prototypes_are_buffers_saved_with_the_model():
+    protos = Prototypes(num_classes=3, dim=4)
+    assert not bool(protos.ready)
+    image, text = F.normalize(torch.randn(3, 4), dim=-1), torch.randn(3, 4) * 3
+    protos.refresh(image, text)
+    clone = Prototypes(num_classes=3, dim=4)
+    clone.load_state_dict(protos.state_dict())
+    assert bool(clone.ready) and torch.equal(clone.image, image)
+    torch.testing.assert_close(clone.text, F.normalize(text, dim=-1))
 
 
 def _hand_ce(features, prototypes, pos, tau):

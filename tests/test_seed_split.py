@@ -23,7 +23,6 @@ VOC_TINY = {
     "datasets.voc.long_side": 32, "datasets.voc.par": False,
     "train_presets.voc.iterations": 2, "train_presets.voc.batch_size": 2, "train_presets.voc.accumulation": 1,
     "train_presets.voc.crop_size": 32, "train_presets.voc.warmup": 1, "train_presets.voc.refresh_every": 1,
-    "cmpa.warmup_per_class": 1,
 }
 
 

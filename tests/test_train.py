@@ -149,7 +149,7 @@ class BatchRecorder:
 @pytest.mark.parametrize("num_workers, accumulation", [(0, 1), (1, 2)], ids=["workers0", "workers1-accum2"])
 def test_resume_matches_an_uninterrupted_run(demo, num_workers, accumulation):
     """Stop at iteration 3 (between the periodic checkpoints at 2 and 4), resume, finish:
-    every weight, buffer (prototype bank, BatchNorm statistics), tau, the optimiser,
+    every weight, buffer (prototypes, BatchNorm statistics), tau, the sample memory, the optimiser,
     the RNG, the training curves and the summary equal those of a straight run."""
     path, params = demo(f"resume_{num_workers}_{accumulation}", **{
         "train.num_workers": num_workers, "train_presets.demo.accumulation": accumulation})
@@ -166,10 +166,12 @@ def test_resume_matches_an_uninterrupted_run(demo, num_workers, accumulation):
     quality = [{k: v for k, v in summary.items() if k not in TIMING_KEYS} for summary in (summary_a, summary_b)]
     assert quality[0] == quality[1]
     a, b = load(straight / "checkpoint.pt"), load(resumed / "checkpoint.pt")
-    for key in ("bank.features", "bank.labels", "bank.pointer", "bank.image_prototypes", "bank.ready", "tau.log_tau"):
+    for key in ("prototypes.image", "prototypes.text", "prototypes.ready", "tau.log_tau"):
         assert key in a["model"], key
-    assert bool(a["model"]["bank.ready"]), "the prototype bank was never refreshed: the test would not cover it"
+    assert bool(a["model"]["prototypes.ready"]), "the prototypes were never built: the test would not cover them"
+    assert bool(a["memory"]["filled"].any()), "the sample memory is empty: the test would not cover it"
     assert_tensors_equal(a["model"], b["model"], "model")
+    assert_tensors_equal(a["memory"], b["memory"], "memory")
     assert_optimisers_equal(a["optimiser"], b["optimiser"])
     assert_rng_equal(a["rng"], b["rng"])
     assert a["state"]["iteration"] == b["state"]["iteration"] and a["state"]["images_seen"] == b["state"]["images_seen"]
@@ -195,8 +197,9 @@ def test_checkpoint_holds_what_resume_restores(demo):
     # iteration counters
     assert ckpt["state"]["iteration"] == 3
     assert ckpt["state"]["images_seen"] == 3 * preset.batch_size
-    # the model: every trained tensor and buffer, the prototype bank and tau included
-    assert set(ckpt["model"]) >= {"tau.log_tau", "bank.features", "bank.image_prototypes", "bank.ready"}
+    # the model: every trained tensor and buffer, the prototypes and tau included; the sample memory beside it
+    assert set(ckpt["model"]) >= {"tau.log_tau", "prototypes.image", "prototypes.text", "prototypes.ready"}
+    assert set(ckpt["memory"]) == {"features", "filled"} and bool(ckpt["memory"]["filled"].all())
     assert any(k.startswith("isa.") for k in ckpt["model"]) and any(k.startswith("decoder.") for k in ckpt["model"])
     # the optimiser: AdamW moments after 3 steps, and the lr of the last step (the schedule is lr_at(iteration))
     steps = {float(s["step"]) for s in ckpt["optimiser"]["state"].values()}
@@ -382,7 +385,7 @@ def assert_one_adamw_step_apart(a: dict, b: dict, lr: float) -> None:
     moves each weight by at most lr (lr x g / |g|, plus decay), so where a gradient is zero in exact
     arithmetic or within rounding of it, its rounding noise can become a step of lr either way."""
     for name in a:
-        if a[name].is_floating_point() and not name.startswith("bank."):
+        if a[name].is_floating_point() and not name.startswith("prototypes."):
             assert (a[name] - b[name]).abs().max() <= 2 * lr * (1 + 1e-6), name
 
 
@@ -509,12 +512,11 @@ def test_ddp_two_ranks_of_two_micro_batches_equal_one_process_of_four(demo):
     ddp, alone = weights(ddp_dir), weights(reference)
     assert ddp.keys() == alone.keys()
     assert_one_adamw_step_apart(ddp, alone, single.preset("demo").lr * single.preset("demo").decoder_lr_mult)
-    # The bank holds the same features, but the ranks' are gathered in rank order: compare per class.
-    labels_ddp, labels_alone = ddp.pop("bank.labels"), alone.pop("bank.labels")
-    feats_ddp, feats_alone = ddp.pop("bank.features"), alone.pop("bank.features")
-    assert torch.equal(labels_ddp.sort().values, labels_alone.sort().values)
-    for c in labels_alone.unique():
-        torch.testing.assert_close(feats_ddp[labels_ddp == c].sum(0), feats_alone[labels_alone == c].sum(0), atol=1e-4, rtol=1e-4)
+    # Every rank writes the gathered samples into the same slots: one memory, and the prototypes built from it.
+    memory_ddp, memory_alone = load(ddp_dir / "checkpoint.pt")["memory"], load(reference / "checkpoint.pt")["memory"]
+    assert torch.equal(memory_ddp["filled"], memory_alone["filled"])
+    torch.testing.assert_close(memory_ddp["features"], memory_alone["features"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ddp["prototypes.image"], alone["prototypes.image"], rtol=1e-4, atol=1e-6)
     for name, value in alone.items():
         if not value.is_floating_point():
             assert torch.equal(ddp[name], value), name

@@ -15,10 +15,10 @@ from conftest import write_tiny_params
 from ssr.cam import class_slots
 from ssr.cli import _backbones_by_run
 from ssr.cli import main as ssr_main
-from ssr.cmpa import masked_average_pool
+from ssr.cmpa import class_means, masked_average_pool
 from ssr.data.dataset import collate
 from ssr.data.transforms import unit_images
-from ssr.model import refined_cams
+from ssr.model import eval_mode, initial_cams, refined_cams
 from ssr.train import Trainer, micro_batch_loss, prepare_micro_batch, step_counts, warm_up_prototypes
 
 
@@ -55,11 +55,10 @@ def test_eq2_pools_the_projected_patches_with_the_gradcam_not_the_refined_cam(da
 
     model.train()
     _, parts = micro_batch_loss(backbones, model, m, params, trainer.preset, step_counts([m], torch.device("cpu")))
-    f_image, labels, keep = parts["bank"]      # the fast path's every slot, and which are valid
-    f_image, labels = f_image[keep], labels[keep]
+    # the fast path keeps every slot's f_image and which slots are valid
+    f_image = parts["f_image"][parts["slot_valid"]] if "slot_valid" in parts else parts["f_image"]
     expected = masked_average_pool(model.isa(m.dense), cams.cam.detach())[valid]
     torch.testing.assert_close(f_image, expected.detach(), atol=1e-5, rtol=1e-5)
-    assert torch.equal(labels, classes[valid])
 
 
 def test_gt_supervision_trains_the_decoder_on_the_true_masks(dataset):
@@ -88,32 +87,48 @@ def test_par_changes_the_online_labels_when_on(dataset):
         assert set(refined.labels[b].unique().tolist()) <= {0, *present}
 
 
-def test_prototypes_come_from_several_batches_before_the_first_step(dataset):
-    """With one image per micro-batch no single batch holds every class: the warm-up reads on
-    until each class has `cmpa.warmup_per_class` features, and only then clusters."""
-    trainer = dataset("warmup", **{"train_presets.demo.batch_size": 1, "cmpa.warmup_per_class": 2})
-    bank = trainer.model.bank
-    assert not bool(bank.ready)
-    first = trainer.data[(0, int(next(iter(trainer.loader(0).sampler))[1]))]["labels"]
-    assert len(first) < bank.num_classes, "the first image holds every class: the test would not bite"
-    read = warm_up_prototypes(trainer.backbones, trainer.model, trainer.loader(0), trainer.params, max_batches=len(trainer.data))
-    assert read > 1
-    assert bool(bank.ready) and (bank.class_counts() >= 2).all()
-    # no prototype is its projected prompt, the fallback of a class without features
-    prompts = torch.nn.functional.normalize(trainer.model.adapt_text(trainer.backbones.text[: bank.num_classes]).detach(), dim=-1)
-    assert not torch.isclose(bank.image_prototypes, prompts, atol=1e-4).all(dim=-1).any()
+def test_the_first_prototypes_come_from_a_whole_pass_in_the_training_batchnorm_mode(dataset):
+    """Before the first step the sample memory reads one pass over the split (every (image, class)
+    sample), pooling f_image as the loss does, with BatchNorm in train mode, and leaves the running
+    statistics as they were; P_I is then each class's mean."""
+    trainer = dataset("warmup", **{"train_presets.demo.batch_size": 1})
+    model, memory, backbones = trainer.model, trainer.memory, trainer.backbones
+    torch.manual_seed(3)
+    torch.nn.init.normal_(model.isa.mlp[-1].weight, std=0.5)      # heads off the identity: BatchNorm's mode matters
+    stats = {k: v.clone() for k, v in model.isa.named_buffers()}
+    assert not bool(model.prototypes.ready)
+    read = warm_up_prototypes(backbones, model, memory, trainer.loader(0), trainer.params, max_batches=len(trainer.data))
+    assert read == len(trainer.data)
+    assert bool(memory.filled.all()) and bool(model.prototypes.ready)
+    assert all(torch.equal(v, stats[k]) for k, v in model.isa.named_buffers())
+    fallback = torch.zeros_like(model.prototypes.image)
+    torch.testing.assert_close(model.prototypes.image, class_means(memory.features, memory.labels, fallback))
+
+    index = int(next(iter(trainer.loader(0).sampler))[1])         # the first image the pass read
+    batch = collate([trainer.data[(0, index)]])
+    classes, valid = class_slots(batch["labels"])
+    cam, visual = initial_cams(backbones, model, unit_images(batch["image"]), classes, valid, attn_blocks=0,
+                               fast=trainer.params.train.fast_path)
+    with torch.no_grad():
+        model.isa.train()
+        train_mode = masked_average_pool(model.isa(visual.dense.float()), cam)[valid]
+        with eval_mode(model.isa):
+            eval_pooled = masked_average_pool(model.isa(visual.dense.float()), cam)[valid]
+    slots = memory.slots(batch["id"], [len(batch["labels"][0])])
+    torch.testing.assert_close(memory.features[slots], torch.nn.functional.normalize(train_mode, dim=-1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(memory.features[slots], torch.nn.functional.normalize(eval_pooled, dim=-1), atol=1e-3)
 
 
 def test_prototypes_are_refreshed_every_refresh_every_iterations(dataset, monkeypatch):
     trainer = dataset("refresh", **{"train_presets.demo.refresh_every": 2, "train_presets.demo.iterations": 5})
     calls = []
-    real = type(trainer.model.bank).refresh
+    real = type(trainer.model.prototypes).refresh
 
-    def spy(bank, *args, **kwargs):
+    def spy(prototypes, *args, **kwargs):
         calls.append(trainer.state.iteration)
-        return real(bank, *args, **kwargs)
+        return real(prototypes, *args, **kwargs)
 
-    monkeypatch.setattr(type(trainer.model.bank), "refresh", spy)
+    monkeypatch.setattr(type(trainer.model.prototypes), "refresh", spy)
     from ssr.train import _run
 
     _run(trainer, None)
