@@ -264,14 +264,17 @@ def refined_cams(
                                      f"patch sizes must match")
 
     with torch.no_grad():
-        box = box_mask(cam, grid, affinity.box_threshold) if affinity.box_mask or sgc.within_box else None
+        # CLIP-ES's boxes go through the host (OpenCV), a device sync: made only where a row or the method uses them
+        box = functools.cache(lambda: box_mask(cam, grid, affinity.box_threshold))
         sgc_columns = None
         if region_maps is not None:
             sgc_columns = sgc_mask(cam, region_maps, num_regions, grid, t_hi=sgc.t_hi, rho=sgc.rho, patch_area=sgc.patch_area,
                                    keep_best=sgc.keep_best, denominator=sgc.denominator, fast=fast)
             if sgc.within_box:
-                sgc_columns = sgc_columns * box
-        rows_box = box if affinity.box_mask else None  # CLIP-ES's mask of the rows without SGC
+                sgc_columns = sgc_columns * box()
+
+        def rows_box() -> torch.Tensor | None:  # CLIP-ES's mask of the rows without SGC
+            return box() if affinity.box_mask else None
 
         @functools.cache  # the rows share affinities; each is a matrix power over (B, N, N)
         def fused(use_clip: bool, use_dino: bool) -> torch.Tensor:
@@ -284,15 +287,15 @@ def refined_cams(
             if row == "cam":
                 out[row] = cam
             elif row == "clip":
-                out[row] = propagate(fused(True, False), cam, rows_box)
+                out[row] = propagate(fused(True, False), cam, rows_box())
             elif row == "dino" and a_dino is not None:
-                out[row] = propagate(fused(True, True), cam, rows_box)
+                out[row] = propagate(fused(True, True), cam, rows_box())
             elif row == "sgc" and sgc_columns is not None:
                 out[row] = propagate(fused(True, a_dino is not None), cam, sgc_columns)
         use_dino = affinity.use_dino and a_dino is not None
         sgc_on = affinity.use_sgc and sgc_columns is not None
         if affinity.use_clip or use_dino:
-            method = propagate(fused(affinity.use_clip, use_dino), cam, sgc_columns if sgc_on else rows_box)
+            method = propagate(fused(affinity.use_clip, use_dino), cam, sgc_columns if sgc_on else rows_box())
         else:  # no propagation, so no box: the CAM row, or the CAM inside its SGC target regions
             method = cam * sgc_columns if sgc_on else cam
         method = method * valid[..., None]
