@@ -5,32 +5,38 @@
 #   make schema      rewrite workflow/schemas/params.schema.json from ssr/config.py
 #   make dvc         rewrite dvc.yaml (and workflow/dvc/*/dvc.yaml) from params.yaml and workflow/resources.yaml
 #   make reference   the demo's reference run: a clean demo, then `dvc commit` -> dvc.lock; commit what it lists
-# Each creates .venv on first use; torch and torchvision are pinned in pyproject.toml.
+# Each creates .venv on first use (with the test and export extras: the ONNX test runs onnxruntime);
+# torch and torchvision are pinned in pyproject.toml.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# DVC's offline plots page (.dvc/config plots.html_template): vega's scripts from the installed vl-convert-python
+PLOTS_TEMPLATE := .dvc/plots_template.html
 CORES ?= 2
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 .PHONY: demo test test-portable lint schema setup dvc reference clean-results
 
-setup: $(STAMP)
+setup: $(STAMP) $(PLOTS_TEMPLATE)
 
 # Reinstall when the dependency list changes; the editable install tracks ssr/ itself.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,export]'
 	touch $(STAMP)
 
 # The target is the `demo` rule, which asks for every product of the demo's
 # stages (models, pseudo-labels, predictions): a checkout without data/ and
 # results/demo/ computes them all, whatever the committed metrics files say.
-demo: $(STAMP)
+demo: $(STAMP) $(PLOTS_TEMPLATE)
 	$(RUN) $(BIN)/snakemake --cores $(CORES) demo
+
+$(PLOTS_TEMPLATE): $(STAMP)
+	$(BIN)/python workflow/pipeline.py plots-template
 
 test: lint
 	$(RUN) $(BIN)/python -m pytest -q

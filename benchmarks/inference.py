@@ -1,7 +1,7 @@
 """Images/s of the evaluate stage's inference: multi-scale + flip decoder, then DenseCRF.
 
 `ssr.infer.image_probs` (scales 1.0 and 0.75, each with its flip, as params.yaml's `infer`)
-and `ssr.infer.dense_crf_from_params`, timed per image:
+and `ssr.crf.dense_crf_from_params`, timed per image:
 - demo: the committed demo CLIP on 64 px demo images;
 - real: ViT-B/16 (random weights) at long side 512 on a 375x500 image, VOC's size.
 
@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from configs import build, device_name, emit
 
+from ssr.crf import dense_crf_from_params  # noqa: E402
 from ssr.data.demo import render_sample  # noqa: E402
-from ssr.infer import dense_crf_from_params, image_probs  # noqa: E402
+from ssr.infer import image_probs  # noqa: E402
 
 
 def timed(fn, device) -> tuple[float, object]:

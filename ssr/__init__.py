@@ -2,7 +2,7 @@
 
     import ssr
     model = ssr.load_model("results/voc/method/seed0")   # the folder `ssr train` wrote
-    labels = ssr.predict(model, image)                    # (H, W, 3) uint8 RGB -> (H, W) class indices
+    labels = ssr.predict(model, image)                    # a path, PIL image or array -> (H, W) class indices
 """
 
 __version__ = "0.1.0"
@@ -16,7 +16,7 @@ def load_model(path, **kwargs):
 
 
 def predict(model, image, **kwargs):
-    """Segment an (H, W, 3) uint8 RGB image with a model from `load_model`; see ssr.infer.predict."""
+    """Segment an image (a path, a PIL image or an array) with a model from `load_model`; see ssr.infer.predict."""
     from ssr.infer import predict as run
 
     return run(model, image, **kwargs)

@@ -51,11 +51,59 @@ def save_model(run_dir: str | Path, model: SSR, params: Params, dataset: str, *,
     write_json(run_dir / CONFIG, config)
 
 
+class DeviceError(ValueError):
+    """A device that does not exist here (cuda without a GPU) or is not a torch device at all."""
+
+
+def resolve_device(device=None) -> torch.device:
+    """A torch device that exists on this machine: None picks cuda when a GPU is there, else cpu.
+
+    "cuda" (or "cuda:N") without a usable GPU, and names torch does not know ("gpu"), are a
+    `DeviceError` saying so, before anything is loaded onto them.
+    """
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        hint = " (for a GPU: cuda)" if str(device).lower().startswith("gpu") else ""
+        raise DeviceError(f"device {device!r} is not a torch device{hint}; use cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {str(device)!r}: no CUDA GPU is usable here (torch {torch.__version__} finds none); "
+                              f"use cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"numbered from 0")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {str(device)!r}: no Apple GPU (MPS) is usable here; use cpu")
+    return resolved
+
+
+def _missing(path: Path) -> str:
+    """What to say about a run folder that does not exist: the nearest folder that does, and the runs in it."""
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    runs = sorted((p.name for p in parent.iterdir() if p.is_dir()), key=lambda n: (len(n), n)) if parent.is_dir() else []
+    seeds = [n for n in runs if n.startswith("seed")]
+    shown = seeds or runs
+    holds = f"{parent} holds {', '.join(shown)}" if shown else f"{parent} holds no run folders"
+    hint = ""
+    if path.name[4:].isdigit() and path.name.startswith("seed") and len(path.parents) > 2 \
+            and path.parents[1].name in ("demo", "voc", "coco"):
+        hint = f"; `ssr train --dataset {path.parents[1].name} --seeds {path.name[4:]}` trains it"
+    return f"{path}: no such run folder ({holds}{hint})"
+
+
 def model_files(path: str | Path) -> tuple[Path, Path]:
-    """A run folder, or either of its two files -> (weights, config)."""
+    """A run folder, or either of its two files -> (weights, config); FileNotFoundError naming a folder that is not there."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    return folder / WEIGHTS, folder / CONFIG
+    if path.is_dir():
+        return path / WEIGHTS, path / CONFIG
+    if path.name in (WEIGHTS, CONFIG) and path.parent.is_dir():
+        return path.parent / WEIGHTS, path.parent / CONFIG
+    raise FileNotFoundError(_missing(path.parent if path.name in (WEIGHTS, CONFIG) else path))
 
 
 def read_config(path: str | Path) -> dict:
@@ -86,6 +134,7 @@ def check_identity(config: dict, params: Params, dataset: str, where: str | Path
 
 def read_model(path: str | Path, device="cpu") -> tuple[SSR, dict]:
     """Rebuild the trainable SSR model from model.json and load model.safetensors into it -> (model in eval mode, config)."""
+    device = resolve_device(device)
     weights_path, config_path = model_files(path)
     config = read_config(path)
     if not weights_path.is_file():
@@ -133,7 +182,7 @@ def load_model(path: str | Path, *, device="cpu", demo_clip_dir: str | Path | No
     """
     from ssr.backbones import demo_asset_dir
 
-    device = torch.device(device)
+    device = resolve_device(device)
     model, config = read_model(path, device)
     ds = DatasetParams(**config["dataset_params"])
     backbones = build_backbones(ds, config["classes"][1:], device=device,

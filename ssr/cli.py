@@ -50,11 +50,10 @@ def run_dir(params: Params, dataset: str, run: str, seed: int) -> Path:
 
 
 def _device(arg: str | None):
-    import torch
+    """The torch device named by --device (default: cuda if available); cuda without a GPU is an error saying so."""
+    from ssr.checkpoint import resolve_device
 
-    if arg:
-        return torch.device(arg)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(arg)
 
 
 def _backbones_by_run(params: Params, dataset: str, device):
@@ -238,21 +237,31 @@ def cmd_pseudo_labels(args, params: Params) -> None:
                {"split": ds.seed_split, "images": len(score_ids), **aggregate_seeds(per_seed)})
 
 
-def cmd_evaluate(args, params: Params | None) -> None:
-    if args.pred or args.gt:
-        from ssr.metrics import evaluate_label_dirs, format_table
+INFERENCE_OPTIONS = ("scales", "flip", "long_side", "crf", "crf_max_side")
 
-        if not (args.pred and args.gt and args.num_classes and args.out):
-            raise UsageError("--pred, --gt, --num-classes and --out go together")
-        names = read_json(args.classes) if args.classes else [str(i) for i in range(args.num_classes)]
-        scores = evaluate_label_dirs(Path(args.pred), Path(args.gt), args.num_classes, names)
-        if not args.quiet:
-            print(format_table(scores, names))
-        write_json(args.out, scores)
+
+def cmd_evaluate(args, params: Params | None) -> None:
+    if not args.model:
+        given = [f"--{name.replace('_', '-')}" for name in INFERENCE_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: inference settings go with --model (the DAG's evaluation reads "
+                             f"params.yaml's `infer`; label folders are only scored)")
+    if args.pred or args.gt:
+        _evaluate_folders(args)
+        return
+    if args.model:
+        if args.dataset or args.seeds:
+            raise UsageError("--model scores one run folder: --dataset and --seeds are for the DAG's evaluation")
+        _evaluate_run_folder(args, params)
         return
     if not args.dataset:
-        raise UsageError("give --dataset, or --pred/--gt/--num-classes/--out")
+        raise UsageError("give --dataset (the DAG's evaluation), --model RUN_DIR, or --pred DIR --gt DIR")
+    if args.split:
+        raise UsageError("--split goes with --model or --pred/--gt; the DAG evaluates datasets.{dataset}.val_split")
+    import shutil
+
     from ssr.config import METHOD_RUN
+    from ssr.crf import CrfPool
     from ssr.infer import evaluate_model
     from ssr.metrics import aggregate_seeds
     from ssr.model import amp_dtype
@@ -261,8 +270,11 @@ def cmd_evaluate(args, params: Params | None) -> None:
     backbones = _backbones_by_run(params, args.dataset, device)
     ds = params.dataset(args.dataset)
     root = params.dataset_root(args.dataset)
+    # Each model's predictions, image by image, until the stage completes: a retry reuses them.
+    partial = results_dir(params, args.dataset) / "predictions.partial"
     summary_keys = ("miou", "precision", "recall", "confusion_ratio", "class_swap_ratio")
     per_seed, timings = [], {}
+    pool = CrfPool(_crf_workers(args))
     for k, seed in enumerate(_seeds(args, params)):
         tic = time.time()
         metrics = {}
@@ -272,8 +284,9 @@ def cmd_evaluate(args, params: Params | None) -> None:
             predictions = results_dir(params, args.dataset) / "predictions" if k == 0 and run == METHOD_RUN else None
             scores = evaluate_model(backbones(run), model, root, ds.val_split, run_params.dataset(args.dataset).long_side,
                                     run_params.infer, device=device, progress=args.progress and run == METHOD_RUN,
-                                    pred_dir=predictions, figures=params.pseudo_labels.figures,
-                                    autocast_dtype=amp_dtype(params.train, device))
+                                    tables=not args.quiet and run == METHOD_RUN, pred_dir=predictions,
+                                    figures=params.pseudo_labels.figures, autocast_dtype=amp_dtype(params.train, device),
+                                    store=partial / run / f"seed{seed}", crf_pool=pool, batch_size=args.batch_size)
             if run == METHOD_RUN:
                 metrics.update(scores)
                 continue
@@ -285,11 +298,127 @@ def cmd_evaluate(args, params: Params | None) -> None:
                         metrics[f"{crf}ratio_to_{run}"] = metrics[f"{crf}miou"] / scores[f"{crf}miou"]
         per_seed.append(metrics)
         timings[f"seed{seed}"] = round(time.time() - tic, 1)
+    pool.close()
     out = aggregate_seeds(per_seed)
     if params.retrain.enabled:
         out.update(_evaluate_retrained(params, args.dataset, device))
     _write_timings(params, args.dataset, "evaluate", timings)
     write_json(args.out or Path(params.results_root) / f"{args.dataset}_miou.json", out)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def _crf_workers(args) -> int:
+    """DenseCRF processes: --workers, else --threads (Snakemake's threads for the stage), else the usable CPUs."""
+    import os
+
+    if getattr(args, "workers", None) is not None:
+        if args.workers < 0:
+            raise UsageError(f"--workers: must be >= 0, got {args.workers}")
+        return args.workers
+    if getattr(args, "threads", None):
+        return args.threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _optional_params(args) -> Params | None:
+    """--params FILE, else ./params.yaml where there is one: predict and export need it only to find the demo CLIP."""
+    from ssr.config import load_params
+
+    path = args.params_file or ("params.yaml" if Path("params.yaml").is_file() else None)
+    return load_params(path) if path else None
+
+
+def _load_trained(args, params: Params | None, device):
+    """`ssr.load_model` of --model, the demo's tiny CLIP and DINO from where params put them."""
+    from ssr.checkpoint import load_model
+
+    demo = {}
+    if params is not None:
+        demo["demo_clip_dir"] = demo_clip_dir(params)
+        dino = Path(params.demo_dino.checkpoint).parent
+        if (dino / "config.json").is_file():
+            demo["demo_dino_dir"] = dino
+    return load_model(args.model, device=device, **demo)
+
+
+def _inference_options(args, trained):
+    """The model's recorded inference settings with the command's --scales, --flip, --crf, --crf-max-side, --long-side."""
+    from ssr.infer import inference_params
+
+    return inference_params(trained, scales=args.scales, flip=args.flip, crf=args.crf, crf_max_side=args.crf_max_side,
+                            long_side=args.long_side)
+
+
+def _evaluate_run_folder(args, params: Params) -> None:
+    """`ssr evaluate --model RUN_DIR [--split NAME]`: one run on any split, outside the DAG's outputs."""
+    import torch
+
+    from ssr.crf import CrfPool
+    from ssr.infer import evaluate_model, saved_predictions, write_submission
+
+    device = _device(args.device)
+    trained = _load_trained(args, params, device)
+    dataset = trained.config["dataset"]
+    split = args.split or trained.config["dataset_params"]["val_split"]
+    infer, long_side = _inference_options(args, trained)
+    out = Path(args.out) if args.out else Path(args.model) / "evaluate" / split
+    bf16 = device.type == "cuda" and trained.config["identity"].get("train.amp_bf16", False)
+    with CrfPool(_crf_workers(args) if infer.crf else 0) as pool:
+        scores = evaluate_model(trained.backbones, trained.model, params.dataset_root(dataset), split, long_side, infer,
+                                device=device, store=out, progress=args.progress, tables=not args.quiet,
+                                autocast_dtype=torch.bfloat16 if bf16 else None, crf_pool=pool, batch_size=args.batch_size)
+    saved = saved_predictions(out, infer.crf)
+    if scores:
+        write_json(out / "metrics.json", {"model": str(args.model), "split": split, **scores})
+        if not args.quiet:
+            crf = f", with DenseCRF {scores['crf_miou']:.2%}" if infer.crf else ""
+            print(f"{dataset} {split}: mIoU {scores['miou']:.2%}{crf}; predictions and metrics.json in {out}")
+    elif not args.quiet:
+        print(f"{dataset} {split}: no ground truth to score; predictions in {saved}")
+    if split == "test":
+        ids = DatasetLayout(params.dataset_root(dataset)).split(split)
+        target = results_dir(params, dataset) / "test_submission"
+        folder = write_submission(saved, ids, target)
+        print(f"VOC test-server submission: {len(ids)} class-indexed PNGs in {folder}; pack it with\n"
+              f"  tar -czf {dataset}_test_submission.tgz -C {target} results")
+
+
+def _evaluate_folders(args) -> None:
+    """`ssr evaluate --pred DIR --gt DIR`: two folders of label PNGs, matched by the predictions' ids or a --split."""
+    from ssr.metrics import evaluate_label_dirs, format_table
+
+    if not (args.pred and args.gt):
+        raise UsageError("--pred and --gt go together")
+    pred, gt = Path(args.pred), Path(args.gt)
+    names = None
+    if args.classes:
+        names = read_json(args.classes)
+    elif args.model:
+        from ssr.checkpoint import read_config
+
+        names = read_config(args.model)["classes"]
+    elif args.num_classes:
+        names = [str(i) for i in range(args.num_classes)]
+    elif (gt.parent / "classes.json").is_file():
+        names = DatasetLayout(gt.parent).classes()  # --gt is a dataset's labels/ folder
+    if names is None:
+        raise UsageError("give --num-classes, --classes FILE or --model RUN_DIR (or a --gt folder with classes.json beside it)")
+    if args.num_classes and args.num_classes != len(names):
+        raise UsageError(f"--num-classes {args.num_classes} but {len(names)} class names")
+    if args.split:
+        ids = DatasetLayout(gt.parent).split(args.split)  # splits/ beside labels/, in the canonical layout
+    else:
+        if not pred.is_dir():
+            raise DatasetError(f"{pred}: no such folder of predictions")
+        ids = sorted(p.stem for p in pred.glob("*.png"))
+        if not ids:
+            raise DatasetError(f"{pred}: no label PNGs (predictions) in this folder")
+    scores = evaluate_label_dirs(pred, gt, len(names), names, ids=ids)
+    if not args.quiet:
+        print(format_table(scores, names))
+        print(f"{len(ids)} predictions scored" + (f" (split {args.split})" if args.split else " (every PNG in --pred)"))
+    if args.out:
+        write_json(args.out, scores)
 
 
 def _evaluate_retrained(params: Params, dataset: str, device) -> dict:
@@ -337,21 +466,76 @@ def cmd_retrain(args, params: Params) -> None:
 
 
 def cmd_report(args, params: Params) -> None:
-    from ssr.report import write_report
+    from ssr.report import build_report
+
+    out = Path(args.out) if args.out else results_dir(params, args.dataset) / "report"
+    written = build_report(params, args.dataset, out, params_path=Path(args.params), seeds=_seeds(args, params))
+    print(f"wrote {len(written)} report files to {out}")
+
+
+def cmd_headline(args, params: Params) -> None:
+    from ssr.data.layout import atomic_path
+    from ssr.report import headline_markdown, headline_metrics
 
     results = Path(params.results_root)
 
     def metrics(name: str, stage: str):
         return read_json(results / f"{args.dataset}_{name}.json", f"run `ssr {stage} --dataset {args.dataset}` first")
 
-    written = write_report(
-        Path(args.out) if args.out else results_dir(params, args.dataset) / "report",
-        seeds=metrics("seeds", "pseudo-labels"), miou=metrics("miou", "evaluate"), train=metrics("train", "train"),
-        class_names=DatasetLayout(params.dataset_root(args.dataset)).classes(),
-        variants=params.dataset(args.dataset).variants, cmpa_loss=params.cmpa.loss,
-        run_dirs={run: {seed: run_dir(params, args.dataset, run, seed) for seed in _seeds(args, params)}
-                  for run in params.runs(args.dataset)})
-    print(f"wrote {len(written)} report files to {written[0].parent}")
+    variants = params.dataset(args.dataset).variants
+    headline = headline_metrics(metrics("seeds", "pseudo-labels"), metrics("miou", "evaluate"), variants)
+    text = headline_markdown(headline, args.dataset, variants, params.cmpa.loss)
+    with atomic_path(results_dir(params, args.dataset) / "headline.md") as tmp:
+        tmp.write_text(text)
+    write_json(results / f"{args.dataset}_headline.json", headline)
+    if not args.quiet:
+        print(text)
+
+
+def cmd_predict(args, params: Params | None) -> None:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ssr.images import find_images
+    from ssr.predict_files import predict_files
+
+    params = _optional_params(args)
+    files, problems, passed_over = find_images(args.inputs)
+    if passed_over:
+        logger.info("passed over %d files without an image suffix in the folders given (e.g. %s)", len(passed_over),
+                    passed_over[0])
+    for problem in problems:
+        logger.error("%s; skipped", problem)
+    device = _device(args.device)
+    trained = _load_trained(args, params, device)
+    infer, long_side = _inference_options(args, trained)
+    out = Path(args.out)
+    with logging_redirect_tqdm([logging.getLogger("ssr")]):
+        report = predict_files(trained, files, out, infer=infer, long_side=long_side, batch_size=args.batch_size,
+                               workers=_crf_workers(args), probabilities=args.probabilities, overwrite=args.overwrite,
+                               background=args.background, progress=args.progress)
+    failed = len(problems) + len(report.failed)
+    if not args.quiet:
+        print(f"{len(report.written)} images segmented into {out}" +
+              (f", {len(report.skipped)} already there" if report.skipped else "") + (f", {failed} failed" if failed else ""))
+    if failed:
+        raise DatasetError(f"{failed} of {len(problems) + len(files)} inputs could not be segmented (each named above); "
+                           f"the others are in {out}")
+
+
+def cmd_export(args, params: Params | None) -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ModuleNotFoundError as err:
+        raise UsageError(f"ssr export needs onnx and onnxscript ({err}): pip install 'ssr[export]'") from err
+    from ssr.export import export_onnx
+
+    params = _optional_params(args)
+    trained = _load_trained(args, params, "cpu")
+    out = export_onnx(trained, args.out)
+    if not args.quiet:
+        print(f"wrote {out}: {trained.config['dataset']} model, {len(trained.classes)} classes, input (B, 3, H, W) RGB "
+              f"in [0, 1] with H and W multiples of {trained.backbones.patch_size}")
 
 
 def cmd_schema(args, params: Params | None) -> None:
@@ -410,15 +594,44 @@ STAGES = {
     "retrain": (cmd_retrain, "optional: train a fully supervised segmenter on the pseudo-labels (retrain.enabled)",
                 "With retrain.enabled false it only writes {\"retrain_enabled\": 0} to results_root/{dataset}_retrain.json.",
                 ["ssr retrain --dataset voc --device cuda"], ("params", "dataset")),
-    "evaluate": (cmd_evaluate, "score the trained models on val (mIoU with and without DenseCRF), or two folders of label PNGs",
-                 "With --dataset: multi-scale + flip inference on the val split, results_root/{dataset}_miou.json and the "
-                 "prediction figures. With --pred/--gt/--num-classes/--out: scores any two folders of label PNGs matched "
-                 "by file name (255 ignored), with no params file.",
+    "evaluate": (cmd_evaluate, "score the trained models on val (mIoU with and without DenseCRF), one run folder on "
+                               "any split, or two folders of label PNGs",
+                 "With --dataset (the DAG's stage): multi-scale + flip inference on the val split of every run and seed, "
+                 "results_root/{dataset}_miou.json and the prediction figures. With --model RUN_DIR: that one run on "
+                 "--split (default val), its predictions and metrics.json in RUN_DIR/evaluate/{split}/ (--out), nothing "
+                 "of the DAG's touched; --split test also writes a VOC test-server submission to "
+                 "results_root/{dataset}/test_submission/. With --pred/--gt: scores two folders of label PNGs matched by "
+                 "the predictions' file names or the ids of --split (255 ignored), with no params file. DenseCRF runs in "
+                 "--workers processes; predictions already written by an interrupted run are reused.",
                  ["ssr evaluate --dataset demo",
-                  "ssr evaluate --pred preds/ --gt data/voc/labels --num-classes 21 --classes data/voc/classes.json "
-                  "--out scores.json"],
+                  "ssr evaluate --model results/voc/method/seed0 --split val --device cuda --workers 8",
+                  "ssr evaluate --model results/voc/method/seed0 --split test    # -> results/voc/test_submission/",
+                  "ssr evaluate --pred preds/ --gt data/voc/labels --split val --out scores.json"],
                  ("params", "dataset?")),
-    "report": (cmd_report, "tables (HTML, CSV) of every metrics file and figures of the training curves",
+    "headline": (cmd_headline, "the few numbers a run is judged by, from the seeds and val metrics files",
+                 "Writes results_root/{dataset}_headline.json: val mIoU without and with DenseCRF, the seed ablation's "
+                 "Table 3 rows and the share of the fully supervised bound, each as mean and std over seeds (a DVC "
+                 "metric that `dvc metrics diff` shows in a screen), and the same beside the paper's figures as a "
+                 "Markdown table, results_root/{dataset}/headline.md.",
+                 ["ssr headline --dataset demo"], ("params", "dataset")),
+    "predict": (cmd_predict, "segment image files with a trained run: label PNGs and overlays",
+                "For each image (files, folders, glob patterns) writes OUT/{stem}.png, a palette PNG of class indices at "
+                "the image's size in the dataset's colours, and OUT/{stem}_overlay.jpg (with --probabilities also "
+                "OUT/{stem}.npz). JPEG, PNG, palette, greyscale, 16-bit and EXIF-rotated images are read as shown; "
+                "transparency is composited on --background. Inference settings default to the run's model.json. "
+                "Images whose outputs exist are skipped (--overwrite redoes them), so a rerun resumes; a file that "
+                "cannot be read is named and skipped, and the exit status is then non-zero.",
+                ["ssr predict --model results/demo/method/seed0 --out masks/ photos/",
+                 "ssr predict --model results/voc/method/seed0 --out masks/ 'photos/**/*.jpg' --device cuda --batch-size 8",
+                 "ssr predict --model results/voc/method/seed0 --out masks/ big.jpg --crf-max-side 768 --probabilities"],
+                ()),
+    "export": (cmd_export, "write a run's network (CLIP image encoder + decoder, up to the logits) as ONNX",
+               "Input \"image\": float32 (B, 3, H, W) RGB in [0, 1], H and W any multiples of the patch size; output "
+               "\"logits\": (B, C + 1, H / patch, W / patch). CLIP's normalisation is inside the graph; the metadata holds "
+               "the classes, patch size and recorded inference settings. Needs the `export` extra (onnx, onnxscript).",
+               ["ssr export --model results/demo/method/seed0 --out demo.onnx"],
+               ()),
+    "report": (cmd_report, "the HTML report's pages: tables beside the paper's figures, curves, params, gallery",
                "Writes results_root/{dataset}/report/, which `snakemake --report` collects (docs/workflow.md).",
                ["ssr report --dataset demo", "ssr report --dataset voc --out /tmp/voc_report"], ("params", "dataset")),
     "schema": (cmd_schema, "write params.yaml's JSON Schema (types, bounds, choices, descriptions, P/W/O sources)",
@@ -431,6 +644,7 @@ MAIN_EPILOG = """\
 examples:
   ssr prepare --dataset demo && ssr superpixels --dataset demo && ssr train --dataset demo
   ssr evaluate --dataset voc --device cuda
+  ssr predict --model results/demo/method/seed0 --out masks/ photos/
   ssr schema --out workflow/schemas/params.schema.json
 
 Every stage reads params.yaml (--params); data_root and results_root may also come from
@@ -498,13 +712,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["evaluate"]
     p.add_argument("--seeds", type=int, nargs="+", metavar="S", help=seeds)
     p.add_argument("--device", help=device)
+    p.add_argument("--model", metavar="RUN_DIR", help="score this one run folder (model.json + model.safetensors) "
+                                                      "instead of the DAG's runs; its classes name the --pred/--gt scores")
+    p.add_argument("--split", metavar="NAME", help="with --model: the split to predict and score (default: the model's "
+                                                   "val split; `test` writes a VOC submission); with --pred/--gt: score "
+                                                   "exactly the ids of GT/../splits/NAME.txt")
+    _inference_arguments(p)
     folders = p.add_argument_group("scoring two folders of label PNGs (no params needed)")
-    folders.add_argument("--pred", metavar="DIR", help="folder of predicted label PNGs")
-    folders.add_argument("--gt", metavar="DIR", help="folder of ground-truth label PNGs (file names match --pred's)")
-    folders.add_argument("--num-classes", type=int, metavar="N", help="classes, background included (255 is ignore)")
+    folders.add_argument("--pred", metavar="DIR", help="folder of predicted label PNGs; its file names are the ids scored")
+    folders.add_argument("--gt", metavar="DIR", help="folder of ground-truth label PNGs, e.g. data/voc/labels")
+    folders.add_argument("--num-classes", type=int, metavar="N", help="classes, background included (255 is ignore; "
+                                                                      "default: from --classes, --model or GT/../classes.json)")
     folders.add_argument("--classes", metavar="FILE", help="classes.json naming the classes (optional)")
-    folders.add_argument("--out", metavar="FILE",
-                         help="metrics JSON to write (with --dataset: instead of results_root/{dataset}_miou.json)")
+    folders.add_argument("--out", metavar="PATH",
+                         help="--pred/--gt: metrics JSON to write; --model: output folder (default RUN_DIR/evaluate/{split}); "
+                              "--dataset: metrics JSON instead of results_root/{dataset}_miou.json")
+    p = parsers["predict"]
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (their images) or glob patterns")
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a trained run folder (model.json + model.safetensors)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--device", help=device)
+    _inference_arguments(p)
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write OUT/{stem}.npz: per-class probabilities (C + 1, H, W) float16 and the class names")
+    p.add_argument("--background", choices=("white", "black"), default="white",
+                   help="what transparent pixels (RGBA, LA, transparent palette entries) are composited on (default: white)")
+    p.add_argument("--overwrite", action="store_true", help="segment images whose outputs already exist again")
+    p = parsers["export"]
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a trained run folder (model.json + model.safetensors)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the ONNX file to write, e.g. model.onnx")
+    for name in ("predict", "export"):
+        parsers[name].add_argument("--params", dest="params_file", metavar="FILE",
+                                   help="read where the demo's tiny CLIP lives from this params file (default: ./params.yaml "
+                                        "if there is one, else the copy installed with ssr); nothing else is read from it")
+        parsers[name].add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     parsers["retrain"].add_argument("--device", help=device)
     p = parsers["report"]
     p.add_argument("--out", metavar="DIR", help="output folder (default: results_root/{dataset}/report/)")
@@ -514,6 +755,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="write the schema here (default: print it)")
     p.add_argument("--check", action="store_true", help="write nothing; fail if --out is not current")
     return parser
+
+
+def _inference_arguments(p: argparse.ArgumentParser) -> None:
+    """The inference options of predict and evaluate; each defaults to the run's model.json (DAG: params.yaml's `infer`)."""
+    group = p.add_argument_group("inference (default: as recorded in the run's model.json)")
+    group.add_argument("--batch-size", type=int, default=1, metavar="N",
+                       help="images per network pass, among those that share a size (default: 1)")
+    group.add_argument("--scales", type=float, nargs="+", metavar="S", help="scales averaged, e.g. 1.0 0.75")
+    group.add_argument("--flip", action=argparse.BooleanOptionalAction, help="also average each image's mirror image")
+    group.add_argument("--long-side", type=int, metavar="PX", help="the long side images are resized to for the network")
+    group.add_argument("--crf", action=argparse.BooleanOptionalAction, help="DenseCRF post-processing")
+    group.add_argument("--crf-max-side", type=int, metavar="PX",
+                       help="run DenseCRF at most at this long side, then upsample its probabilities (0: full size)")
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="DenseCRF processes (default: --threads if given, else the usable CPUs; 0: in this process)")
 
 
 _HANDLER_FLAG = "_ssr_cli"

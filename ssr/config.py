@@ -337,8 +337,8 @@ class PseudoLabelParams(Section):
                                                          min_length=1)
     par_w_colour: float = _f(0.3, "PAR colour-affinity temperature", "W", gt=0.0)
     par_w_position: float = _f(0.01, "PAR weight of the neighbour-distance term", "W", ge=0.0)
-    figures: int = _f(4, "images drawn per selection (first, worst): pseudo_labels' CAM panels, evaluate's prediction strips",
-                      ge=0)
+    figures: int = _f(4, "images drawn per selection, a fixed random sample and the lowest-mIoU ones (2x this in all): "
+                         "pseudo_labels' CAM figures, evaluate's prediction strips", ge=0)
 
     @model_validator(mode="after")
     def _band(self) -> PseudoLabelParams:
@@ -417,6 +417,8 @@ class InferParams(Section):
     crf_bi_w: float = _f(4.0, "DenseCRF appearance kernel weight", "W", ge=0.0)
     crf_reference_size: int = _f(500, "the stds above are for ~500 px images; scaled by long side / this (0 = never scaled)",
                                  ge=0)
+    crf_max_side: int = _f(1024, "DenseCRF runs at most at this long side, then its probabilities are upsampled "
+                                 "(0 = always at the image's size)", ge=0)
 
 
 class RetrainParams(Section):

@@ -20,7 +20,7 @@ from ssr.config import Params
 from ssr.data.dataset import WholeImages, collate
 from ssr.data.download import atomic_dir
 from ssr.data.layout import write_label_png
-from ssr.figures import ROW_TITLES, FigureCandidates, cam_figure, replace_figures
+from ssr.figures import ROW_TITLES, FigureCandidates, cam_figure, replace_figures, resize_nearest, sgc_regions
 from ssr.metrics import confusion_matrix, format_table, iou_key, segmentation_scores
 from ssr.model import ABLATION_ROWS, SSR, FrozenBackbones, cams_to_labels, initial_cams, refined_cams
 from ssr.progress import progress_bar
@@ -104,11 +104,16 @@ def _seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: 
                     iou = None if image_conf is None else segmentation_scores(image_conf, names)["miou"]
                     # called at once (never later, when the loop has moved on); the defaults say so
                     figures.offer(item["id"], iou, lambda b=b, item=item, label=label, iou=iou, classes=classes, valid=valid,
-                                  cams=cams, cam=cam: {
+                                  cams=cams, cam=cam, regions=batch["regions"][b]: {
                         "image": item["original"], "gt": item["gt"], "label": label, "iou": iou,
                         "classes": [int(c) + 1 for c in classes[b][valid[b]].tolist()],
                         "cams": {r: _per_class(cams[r][b], valid[b], cam.grid, item["original"].shape[:2])
-                                 for r in FIGURE_ROWS if r in cams}})
+                                 for r in FIGURE_ROWS if r in cams},
+                        # SGC's step for this image: its region map and each class's target regions
+                        "regions": resize_nearest(regions.numpy(), item["original"].shape[:2]),
+                        "targets": sgc_regions(cam.cam[b][valid[b]], regions.to(device), cam.grid,
+                                               params.superpixels.n_clusters, t_hi=params.sgc.t_hi, rho=params.sgc.rho,
+                                               keep_best=params.sgc.keep_best, denominator=params.sgc.denominator)})
             bar.update(len(group))
     bar.close()
     if figures is not None:
@@ -134,7 +139,7 @@ def _write_cam_figures(figures: FigureCandidates, folder: Path, names: list[str]
     for name, title, data in figures.titled("pseudo-label mIoU", f"{scored} scored images"):
         score = "" if data["iou"] is None else f", pseudo-label mIoU {data['iou']:.1%}"
         out[name] = cam_figure(data["image"], data["gt"], data["label"], data["cams"], data["classes"], names,
-                               title=title + score)
+                               regions=data["regions"], targets=data["targets"], title=title + score)
     replace_figures(folder, out)
 
 

@@ -94,3 +94,26 @@ def tiny_params_file(tmp_path, tiny_clip_dir):
         return write_tiny_params(tmp_path, tmp_path / "data", tiny_clip_dir, **overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory, tiny_clip_dir):
+    """The tiny demo DAG through evaluate with two seeds, once a session: (params path, Params).
+
+    prepare -> superpixels -> train -> evaluate under results/ of a session folder, on one
+    thread as in the tests (so that re-scoring sums in the same order).
+    """
+    from ssr.cli import main
+
+    base = tmp_path_factory.mktemp("trained_demo")
+    path, params = write_tiny_params(base, base / "data", tiny_clip_dir, **{"datasets.demo.seeds": [0, 1]})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for stage in ("prepare", "superpixels", "train", "evaluate"):
+            # DenseCRF in this process: the reference that tests with worker processes compare against
+            workers = ["--workers", "0"] if stage == "evaluate" else []
+            assert main([stage, "--dataset", "demo", "--params", str(path), "--quiet", *workers]) == 0, stage
+    finally:
+        torch.set_num_threads(threads)
+    return path, params

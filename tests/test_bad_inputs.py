@@ -587,7 +587,7 @@ SLOW = {
     "superpixels": ("ssr.superpixels", "_compute_one", 10),        # of 18; committed every 4 (below): 8 kept
     "train": ("ssr.train", "prepare_micro_batch", 4),              # iteration 4 of 6; checkpoint at 2
     "pseudo-labels": ("ssr.pseudo_labels", "refined_cams", 2),     # batch 2 of 2; batch 1's labels written
-    "evaluate": ("ssr.infer", "image_probs", 3),                   # of 6 val images
+    "evaluate": ("ssr.infer", "batch_probs", 3),                   # of 6 val images
 }
 
 

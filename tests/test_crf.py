@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 
 from ssr.config import InferParams
-from ssr.crf import dense_crf
-from ssr.infer import dense_crf_from_params
+from ssr.crf import dense_crf, dense_crf_from_params
 
 
 def _two_colour_scene(seed=0, size=48, flip_rate=0.3):

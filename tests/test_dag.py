@@ -27,12 +27,14 @@ from conftest import tiny_params
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DATASETS = ("demo", "voc", "coco")
-STAGE_RULES = ("prepare", "superpixels", "train", "pseudo_labels", "retrain", "evaluate")
-METRICS = ("train", "seeds", "retrain", "miou")
+STAGE_RULES = ("prepare", "superpixels", "train", "pseudo_labels", "retrain", "evaluate", "headline")
+METRICS = ("train", "seeds", "retrain", "miou", "headline")
 WORKFLOW_FILES = ("Snakefile", "workflow", "params.yaml", "dvc.yaml", ".dvcignore", ".gitignore")
 
 sys.path.insert(0, str(REPO / "workflow"))
 import pipeline  # noqa: E402
+
+from ssr.curves import CURVES  # noqa: E402
 
 
 def _tool(name: str) -> str:
@@ -172,7 +174,8 @@ def test_dataset_target_plans_every_stage_from_scratch(workdir, ds):
         assert cmd.endswith(f"--dataset {ds} --params params.yaml{resume} --threads {threads}"), cmd
         assert job["log"] == [f"logs/{name}.log"]
         assert int(job["resources"]["mem_mb"]) > 0 and int(job["resources"]["runtime"]) > 0, name
-        assert job["resources"]["gpu"] == ("0" if ds == "demo" or rule in ("prepare", "superpixels", "retrain") else "1"), name
+        assert job["resources"]["gpu"] == ("0" if ds == "demo" or rule in ("prepare", "superpixels", "retrain", "headline")
+                                           else "1"), name
     assert jobs[f"train-{ds}"]["shell"].startswith(
         f"(python workflow/scripts/checkpoints.py --dataset {ds} --params params.yaml && ssr train ")
     assert jobs[f"train-{ds}"]["resources"]["nodes"] == "1"
@@ -198,7 +201,9 @@ def test_a_committed_metrics_file_is_never_taken_for_a_result(workdir):
     assert "results/demo_miou.json is the committed reference run's metrics file" in text
     assert "snakemake --cores N demo" in text
     # the stage itself (or the dataset) computes it from scratch
-    assert set(dry_run(workdir, "evaluate-demo")) == {f"{r}-demo" for r in STAGE_RULES}
+    assert set(dry_run(workdir, "evaluate-demo")) == {f"{r}-demo" for r in STAGE_RULES if r != "headline"}
+    # the headline, which reads it, waits for the stages that rewrite it instead of asking for it
+    assert set(dry_run(workdir, "headline-demo")) == {f"{r}-demo" for r in STAGE_RULES}
     # once every product exists, the file is a result like any other
     make_paths(workdir, outputs_of(params, resources, "demo"))
     assert "Nothing to be done" in snakemake(workdir, "results/demo_miou.json").stdout
@@ -269,7 +274,7 @@ def test_prepare_and_targets_run_on_the_submitting_host():
     """localrules: downloads need the login node's network; targets and a disabled retrain are no-ops."""
     params, resources = pipeline.load(REPO / "params.yaml", REPO / pipeline.RESOURCES)
     stages = pipeline.stages(params, resources)
-    assert {s.name for s in stages if s.local} == {f"prepare-{ds}" for ds in DATASETS} | (
+    assert {s.name for s in stages if s.local} == {f"{r}-{ds}" for r in ("prepare", "headline") for ds in DATASETS} | (
         {f"retrain-{ds}" for ds in DATASETS} if not params["retrain"]["enabled"] else set())
     assert "localrule: _stage.local" in (REPO / "workflow/rules/stages.smk").read_text()
 
@@ -362,10 +367,17 @@ def test_committed_dvc_files_are_current_and_the_root_one_is_the_demo():
     # voc/coco get their own files, written when first run (and then committed with their results)
     for path in (REPO / "workflow").glob("dvc/*/dvc.yaml"):
         assert set(yaml.safe_load(path.read_text())["stages"]) == {f"{r}-{path.parent.name}" for r in STAGE_RULES}
+    # DVC's plots: one per logged quantity, the method's seeds overlaid, titled with the run and the quantity in words
     raw = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    plots = [next(iter(p)) for p in raw["plots"]]
+    plots = {name: spec for p in raw["plots"] for name, spec in p.items()}
     seeds = yaml.safe_load((REPO / "params.yaml").read_text())["datasets"]["demo"]["seeds"]
-    assert plots == [f"results/demo/method/seed{s}/dvclive/plots/metrics" for s in seeds]
+    assert list(plots) == [f"demo method: {q}" for q in CURVES]
+    for quantity, words in CURVES.items():
+        spec = plots[f"demo method: {quantity}"]
+        assert spec["title"] == f"demo, method, seeds {', '.join(map(str, seeds))}: {words}"
+        assert spec["y"] == {f"results/demo/method/seed{s}/dvclive/plots/metrics/{quantity}.tsv": quantity.split("/")[1]
+                             for s in seeds}
+        assert (spec["x"], spec["x_label"]) == ("step", "iteration")
 
 
 def test_dvc_reads_the_repository_pipeline():
@@ -488,8 +500,8 @@ def test_demo_dag_runs_from_scratch_then_dvc_commit_status_and_metrics_diff(tmp_
     set_params(work, pseudo_labels__bg_power=3.0)
     out = run(_tool("dvc"), "repro").stdout
     ran = re.findall(r"Running stage '([^']+)'", out)
-    assert ran == ["train-demo", "pseudo_labels-demo", "evaluate-demo"] or ran == [
-        "train-demo", "pseudo_labels-demo", "retrain-demo", "evaluate-demo"], ran
+    assert ran == ["train-demo", "pseudo_labels-demo", "evaluate-demo", "headline-demo"] or ran == [
+        "train-demo", "pseudo_labels-demo", "retrain-demo", "evaluate-demo", "headline-demo"], ran
     assert "set aside as checkpoint.stale.pt, the run starts over (pseudo_labels.bg_power (recorded 1.0, now 3.0))" in out
     diff = json.loads(run(_tool("dvc"), "metrics", "diff", "--json").stdout)
     seeds = diff["results/demo_seeds.json"]
@@ -498,7 +510,10 @@ def test_demo_dag_runs_from_scratch_then_dvc_commit_status_and_metrics_diff(tmp_
     assert seeds["cam_miou"]["diff"] != 0
     assert not [k for f in diff.values() for k in f if "second" in k]
     plots = json.loads(run(_tool("dvc"), "plots", "diff", "HEAD", "--json").stdout)
-    assert not plots.get("errors") and any("train/loss.tsv" in key for key in plots["data"]), plots
+    assert not plots.get("errors") and "demo method: train/loss" in plots["data"], plots
+    # the headline: a diff that fits a screen, beside the full files
+    headline = run(_tool("dvc"), "metrics", "diff", "--targets", "results/demo_headline.json").stdout.splitlines()
+    assert 3 < len(headline) <= 24 and any("val_miou" in line for line in headline), headline
 
 
 def test_the_command_line_and_the_dags_know_the_same_datasets():

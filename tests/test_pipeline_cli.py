@@ -22,6 +22,7 @@ import torch
 from conftest import write_tiny_params
 
 from ssr.cli import main as ssr_main
+from ssr.data.dataset import WholeImages
 from ssr.data.layout import DatasetLayout, read_label_png, write_label_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,8 +124,35 @@ def test_pseudo_labels_cover_the_train_split_and_score_as_reported(pipeline):
     assert pipeline.seeds["method_miou"] == pytest.approx(numpy_miou(pairs, len(pipeline.classes)), abs=1e-12)
 
     figures = sorted((pipeline.results / "demo" / "figures").glob("*.png"))
-    assert len(figures) == min(pipeline.params.pseudo_labels.figures, len(ids))
+    assert len(figures) == min(2 * pipeline.params.pseudo_labels.figures, len(ids))  # random and worst picks
     assert all(f.stat().st_size > 0 for f in figures)
+
+
+def test_cam_figures_get_each_image_s_regions_and_sgc_targets(pipeline, tmp_path, monkeypatch):
+    """The pseudo_labels stage hands every CAM figure the image's region map (the superpixels
+    file's, at the image's size) and, per class of the image, its SGC target regions."""
+    import ssr.pseudo_labels
+
+    path, params = write_params(tmp_path, Path(pipeline.params.data_root), pipeline.clip_dir)
+    shutil.copytree(pipeline.results / "demo" / "method", Path(params.results_root) / "demo" / "method")
+    drawn, real = [], ssr.pseudo_labels.cam_figure
+
+    def recorded(*args, **kwargs):
+        drawn.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssr.pseudo_labels, "cam_figure", recorded)
+    torch.set_num_threads(1)
+    assert ssr_main(["pseudo-labels", "--dataset", "demo", "--params", str(path), "--quiet"]) == 0
+    data = WholeImages(params.dataset_root("demo"), "train", long_side=32, patch_size=8,
+                       superpixels=params.dataset_root("demo") / "superpixels.h5")
+    assert len(drawn) == len(list((Path(params.results_root) / "demo" / "figures").glob("*.png"))) > 0
+    for (image, gt, _label, _cams, classes, _names), kwargs in drawn:
+        image_id = kwargs["title"].split("\n")[0]
+        assert np.array_equal(kwargs["regions"], data.region_map(image_id, image.shape[:2])), image_id
+        assert kwargs["targets"].shape == (len(classes), params.superpixels.n_clusters)
+        assert kwargs["targets"].dtype == bool and kwargs["targets"].any()
+        assert classes == sorted(set(np.unique(gt).tolist()) - {0, 255})  # the demo's image labels are its true classes
 
 
 def test_miou_json_reports_plain_and_crf_scores(pipeline):
@@ -209,7 +237,11 @@ def pairs_mask(pairs, c: int) -> tuple[float, bool]:
 def test_evaluate_label_folders_needs_all_its_arguments(tmp_path):
     proc = ssr_cli("evaluate", "--pred", str(tmp_path), "--out", str(tmp_path / "x.json"), cwd=REPO)
     assert proc.returncode != 0
-    assert "--pred, --gt, --num-classes and --out go together" in proc.stderr
+    assert "--pred and --gt go together" in proc.stderr
+    write_label_png(tmp_path / "gt" / "a.png", np.zeros((2, 2), np.uint8))
+    proc = ssr_cli("evaluate", "--pred", str(tmp_path), "--gt", str(tmp_path / "gt"), cwd=REPO)
+    assert proc.returncode == 2
+    assert "give --num-classes, --classes FILE or --model RUN_DIR" in proc.stderr
 
 
 def test_evaluate_label_folders_runs_without_a_params_file(tmp_path):
@@ -274,7 +306,7 @@ def test_load_model_and_predict_from_the_run_folder_alone(pipeline):
     # the same decoder probabilities as the evaluate stage: equal labels with CRF, as saved in predictions/
     saved = read_label_png(pipeline.results / "demo" / "predictions" / f"{image_id}.png")
     assert np.array_equal(ssr.predict(trained, image), saved)
-    with pytest.raises(ValueError, match="uint8 RGB"):
+    with pytest.raises(ValueError, match=r"float images must lie within \[0, 1\]"):
         ssr.predict(trained, image.astype(np.float32))
 
 

@@ -43,7 +43,7 @@ DVC_DEFAULT = "demo"
 # The stages every dataset runs, in DAG order. retrain always runs (DVC has no
 # conditional stages, so Snakemake runs it too): with retrain.enabled false it
 # only writes {"retrain_enabled": 0} and a note, as a local job.
-STAGE_RULES = ("prepare", "superpixels", "train", "pseudo_labels", "retrain", "evaluate")
+STAGE_RULES = ("prepare", "superpixels", "train", "pseudo_labels", "retrain", "evaluate", "headline")
 METHOD = "method"  # the run that trains the configured method (ssr.config.METHOD_RUN)
 PARAMS = "params.yaml"
 RESOURCES = "workflow/resources.yaml"
@@ -111,16 +111,20 @@ class Stage:
 
 # ------------------------------------------------------------------ loading
 
-def _site_module():
-    """ssr/site.py of this checkout, loaded as a file (stdlib + PyYAML only: the package's other
-    dependencies need not be installed); the installed `ssr.site` where the workflow was copied alone."""
-    path = Path(__file__).resolve().parents[1] / "ssr" / "site.py"
+def _ssr_module(name: str):
+    """ssr/{name}.py of this checkout, loaded as a file (stdlib + PyYAML only: the package's other
+    dependencies need not be installed); the installed `ssr.{name}` where the workflow was copied alone."""
+    path = Path(__file__).resolve().parents[1] / "ssr" / f"{name}.py"
     if not path.is_file():
-        return importlib.import_module("ssr.site")
-    spec = importlib.util.spec_from_file_location("_ssr_site", path)
+        return importlib.import_module(f"ssr.{name}")
+    spec = importlib.util.spec_from_file_location(f"_ssr_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _site_module():
+    return _ssr_module("site")
 
 
 def with_site(params: dict, params_path: str | os.PathLike = PARAMS) -> dict:
@@ -278,14 +282,24 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
               metric=f"{results}/{ds}_miou.json",
               params=(f"datasets.{ds}", "infer", "retrain", "pseudo_labels.figures"),
               **job("evaluate", gpu=gpu)),
+        # The few numbers a run is judged by, for `dvc metrics diff` (ssr.report.headline_metrics);
+        # the variants say which run is the fully supervised bound.
+        Stage("headline", ds, ssr("headline"),
+              inputs={"seeds": [f"{results}/{ds}_seeds.json"], "miou": [f"{results}/{ds}_miou.json"]},
+              outputs={"table": [f"{results}/{ds}/headline.md"], "metrics": [f"{results}/{ds}_headline.json"]},
+              metric=f"{results}/{ds}_headline.json",
+              params=(f"datasets.{ds}.variants",), local=True,
+              resources={"mem_mb": 500, "runtime": 5, "gpu": 0}),
     ]
     assert tuple(s.rule for s in stages) == STAGE_RULES
     return stages
 
 
-# What `ssr report` writes into results/{ds}/report/ (ssr.report.TABLES; tests/test_report.py checks
-# the two agree): one HTML page per table, every number in metrics.csv, and curves/.
-REPORT_TABLES = ("seeds", "seeds_classes", "val", "val_classes", "train")
+# What `ssr report` writes into results/{ds}/report/ (ssr.report.PAGES and COMPARISON;
+# tests/test_report.py checks they agree): the HTML pages, every number in metrics.csv, our figures
+# against the paper's, and curves/.
+REPORT_PAGES = ("headline", "seeds", "seeds_classes", "val", "val_classes", "train", "params", "gallery")
+REPORT_COMPARISON = "paper.png"
 
 
 def report_stage(params: dict, resources: dict, ds: str) -> Stage:
@@ -309,9 +323,10 @@ def report_stage(params: dict, resources: dict, ds: str) -> Stage:
         inputs={"classes": by_rule["prepare"].outputs["classes"], "models": by_rule["train"].outputs["models"],
                 "train": metric("train"), "figures": by_rule["pseudo_labels"].outputs["figures"],
                 "seeds": metric("pseudo_labels"),
-                "predictions": by_rule["evaluate"].outputs["predictions"], "miou": metric("evaluate")},
-        outputs={**{name: [f"{out}/{name}.html"] for name in REPORT_TABLES}, "numbers": [f"{out}/metrics.csv"],
-                 "curves": [f"{out}/curves"]},
+                "predictions": by_rule["evaluate"].outputs["predictions"], "miou": metric("evaluate"),
+                "headline": by_rule["headline"].products + metric("headline")},
+        outputs={**{name: [f"{out}/{name}.html"] for name in REPORT_PAGES}, "numbers": [f"{out}/metrics.csv"],
+                 "comparison": [f"{out}/{REPORT_COMPARISON}"], "curves": [f"{out}/curves"]},
         directories=frozenset({f"{out}/curves"}),
         params=(f"datasets.{ds}.seeds", f"datasets.{ds}.variants", "cmpa.loss"),
         resources={"mem_mb": 2000, "runtime": 10, "gpu": 0},  # pandas and matplotlib over a few JSON files and TSVs
@@ -345,6 +360,18 @@ def reference_only(stage: Stage, exists=os.path.exists) -> bool:
     left), never a result of this checkout.
     """
     return bool(stage.metric) and exists(stage.metric) and not all(exists(p) for p in stage.products)
+
+
+def snakemake_inputs(stage: Stage, stages: list[Stage], exists=os.path.exists) -> dict[str, list[str]]:
+    """A stage's inputs as its Snakemake rule declares them.
+
+    A metrics file that is only the committed reference (`reference_only`) is no rule's output
+    there (a guard rule claims it and refuses), so a stage reading it (headline) waits instead
+    for the products of the stage that rewrites it. Elsewhere, and in DVC, the inputs as declared.
+    """
+    reference = {s.metric: s for s in stages if s.metric and reference_only(s, exists)}
+    return {name: list(dict.fromkeys(p for path in paths for p in (reference[path].products if path in reference else [path])))
+            for name, paths in stage.inputs.items()}
 
 
 def config_overrides(expected, actual, prefix: str = "") -> list[str]:
@@ -385,6 +412,26 @@ DVC_HEADER = """\
 """
 
 
+def dvc_plots(stage: Stage, wdir: str = ".") -> list[dict]:
+    """DVC's plots of a stage's dvclive curves: one per logged quantity (ssr/curves.py), the
+    seeds of the run overlaid, its title naming the dataset, the run, the seeds and the quantity.
+
+    The curves DVC tracks are the method's (`Stage.curves`, results/{ds}/method/seed{S}/dvclive).
+    """
+    if not stage.curves:
+        return []
+    seeds = [Path(p).parent.name.removeprefix("seed") for p in stage.curves]
+    run = Path(stage.curves[0]).parent.parent.name
+    plots = []
+    for quantity, words in _ssr_module("curves").CURVES.items():
+        value = quantity.rsplit("/", 1)[-1]
+        files = {os.path.normpath(os.path.join(wdir, p, "plots", "metrics", f"{quantity}.tsv")): value for p in stage.curves}
+        plots.append({f"{stage.dataset} {run}: {quantity}": {
+            "title": f"{stage.dataset}, {run}, seeds {', '.join(seeds)}: {words}",
+            "x": "step", "x_label": "iteration", "y": files, "y_label": value}})
+    return plots
+
+
 def dvc_file(dataset: str) -> str:
     """Where a dataset's DVC pipeline lives: the demo at the root, voc/coco beside the workflow."""
     return "dvc.yaml" if dataset == DVC_DEFAULT else f"workflow/dvc/{dataset}/dvc.yaml"
@@ -423,10 +470,9 @@ def dvc_yaml(params: dict, resources: dict, dataset: str) -> str:
         if stage.metric:
             entry["metrics"] = [{stage.metric: {"cache": False}}]
         body["stages"][stage.name] = entry
-    curves = [p for s in todo for p in s.curves]
-    if curves:
-        body["plots"] = [{os.path.join(wdir, p, "plots", "metrics") if wdir != "." else f"{p}/plots/metrics": {"x": "step"}}
-                         for p in curves]
+    plots = [plot for s in todo for plot in dvc_plots(s, wdir)]
+    if plots:
+        body["plots"] = plots
     if dataset == DVC_DEFAULT:
         what = ("The offline demo: plain `dvc repro` reproduces it and nothing else. VOC and COCO\n"
                 "# have their own pipelines: `python workflow/pipeline.py dvc voc` writes\n"
@@ -434,7 +480,53 @@ def dvc_yaml(params: dict, resources: dict, dataset: str) -> str:
     else:
         what = (f"{dataset}: `dvc repro {path}`; every path is relative to the repository\n"
                 f"# root (wdir). The demo is the root dvc.yaml.")
-    return DVC_HEADER.format(what=what) + "\n" + yaml.safe_dump(body, sort_keys=False, width=10_000)
+    return DVC_HEADER.format(what=what) + "\n" + yaml.safe_dump(body, sort_keys=False, width=10_000, allow_unicode=True)
+
+
+# DVC's page for `dvc plots show/diff` (.dvc/config: plots.html_template, relative to .dvc/). DVC's
+# own page loads vega from a CDN, so offline it stays blank; this one has the scripts inlined.
+PLOTS_TEMPLATE = ".dvc/plots_template.html"
+PLOTS_PAGE = """<!DOCTYPE html>
+<html>
+<head>
+    {refresh_tag}
+    <meta charset="utf-8">
+    <title>DVC plots</title>
+    <!-- Vega VEGA, Vega-Lite VEGALITE and Vega-Embed EMBED, inlined from the installed
+         vl-convert-python (written by `python workflow/pipeline.py plots-template`): this page loads
+         no script from the network. -->
+    <script type="text/javascript">
+BUNDLE
+    </script>
+    <style>
+        body { font-family: sans-serif; }
+        table { border-spacing: 15px; }
+    </style>
+</head>
+<body>
+    {plot_divs}
+</body>
+</html>
+"""
+
+
+def plots_template() -> str:
+    """The text of PLOTS_TEMPLATE: DVC's placeholders ({refresh_tag}, {plot_divs}; no {scripts},
+    which would add DVC's CDN scripts) around vega, vega-lite 5 and vega-embed, which the
+    installed vl-convert-python bundles; they set window.vega, vegaLite and vegaEmbed, which DVC's
+    plot divs call. DVC's templates are Vega-Lite 5 specs: the newest 5.x it ships is used."""
+    import vl_convert
+
+    version = max((v for v in vl_convert.get_vegalite_versions() if v.startswith("5.")),
+                  key=lambda v: tuple(int(x) for x in v.split(".")))
+    bundle = vl_convert.javascript_bundle(vl_version=version)
+    for placeholder in ("{plot_divs}", "{scripts}", "{refresh_tag}"):
+        if placeholder in bundle:  # DVC fills the page with str.replace, which would reach into the script
+            raise ValueError(f"the vl-convert bundle contains DVC's placeholder {placeholder}")
+    # the page's parser would end the script at a "</script" inside a string of the bundle
+    bundle = bundle.replace("</script", "<\\/script")
+    return (PLOTS_PAGE.replace("VEGALITE", version).replace("VEGA,", f"{vl_convert.get_vega_version()},")
+            .replace("EMBED", vl_convert.get_vega_embed_version()).replace("BUNDLE", bundle))
 
 
 def dvc_targets(root: Path, datasets: list[str]) -> list[str]:
@@ -458,7 +550,16 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"also write these datasets' pipelines ({', '.join(d for d in DATASETS if d != DVC_DEFAULT)})")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is missing or out of date")
     p.add_argument("--params", default=PARAMS)
+    t = sub.add_parser("plots-template", help=f"write {PLOTS_TEMPLATE}, DVC's offline plots page (make setup does)")
+    t.add_argument("--out", default=PLOTS_TEMPLATE, help=f"where to write it (default: {PLOTS_TEMPLATE})")
     args = parser.parse_args(argv)
+    if args.command == "plots-template":
+        out = Path(args.out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(plots_template(), encoding="utf8")
+        tmp.replace(out)
+        print(f"wrote {out}")
+        return 0
     unknown = sorted(set(args.datasets) - set(DATASETS))
     if unknown:
         parser.error(f"unknown dataset {', '.join(unknown)} (known: {', '.join(DATASETS)})")

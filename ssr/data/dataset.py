@@ -34,6 +34,17 @@ def snap_size(height: int, width: int, long_side: int, multiple: int) -> tuple[i
     return (max(multiple, round(height * scale / multiple) * multiple), max(multiple, round(width * scale / multiple) * multiple))
 
 
+def read_ground_truth(path: Path, shape: tuple[int, int], num_classes: int) -> np.ndarray:
+    """(H, W) uint8 label map of an image of `shape`; DatasetError naming the file if it does not fit."""
+    gt = read_label_png(path)
+    if gt.shape != tuple(shape):
+        raise DatasetError(f"{path}: label is {gt.shape[1]}x{gt.shape[0]}, its image is {shape[1]}x{shape[0]}")
+    bad = (gt >= num_classes) & (gt != IGNORE_INDEX)
+    if bad.any():
+        raise DatasetError(f"{path}: label value {int(gt[bad][0])} is not a class (0..{num_classes - 1}) or 255")
+    return gt
+
+
 class DecodedCache:
     """Decoded images and region maps kept as raw .npy arrays in a folder, made on first use.
 
@@ -90,14 +101,7 @@ class WeakLabelDataset(Dataset):
 
     def ground_truth(self, image_id: str, shape: tuple[int, int]) -> np.ndarray:
         """(H, W) uint8 label map of an image of `shape`; DatasetError naming the file if it does not fit."""
-        path = self.layout.label_path(image_id)
-        gt = read_label_png(path)
-        if gt.shape != tuple(shape):
-            raise DatasetError(f"{path}: label is {gt.shape[1]}x{gt.shape[0]}, its image is {shape[1]}x{shape[0]}")
-        bad = (gt >= len(self.classes)) & (gt != IGNORE_INDEX)
-        if bad.any():
-            raise DatasetError(f"{path}: label value {int(gt[bad][0])} is not a class (0..{len(self.classes) - 1}) or 255")
-        return gt
+        return read_ground_truth(self.layout.label_path(image_id), shape, len(self.classes))
 
     def region_map(self, image_id: str, shape: tuple[int, int]) -> np.ndarray:
         if self.superpixels is None:

@@ -26,7 +26,8 @@ for _stage in STAGES:
         name:
             _stage.name
         input:
-            **_stage.inputs,
+            # a committed reference metrics file stands for its stage's products (pipeline.snakemake_inputs)
+            **pipeline.snakemake_inputs(_stage, STAGES),
         output:
             **{name: paths for name, paths in _outputs.items() if paths},
         log:
