@@ -1,5 +1,10 @@
 """Do bf16 CAMs match fp32 ones? The same batch through `ssr.model.refined_cams` both ways.
 
+The bf16 side runs twice: with the reference operators, and with the training step's fast path
+(`fast=True`: SDPA, the qkv-stopped batched GradCAM, cached bf16 weights, split-K SGC, and the
+Triton PAR kernels for the labels, on CUDA), each against the fp32 reference; both must hold
+the tolerance below.
+
 Reports, for the GradCAM and for the refined (method) CAM, the relative error ||bf16 - fp32|| /
 ||fp32||, the mean, 99th-percentile and max absolute difference (CAMs lie in [0, 1]), and the
 share of pixels whose online pseudo-label (`ssr.model.cams_to_labels`) agrees.
@@ -14,7 +19,7 @@ by thresholds on the CAM (t_hi, rho), so a rounding-sized change next to a thres
 whole region's columns; no value tolerance can hold there, and what matters is the online
 label: we accept 95% of pixels keeping it. "within_tolerance" says whether all of this holds.
 
-    python benchmarks/bf16_cams.py [--device cuda] [--batch 16] [--size 320] [--out FILE]
+    python benchmarks/bf16_cams.py [--device cuda] [--batch 16] [--size 320] [--par] [--out FILE]
 
 Needs CUDA (bf16 autocast on CPU is not what training runs). The real configuration's weights
 are random (nothing downloads): its attention is nearly uniform, so a refined CAM is nearly
@@ -53,6 +58,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--classes-per-image", type=int, default=3)
+    ap.add_argument("--par", action="store_true", help="refine the pseudo-labels with PAR, as the voc preset trains")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -67,24 +73,29 @@ def main(argv=None):
     images, regions = batch["image"].to(device), batch["regions"].to(device)
     classes, valid = class_slots(batch["labels"], device)
     out = {}
-    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+    for name, dtype, fast in (("fp32", None, False), ("bf16", torch.bfloat16, False), ("bf16_fast", torch.bfloat16, True)):
         cams = refined_cams(backbones, model, images, classes, valid, regions, params.affinity, params.sgc,
-                            num_regions=params.superpixels.n_clusters, rows=(), autocast_dtype=dtype)
-        labels = cams_to_labels(cams.method, classes, valid, cams.grid, images.shape[-2:], params.pseudo_labels)
+                            num_regions=params.superpixels.n_clusters, rows=(), autocast_dtype=dtype, fast=fast)
+        labels = cams_to_labels(cams.method, classes, valid, cams.grid, images.shape[-2:], params.pseudo_labels,
+                                images=images, par=args.par, fast=fast)
         out[name] = (cams.cam.detach(), cams.method.detach(), labels)
     report = {"benchmark": "bf16_cams", "device": device_name(device), "torch": torch.__version__,
-              "model": args.model, "batch": args.batch, "size": int(images.shape[-1]), "tolerance": TOLERANCE,
-              "gradcam": compare(out["bf16"][0], out["fp32"][0], valid),
-              "refined": compare(out["bf16"][1], out["fp32"][1], valid),
-              "label_agreement": float((out["bf16"][2] == out["fp32"][2]).float().mean())}
-    gradcam = report["gradcam"]
-    report["within_tolerance"] = (gradcam["relative"] <= TOLERANCE["relative"] and gradcam["mean_abs"] <= TOLERANCE["mean_abs"]
-                                  and report["label_agreement"] >= TOLERANCE["label_agreement"])
-    for k in ("gradcam", "refined"):
-        c = report[k]
-        print(f"{k:8s}: relative {c['relative']:.2e}, mean |diff| {c['mean_abs']:.2e}, p99 {c['p99_abs']:.2e}, "
-              f"max {c['max_abs']:.2e}")
-    print(f"pseudo-label agreement {100 * report['label_agreement']:.2f}%  within tolerance: {report['within_tolerance']}")
+              "model": args.model, "batch": args.batch, "size": int(images.shape[-1]), "par": args.par, "tolerance": TOLERANCE}
+    for side, prefix in (("bf16", ""), ("bf16_fast", "fast_")):
+        report[f"{prefix}gradcam"] = compare(out[side][0], out["fp32"][0], valid)
+        report[f"{prefix}refined"] = compare(out[side][1], out["fp32"][1], valid)
+        report[f"{prefix}label_agreement"] = float((out[side][2] == out["fp32"][2]).float().mean())
+        gradcam = report[f"{prefix}gradcam"]
+        report[f"{prefix}within_tolerance"] = (gradcam["relative"] <= TOLERANCE["relative"]
+                                               and gradcam["mean_abs"] <= TOLERANCE["mean_abs"]
+                                               and report[f"{prefix}label_agreement"] >= TOLERANCE["label_agreement"])
+        print(f"{side} (the {'fast' if prefix else 'reference'} path) against fp32:")
+        for k in ("gradcam", "refined"):
+            c = report[f"{prefix}{k}"]
+            print(f"  {k:8s}: relative {c['relative']:.2e}, mean |diff| {c['mean_abs']:.2e}, p99 {c['p99_abs']:.2e}, "
+                  f"max {c['max_abs']:.2e}")
+        print(f"  pseudo-label agreement {100 * report[f'{prefix}label_agreement']:.2f}%  "
+              f"within tolerance: {report[f'{prefix}within_tolerance']}")
     emit(report, args.out)
 
 

@@ -75,13 +75,21 @@ def build(kind: str, device: torch.device, params=None):
     return params, backbones, model
 
 
+def blocky_regions(batch: int, size: int, num_regions: int, generator: torch.Generator) -> torch.Tensor:
+    """(batch, size, size) long region maps of square blocks (32 px, at least 2 per side), each a random region.
+
+    Blocks span whole patches (16 px, or 8 for the tiny model), so a patch can lie in a target
+    region (sgc.patch_area) and the refined CAM is not zero, as with real superpixel regions."""
+    blocks = torch.randint(0, num_regions, (batch, 1, max(2, size // 32), max(2, size // 32)), generator=generator).float()
+    return torch.nn.functional.interpolate(blocks, size=(size, size), mode="nearest")[:, 0].long()
+
+
 def synthetic_batch(batch: int, size: int, num_regions: int, classes_per_image: int, generator: torch.Generator) -> dict:
     """A collated training micro-batch: smooth random images, blocky region maps, 1..k classes per image."""
     coarse = torch.rand(batch, 3, max(2, size // 16), max(2, size // 16), generator=generator)
     images = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
     images = (images + 0.1 * torch.rand(batch, 3, size, size, generator=generator)).clamp(0, 1)
-    blocks = torch.randint(0, num_regions, (batch, 1, max(2, size // 32), max(2, size // 32)), generator=generator).float()
-    regions = torch.nn.functional.interpolate(blocks, size=(size, size), mode="nearest")[:, 0].long()
+    regions = blocky_regions(batch, size, num_regions, generator)
     labels = []
     for _ in range(batch):
         count = int(torch.randint(1, classes_per_image + 1, (1,), generator=generator))

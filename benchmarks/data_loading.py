@@ -1,4 +1,4 @@
-"""Training data throughput: `ssr.data.dataset.TrainCrops` through a DataLoader, per worker count.
+"""Training data throughput: `ssr.data.dataset.TrainCrops` through a DataLoader, per worker count and item format.
 
 Builds a temporary dataset in the canonical layout (`ssr/data/layout.py`) from VOC-sized photos
 (crops of scikit-image's bundled samples, 375x500 and 500x375 JPEGs; nothing downloads): label
@@ -7,12 +7,19 @@ stage (params.yaml's settings). Then loads it the way `ssr.train` does: the VOC 
 and scale range, its micro-batch, `ResumableSampler` keys, `collate`; one torch thread in
 this process, as in a training process whose GPU does the work.
 
+Three item formats, each timed the same way:
+- "float": float32 images and int64 region maps (`train.fast_path: false`, the reference);
+- "compact": uint8 images and region maps (`compact=True`, what the fast path loads: the
+  device divides by 255 to the same floats);
+- "compact_cache": the same, decoded images and region maps read back from `DecodedCache`
+  (`train.decode_cache: true`; the cache is filled by one pass first, as the first epoch does).
 For each worker count (default 0, 1, 2) it times `--batches` batches after the first (which
-pays the workers' start-up) and reports images/s. From the best rate per worker it reports how
-many workers, one free core each, keep up with a GPU step rate of `--target-images-per-second`.
+pays the workers' start-up) and reports images/s; 0 workers (the main process) is the cost of
+one image on one core. From the best rate per worker it reports how many workers, one free core
+each, keep up with a GPU step rate of `--target-images-per-second`.
 
     PYTHONPATH=. python benchmarks/data_loading.py [--images 64] [--batches 30] [--workers 0 1 2]
-                                                   [--target-images-per-second 2000] [--with-gt]
+                                                   [--target-images-per-second 1000] [--with-gt]
                                                    [--out benchmarks/results/data_loading_cpu.json]
 
 Prints one JSON line (also written to --out). Take figures on an otherwise idle machine: the
@@ -93,7 +100,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--target-images-per-second", type=float, default=2000.0)
+    parser.add_argument("--target-images-per-second", type=float, default=1000.0)
     parser.add_argument("--with-gt", action="store_true", help="also crop the ground truth (TrainCrops with_gt)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data_loading_cpu.json"))
     args = parser.parse_args()
@@ -106,20 +113,29 @@ def main() -> None:
               "images": args.images, "crop_size": preset.crop_size, "scale_min": preset.scale_min,
               "scale_max": preset.scale_max, "batch_size": micro, "batches": args.batches, "with_gt": args.with_gt,
               "superpixels_backend": params.superpixels.backend, "torch": torch.__version__}
+    result["target_images_per_second"] = args.target_images_per_second
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = Path(tmp) / "data"
         build_dataset(root, args.images, params.superpixels)
-        data = TrainCrops(root, "train", crop_size=preset.crop_size, scale_min=preset.scale_min,
-                          scale_max=preset.scale_max, superpixels=root / "superpixels.h5", with_gt=args.with_gt)
-        for workers in args.workers:
-            result[f"workers_{workers}_images_per_second"] = images_per_second(data, workers, micro, args.batches)
+        kwargs = {"crop_size": preset.crop_size, "scale_min": preset.scale_min, "scale_max": preset.scale_max,
+                  "superpixels": root / "superpixels.h5", "with_gt": args.with_gt}
+        formats = {"float": TrainCrops(root, "train", **kwargs),
+                   "compact": TrainCrops(root, "train", compact=True, **kwargs),
+                   "compact_cache": TrainCrops(root, "train", compact=True, cache_dir=Path(tmp) / "decoded", **kwargs)}
+        for index in range(len(formats["compact_cache"])):      # the first epoch fills the cache
+            formats["compact_cache"][index]
+        for name, data in formats.items():
+            entry = {f"workers_{n}_images_per_second": images_per_second(data, n, micro, args.batches) for n in args.workers}
+            if 0 in args.workers:
+                entry["ms_per_image_main_process"] = 1000 / entry["workers_0_images_per_second"]
+            # the best rate per worker measured: one worker alone also waits on each hand-over
+            per_worker = max((entry[f"workers_{n}_images_per_second"] / n for n in args.workers if n > 0), default=None)
+            if per_worker:
+                entry["ms_per_image_per_worker"] = 1000 / per_worker
+                entry["workers_needed_for_target"] = math.ceil(args.target_images_per_second / per_worker)
+            result[name] = entry
+            print(f"{name:14s}: " + ", ".join(f"{k} {v:.1f}" for k, v in entry.items()), flush=True)
     result["load_average_after"] = os.getloadavg()[0]
-    # the best rate per worker measured: one worker alone also waits on each hand-over
-    per_worker = max((result[f"workers_{n}_images_per_second"] / n for n in args.workers if n > 0), default=None)
-    if per_worker:
-        result["ms_per_image_per_worker"] = 1000 / per_worker
-        result["target_images_per_second"] = args.target_images_per_second
-        result["workers_needed_for_target"] = math.ceil(args.target_images_per_second / per_worker)
     emit(result, args.out)
 
 

@@ -1,8 +1,9 @@
 """Throughput of the whole SSR training step: `ssr.train.optimiser_step`, exactly as training calls it.
 
-Timed: CLIP forward with the attention of the affinity's blocks, GradCAM (one backward per
-class slot), DINO's last-block attention, the affinity, SGC, online labels, CMPA (ISA/TSA,
-L_proto), decoder forward and backward with L_ce and the affinity loss, and the AdamW step.
+Timed: CLIP forward with the attention of the affinity's blocks, GradCAM, DINO's last-block
+attention, the affinity, SGC, online labels, CMPA (ISA/TSA, L_proto), decoder forward and
+backward with L_ce and the affinity loss, and the AdamW step, with the operators params.yaml's
+`train.fast_path` selects (benchmarks/step_phases.py compares the two paths phase by phase).
 Not timed: data loading (benchmarks/data_loading.py), whose crops arrive here pre-made.
 
 On CUDA: the real configuration (ViT-B/16 + DINO ViT-S/16, random weights), bf16 autocast,
@@ -27,11 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-from configs import build, device_name, emit, fill_prototypes, synthetic_batch
+from configs import REPO, build, device_name, emit, fill_prototypes, synthetic_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from ssr.train import build_optimiser, optimiser_step  # noqa: E402  (configs puts the repo on sys.path)
+from ssr.config import load_params  # noqa: E402  (configs puts the repo on sys.path)
+from ssr.train import build_optimiser, optimiser_step  # noqa: E402
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16 tensor-core peaks (SXM)
 
@@ -223,7 +225,7 @@ def main(argv=None):
               "model": "ViT-B-16 + DINO ViT-S/16 (random init)" if kind == "real" else "tiny CLIP + tiny DINO (random init)",
               "dtype": "bf16 autocast" if amp else "fp32", "crop": crop, "accumulation": args.accumulation,
               "classes_per_image": f"1..{args.classes_per_image}", "steps": args.steps, "sizes": [],
-              "par": args.par or "datasets.voc.par"}
+              "par": args.par or "datasets.voc.par", "fast_path": load_params(REPO / "params.yaml").train.fast_path}
     if device.type == "cuda":
         report["measured_bf16_tflops"] = matmul_tflops(device)
         report["datasheet_bf16_tflops"] = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in report["device"]), None)

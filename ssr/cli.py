@@ -98,7 +98,8 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
 
 
 def _limit_threads(threads: int, params: Params | None) -> Params | None:
-    """Hold the stage to `threads` CPU threads: torch's pool, the superpixel processes, the demo models' pretraining."""
+    """Hold the stage to `threads` CPU threads: torch's pool, the superpixel processes, the DataLoader workers, the demo
+    models' pretraining."""
     if threads < 1:
         raise UsageError(f"--threads: must be >= 1, got {threads}")
     import torch
@@ -108,6 +109,7 @@ def _limit_threads(threads: int, params: Params | None) -> Params | None:
         return params
     return params.model_copy(update={
         "superpixels": params.superpixels.model_copy(update={"workers": min(params.superpixels.workers, threads)}),
+        "train": params.train.model_copy(update={"num_workers": min(params.train.num_workers, threads)}),
         "demo_clip": params.demo_clip.model_copy(update={"threads": threads}),
         "demo_dino": params.demo_dino.model_copy(update={"threads": threads})})
 

@@ -249,6 +249,7 @@ def sample_loss_sum(
     image_prototypes: torch.Tensor,
     pos_idx: torch.Tensor,
     tau: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The per-sample part of L_proto, SUMMED over the M samples (the caller divides by the step's count).
 
@@ -258,14 +259,18 @@ def sample_loss_sum(
     - "cross_modal" (Eq. 3-6, the method): -log softmax(f_image . P_T / tau)[pos_idx];
     - "in_modal": the same against the image's own prototypes P_I;
     - "feature": 1 - cos(f_image, f_text), fitting the features directly, no prototypes.
+    weight (M,) or None: each sample's weight in the sum (0 drops a padded slot without indexing it out).
     """
+    reduction = "sum" if weight is None else "none"
     if kind == "cross_modal":
-        return F.cross_entropy(_cosine_logits(image_features, text_prototypes, tau), pos_idx, reduction="sum")
-    if kind == "in_modal":
-        return F.cross_entropy(_cosine_logits(image_features, image_prototypes, tau), pos_idx, reduction="sum")
-    if kind == "feature":
-        return (1 - F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)).sum()
-    raise ValueError(f"unknown CMPA loss {kind!r}")
+        terms = F.cross_entropy(_cosine_logits(image_features, text_prototypes, tau), pos_idx, reduction=reduction)
+    elif kind == "in_modal":
+        terms = F.cross_entropy(_cosine_logits(image_features, image_prototypes, tau), pos_idx, reduction=reduction)
+    elif kind == "feature":
+        terms = 1 - F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+    else:
+        raise ValueError(f"unknown CMPA loss {kind!r}")
+    return terms.sum() if weight is None else (terms * weight).sum()
 
 
 def prototype_loss_term(kind: str, text_prototypes: torch.Tensor, image_prototypes: torch.Tensor,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,36 @@ class SegDecoder(nn.Module):
         x = self.transformer(x)
         logits = self.classify(x.transpose(1, 2).reshape(x.shape[0], -1, h, w))
         return logits, x
+
+
+@functools.lru_cache(maxsize=16)
+def bilinear_matrix(size_in: int, size_out: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(size_out, size_in) weights of 1-d linear interpolation as F.interpolate's "bilinear",
+    align_corners=False, computes them in `dtype` (float32, or float64 for float64 inputs):
+    source = (dst + 0.5) * in / out - 0.5, floored at 0, two taps."""
+    scale = torch.tensor(size_in / size_out, dtype=dtype)
+    src = ((torch.arange(size_out, dtype=dtype) + 0.5) * scale - 0.5).clamp_min(0)
+    low = src.long().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    frac = src - low
+    matrix = torch.zeros(size_out, size_in, dtype=dtype)
+    rows = torch.arange(size_out)
+    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, high), frac, accumulate=True)
+    return matrix.to(device)
+
+
+def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """F.interpolate(x, size, mode="bilinear", align_corners=False) as two matrix products.
+
+    x (B, C, h, w) float -> (B, C, H, W). Bilinear upsampling is separable: out = R_h x R_w^T
+    with fixed interpolation matrices, so its backward is two products too, where
+    F.interpolate's backward scatters with atomic adds. Same values up to rounding.
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = bilinear_matrix(x.shape[-2], size[0], x.device, dtype).to(x.dtype)
+    cols = bilinear_matrix(x.shape[-1], size[1], x.device, dtype).to(x.dtype)
+    return rows @ x @ cols.T
 
 
 def affinity_pairs(labels: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:

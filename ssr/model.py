@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 
 from ssr.affinity import average_attention, box_mask, fuse_attention, propagate
 from ssr.backbones import (
+    FrozenCache,
     clip_normalisation,
     clip_visual_forward,
     dino_last_attention,
@@ -27,7 +28,7 @@ from ssr.backbones import (
     load_clip,
     load_dino,
 )
-from ssr.cam import gradcam, present_class_probs
+from ssr.cam import gradcam, gradcam_at_qkv, present_class_probs
 from ssr.cmpa import Prototypes, Temperature, build_head
 from ssr.config import AffinityParams, CmpaParams, DatasetParams, PseudoLabelParams, SgcParams, TrainParams
 from ssr.data.layout import IGNORE_INDEX
@@ -51,6 +52,7 @@ class FrozenBackbones:
     dino_mean: torch.Tensor | None
     dino_std: torch.Tensor | None
     cam_weighting: str = "gradcam"     # see ssr.cam.gradcam
+    cache: FrozenCache = field(default_factory=FrozenCache)  # the fast path's casts of these weights (ssr.backbones)
 
     @property
     def depth(self) -> int:
@@ -194,16 +196,20 @@ class CamPass:
 
 
 def initial_cams(backbones: FrozenBackbones, model: SSR, images: torch.Tensor, classes: torch.Tensor, valid: torch.Tensor,
-                 *, attn_blocks: int, cmpa: bool = True):
+                 *, attn_blocks: int, cmpa: bool = True, fast: bool = False):
     """CLIP-ES GradCAM through the CMPA heads: -> (cams (B, S, N), ClipVisualOutput).
 
     The scored image embedding is the mean over patches of ISA(ln_post(patch) @ proj), so
     ISA sees the same per-patch features here as in Eq. 2's pooling; without CMPA (or with
     `cmpa=False`, Table 4's CLIP row) it is CLIP-ES's mean patch embedding. Softmax over each
     image's present classes and all background prompts; gradients at the last block's ln_1.
+    `fast`: the fast CLIP forward and one batched backward (`gradcam`'s `batched`; for the
+    "gradcam" weighting stopped at the qkv projection, `gradcam_at_qkv`): same CAMs to rounding.
     """
+    at_qkv = fast and backbones.cam_weighting == "gradcam"
     visual = clip_visual_forward(backbones.clip.visual, normalise(images, backbones.clip_mean, backbones.clip_std),
-                                 attn_blocks=attn_blocks, cam_block=-1, cam_grad=True)
+                                 attn_blocks=attn_blocks, cam_block=-1, cam_grad=True, fast=fast, cam_at_qkv=at_qkv,
+                                 cache=backbones.cache)
     use_heads = cmpa and model.use_cmpa
     with eval_mode(model.isa, model.tsa), torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
         dense = visual.dense.float()
@@ -211,7 +217,10 @@ def initial_cams(backbones: FrozenBackbones, model: SSR, images: torch.Tensor, c
         text_emb = model.tsa(backbones.text) if use_heads else backbones.text
         probs = present_class_probs(image_emb, text_emb, backbones.clip.logit_scale.exp().float(), classes, valid,
                                     backbones.num_foreground)
-        cams = gradcam(visual.cam_activations, probs, valid, weighting=backbones.cam_weighting)
+        if at_qkv:
+            cams = gradcam_at_qkv(visual.cam_activations, visual.cam_qkv, visual.cam_in_proj_weight, probs, valid)
+        else:
+            cams = gradcam(visual.cam_activations, probs, valid, weighting=backbones.cam_weighting, batched=fast)
     return cams, visual
 
 
@@ -228,6 +237,7 @@ def refined_cams(
     num_regions: int,
     rows: tuple[str, ...] = ABLATION_ROWS,
     autocast_dtype: torch.dtype | None = None,
+    fast: bool = False,
 ) -> CamPass:
     """Initial CAM -> affinity propagation -> SGC, for an image batch.
 
@@ -236,29 +246,35 @@ def refined_cams(
     The rows without SGC (+ CLIP, + DINO) propagate inside CLIP-ES's boxes (`affinity.box_mask`);
     the SGC row inside its target regions (and the boxes, with `sgc.within_box`).
     Returns the CAMs of the requested Table 3 rows and of the configured method.
+    `fast`: the training step's fast operators (`initial_cams`, DINO, SGC), same CAMs to rounding.
     """
     with autocast(images.device.type, autocast_dtype):
-        cam, visual = initial_cams(backbones, model, images, classes, valid, attn_blocks=affinity.clip_blocks)
+        cam, visual = initial_cams(backbones, model, images, classes, valid, attn_blocks=affinity.clip_blocks, fast=fast)
         grid = visual.grid
         with torch.no_grad():
             depth = backbones.depth
-            a_clip = average_attention([visual.attentions[i] for i in range(max(0, depth - affinity.clip_blocks), depth)])
+            a_clip = visual.patch_attention if fast else average_attention(
+                [visual.attentions[i] for i in range(max(0, depth - affinity.clip_blocks), depth)])
             a_dino = None
             if backbones.dino is not None:
-                a_dino = dino_last_attention(backbones.dino, normalise(images, backbones.dino_mean, backbones.dino_std)).float()
+                a_dino = dino_last_attention(backbones.dino, normalise(images, backbones.dino_mean, backbones.dino_std),
+                                             fast=fast, cache=backbones.cache).float()
                 if a_dino.shape[-1] != a_clip.shape[-1]:
                     raise ValueError(f"DINO grid ({a_dino.shape[-1]} patches) differs from CLIP's ({a_clip.shape[-1]}); "
                                      f"patch sizes must match")
 
     with torch.no_grad():
-        box = box_mask(cam, grid, affinity.box_threshold) if affinity.box_mask or sgc.within_box else None
+        # CLIP-ES's boxes go through the host (OpenCV), a device sync: made only where a row or the method uses them
+        box = functools.cache(lambda: box_mask(cam, grid, affinity.box_threshold))
         sgc_columns = None
         if region_maps is not None:
             sgc_columns = sgc_mask(cam, region_maps, num_regions, grid, t_hi=sgc.t_hi, rho=sgc.rho, patch_area=sgc.patch_area,
-                                   keep_best=sgc.keep_best, denominator=sgc.denominator)
+                                   keep_best=sgc.keep_best, denominator=sgc.denominator, fast=fast)
             if sgc.within_box:
-                sgc_columns = sgc_columns * box
-        rows_box = box if affinity.box_mask else None  # CLIP-ES's mask of the rows without SGC
+                sgc_columns = sgc_columns * box()
+
+        def rows_box() -> torch.Tensor | None:  # CLIP-ES's mask of the rows without SGC
+            return box() if affinity.box_mask else None
 
         @functools.cache  # the rows share affinities; each is a matrix power over (B, N, N)
         def fused(use_clip: bool, use_dino: bool) -> torch.Tensor:
@@ -271,15 +287,15 @@ def refined_cams(
             if row == "cam":
                 out[row] = cam
             elif row == "clip":
-                out[row] = propagate(fused(True, False), cam, rows_box)
+                out[row] = propagate(fused(True, False), cam, rows_box())
             elif row == "dino" and a_dino is not None:
-                out[row] = propagate(fused(True, True), cam, rows_box)
+                out[row] = propagate(fused(True, True), cam, rows_box())
             elif row == "sgc" and sgc_columns is not None:
                 out[row] = propagate(fused(True, a_dino is not None), cam, sgc_columns)
         use_dino = affinity.use_dino and a_dino is not None
         sgc_on = affinity.use_sgc and sgc_columns is not None
         if affinity.use_clip or use_dino:
-            method = propagate(fused(affinity.use_clip, use_dino), cam, sgc_columns if sgc_on else rows_box)
+            method = propagate(fused(affinity.use_clip, use_dino), cam, sgc_columns if sgc_on else rows_box())
         else:  # no propagation, so no box: the CAM row, or the CAM inside its SGC target regions
             method = cam * sgc_columns if sgc_on else cam
         method = method * valid[..., None]
@@ -296,13 +312,15 @@ def cams_to_labels(
     *,
     images: torch.Tensor | None = None,
     par: bool = False,
+    fast: bool = False,
 ) -> torch.Tensor:
     """Patch CAMs (B, S, N) -> label maps (B, H, W) long: 0 background, class + 1, 255 ignore.
 
     Background score = (1 - max_c CAM) ** bg_power; with `par`, the scores are refined by
     PAR on `images` (B, 3, H, W) in [0, 1] at `size` before the argmax (WeCLIP's online
     labels). Pixels whose winning score lies in [ignore_low, ignore_high) become ignore
-    (off when the two are equal).
+    (off when the two are equal). `fast`: PAR through `ssr.par_triton` on CUDA (backend
+    "auto"), skipping the padded slots' channels, which come out -1 either way.
     """
     b, s, _ = cams.shape
     up = F.interpolate(cams.reshape(b, s, *grid).float(), size=size, mode="bilinear", align_corners=False)
@@ -313,7 +331,8 @@ def cams_to_labels(
         if images is None:
             raise ValueError("PAR refinement needs the images")
         refined = par_refine(images, scores.clamp_min(0), dilations=pl.par_dilations, iterations=pl.par_iterations,
-                             w_colour=pl.par_w_colour, w_position=pl.par_w_position)
+                             w_colour=pl.par_w_colour, w_position=pl.par_w_position, backend="auto" if fast else "torch",
+                             active=torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1) if fast else None)
         scores = refined.masked_fill(torch.cat([torch.zeros_like(valid[:, :1]), ~valid], dim=1)[..., None, None], -1.0)
     best, index = scores.max(dim=1)
     foreground = classes.gather(1, (index - 1).clamp(min=0).flatten(1)).view_as(index) + 1

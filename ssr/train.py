@@ -38,7 +38,8 @@ from ssr.cmpa import SampleMemory, masked_average_pool, positive_index, prototyp
 from ssr.config import ConfigError, Params, PresetParams, identity_differences, training_identity
 from ssr.data.dataset import TrainCrops, collate
 from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, atomic_path
-from ssr.decoder import affinity_loss_sums, affinity_pairs
+from ssr.data.transforms import unit_images
+from ssr.decoder import affinity_loss_sums, affinity_pairs, upsample_bilinear
 from ssr.model import (
     SSR,
     FrozenBackbones,
@@ -184,15 +185,16 @@ def prepare_micro_batch(backbones: FrozenBackbones, model: SSR, batch: dict, par
                         par: bool, autocast_dtype=None) -> MicroBatch:
     """The CAM pass of one micro-batch: refined CAMs -> the labels the decoder learns from."""
     device = backbones.text.device
-    images = batch["image"].to(device, non_blocking=True)
+    fast = params.train.fast_path
+    images = unit_images(batch["image"], device)       # uint8 crops (TrainCrops' compact) become float here
     classes, valid = class_slots(batch["labels"], device)
     cam = refined_cams(backbones, model, images, classes, valid, batch["regions"].to(device, non_blocking=True), params.affinity,
-                       params.sgc, num_regions=num_regions, rows=(), autocast_dtype=autocast_dtype)
+                       params.sgc, num_regions=num_regions, rows=(), autocast_dtype=autocast_dtype, fast=fast)
     if params.train.supervision == "gt":
-        labels = batch["gt"].to(device, non_blocking=True)
+        labels = batch["gt"].to(device, non_blocking=True).long()
     else:
         labels = cams_to_labels(cam.method, classes, valid, cam.grid, images.shape[-2:], params.pseudo_labels,
-                                images=images, par=par)
+                                images=images, par=par, fast=fast)
     return MicroBatch([t.detach() for t in cam.visual.tokens[: backbones.depth - 1]], cam.grid, labels,
                       patch_labels(labels, cam.grid), cam.cam.detach(), cam.visual.dense.detach().float(), classes, valid,
                       list(batch["id"]), [len(present) for present in batch["labels"]])
@@ -217,7 +219,10 @@ def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, para
     n_pixels, n_same, n_diff, n_samples = (c.clamp_min(1).float() for c in counts)
     with autocast(m.labels.device.type, autocast_dtype):
         logits, feats = model.decoder(m.tokens, m.grid)
-    logits = F.interpolate(logits.float(), size=m.labels.shape[-2:], mode="bilinear", align_corners=False)
+    if params.train.fast_path:
+        logits = upsample_bilinear(logits.float(), m.labels.shape[-2:])
+    else:
+        logits = F.interpolate(logits.float(), size=m.labels.shape[-2:], mode="bilinear", align_corners=False)
     loss_ce = F.cross_entropy(logits, m.labels, ignore_index=IGNORE_INDEX, reduction="sum") / n_pixels
     loss_aff = logits.new_zeros(())
     if params.train.affinity_loss:
@@ -225,7 +230,11 @@ def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, para
         loss_aff = (pos / n_same + neg / n_diff) / 2
     loss = preset.gamma * (loss_ce + preset.affinity_weight * loss_aff)
     parts = {"loss_ce": loss_ce.detach(), "loss_aff": loss_aff.detach()}
-    if model.use_cmpa:
+    if model.use_cmpa and params.train.fast_path:
+        loss_proto, f_image, slot_valid = masked_prototype_loss(backbones, model, m, params, n_samples)
+        loss = loss + loss_proto
+        parts.update(loss_proto=loss_proto.detach(), f_image=f_image, slot_valid=slot_valid)
+    elif model.use_cmpa:
         f_image = masked_average_pool(model.isa(m.dense), m.cam)[m.valid]           # (M, d2), Eq. 2
         labels = m.classes[m.valid]
         text = model.tsa(backbones.text[: backbones.num_foreground])                 # (C, d2): each class's f_text
@@ -236,6 +245,21 @@ def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, para
         loss = loss + loss_proto
         parts.update(loss_proto=loss_proto.detach(), f_image=f_image.detach())
     return loss, parts
+
+
+def masked_prototype_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, params: Params,
+                          n_samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`micro_batch_loss`'s L_proto share without selecting the valid slots (a device sync):
+    every slot's sample loss, padded slots weighted 0. Padded slots pool an all-zero CAM, so
+    their f_image is 0 and their loss finite. -> (loss share, f_image (B * S, d2) detached, valid (B * S,))."""
+    f_image = masked_average_pool(model.isa(m.dense), m.cam).flatten(0, 1)          # (B * S, d2), Eq. 2
+    labels, valid = m.classes.flatten(), m.valid.flatten()
+    text = model.tsa(backbones.text[: backbones.num_foreground])                      # (C, d2): each class's f_text
+    text_prototypes = text if params.cmpa.text_prototypes == "live" else model.prototypes.text
+    pos_idx = positive_index(params.cmpa.positive, model.prototypes.image, f_image.detach(), labels)
+    loss = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text_prototypes, model.prototypes.image, pos_idx,
+                           model.tau(), weight=valid.float()) / n_samples
+    return loss, f_image.detach(), valid
 
 
 def prototype_step_loss(backbones: FrozenBackbones, model: SSR, world: int) -> torch.Tensor | None:
@@ -264,17 +288,18 @@ def optimiser_step(backbones: FrozenBackbones, model: SSR, optimiser, batches: l
                                  autocast_dtype=autocast_dtype) for batch in batches]
     counts = _all_reduce(step_counts(micro, device))
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, aff, proto
-    samples = []  # (memory slots, f_image) per micro-batch
+    samples = []  # (micro-batch, f_image, which of its rows are valid slots or None), for the sample memory
+    seen = []
     last_good = _last_good(ckpt_path) if ckpt_path is not None else "no checkpoint"
     for m in micro:
         loss, parts = micro_batch_loss(backbones, model, m, params, preset, counts, autocast_dtype=autocast_dtype)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(
-                f"non-finite loss ({loss.item()}) at iteration {iteration} "
-                f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items() if k != 'f_image')}); {last_good}")
+        if params.train.fast_path:      # checked once, with the gradients, before the update
+            seen.append((loss.detach(), parts))
+        elif not torch.isfinite(loss):
+            raise_non_finite_loss(loss, parts, iteration, last_good)
         loss.backward()
         if "f_image" in parts and memory is not None:
-            samples.append((memory.slots(m.ids, m.counts), parts.pop("f_image")))
+            samples.append((m, parts["f_image"], parts.get("slot_valid")))
         proto = parts.get("loss_proto", loss.new_zeros(()))
         totals += torch.stack([loss.detach(), parts["loss_ce"], parts["loss_aff"], proto]).double()
     term = prototype_step_loss(backbones, model, world) if model.use_cmpa and params.cmpa.text_prototype_term else None
@@ -283,7 +308,9 @@ def optimiser_step(backbones: FrozenBackbones, model: SSR, optimiser, batches: l
         totals[0] += term.detach().double()
         totals[3] += term.detach().double()
     sum_gradients(model)
-    bad = non_finite_gradients(model)
+    bad = non_finite_gradients(model, [loss for loss, _ in seen])
+    if bad == [NON_FINITE_LOSS]:
+        raise_non_finite_loss(*next((loss, parts) for loss, parts in seen if not torch.isfinite(loss)), iteration, last_good)
     if bad:
         # Checked before the step: a finite loss can still back-propagate NaN/inf (overflow),
         # and once the optimiser writes it into the weights the next checkpoint would save it.
@@ -292,7 +319,11 @@ def optimiser_step(backbones: FrozenBackbones, model: SSR, optimiser, batches: l
             f"(loss {totals[0].item():.4g}); {last_good}")
     optimiser.step()
     if samples:
-        memory.write(_all_gather(torch.cat([s[0] for s in samples])), _all_gather(torch.cat([s[1] for s in samples])))
+        # the memory's slots come from the host; the fast path's f_image holds every slot, the valid ones are
+        # taken here, after the update (a device sync, once per step)
+        slots = torch.cat([memory.slots(m.ids, m.counts) for m, _, _ in samples])
+        f_image = torch.cat([f if valid is None else f[valid] for _, f, valid in samples])
+        memory.write(_all_gather(slots), _all_gather(f_image))
         if (iteration + 1) % preset.refresh_every == 0:
             refresh_prototypes(backbones, model, memory, params)
     totals = _all_reduce(totals)
@@ -320,9 +351,9 @@ def warm_up_prototypes(backbones: FrozenBackbones, model: SSR, memory: SampleMem
     device = backbones.text.device
     read = 0
     for batch in loader:
-        images = batch["image"].to(device)
+        images = unit_images(batch["image"], device)
         classes, valid = class_slots(batch["labels"], device)
-        cam, visual = initial_cams(backbones, model, images, classes, valid, attn_blocks=0)
+        cam, visual = initial_cams(backbones, model, images, classes, valid, attn_blocks=0, fast=params.train.fast_path)
         with batch_statistics(model.isa):
             f_image = masked_average_pool(model.isa(visual.dense.detach().float()), cam.detach())[valid]
         slots = memory.slots(list(batch["id"]), [len(present) for present in batch["labels"]])
@@ -418,12 +449,28 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def non_finite_gradients(model) -> list[str]:
-    """Names of the parameters whose gradient holds NaN or inf (one device sync when all are finite)."""
+NON_FINITE_LOSS = "(a micro-batch's loss)"
+
+
+def non_finite_gradients(model, losses: list[torch.Tensor] = ()) -> list[str]:
+    """Names of the parameters whose gradient holds NaN or inf (one device sync when all are finite).
+
+    `losses`: scalars checked in the same sync; if one is not finite the answer is [NON_FINITE_LOSS].
+    """
     named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
+    checks = [torch.isfinite(g).all() for _, g in named] + [torch.isfinite(loss) for loss in losses]
+    finite = torch.stack(checks).tolist() if checks else []
+    if all(finite):
         return []
-    return [n for n, g in named if not bool(torch.isfinite(g).all())]
+    if not all(finite[len(named):]):
+        return [NON_FINITE_LOSS]
+    return [n for (n, _), ok in zip(named, finite, strict=False) if not ok]
+
+
+def raise_non_finite_loss(loss: torch.Tensor, parts: dict, iteration: int, last_good: str) -> None:
+    raise NonFiniteLoss(
+        f"non-finite loss ({loss.item()}) at iteration {iteration} "
+        f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items() if v.dim() == 0)}); {last_good}")
 
 
 def _last_good(ckpt_path: Path) -> str:
@@ -450,7 +497,8 @@ class Trainer:
         root = params.dataset_root(dataset)
         self.data = TrainCrops(root, self.ds.train_split, crop_size=self.preset.crop_size, scale_min=self.preset.scale_min,
                                scale_max=self.preset.scale_max, superpixels=root / "superpixels.h5", seed=seed,
-                               with_gt=params.train.supervision == "gt")
+                               with_gt=params.train.supervision == "gt", compact=params.train.fast_path,
+                               cache_dir=Path(params.results_root) / dataset / "decoded" if params.train.decode_cache else None)
         self.micro = self.preset.batch_size // self.preset.accumulation
         if self.micro % world:
             raise ValueError(f"train_presets.{self.ds.preset}: micro-batch {self.micro} is not divisible by {world} processes")
@@ -473,7 +521,7 @@ class Trainer:
         # shift the stream relative to an uninterrupted run.
         sampler = ResumableSampler(len(self.data), self.micro, self.seed, start, self.rank, self.world)
         return DataLoader(self.data, batch_size=self.micro // self.world, sampler=sampler,
-                          num_workers=self.params.train.num_workers,
+                          num_workers=self.params.train.num_workers, pin_memory=self.device.type == "cuda",
                           collate_fn=collate, generator=torch.Generator().manual_seed(self.seed))
 
     def resume(self) -> None:

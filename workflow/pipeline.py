@@ -54,8 +54,8 @@ LOGS = "logs"
 # params.yaml keys that do not change what a stage computes (worker counts,
 # logging and checkpoint intervals, the inference size for training...). Leaving
 # them out of a stage's tracked params keeps an edit to them from re-running a
-# two-day training job.
-TRAIN_RUNTIME_KEYS = ("checkpoint_every", "log_every", "num_workers")
+# two-day training job. fast_path changes results by float rounding only, decode_cache not at all.
+TRAIN_RUNTIME_KEYS = ("checkpoint_every", "log_every", "num_workers", "fast_path", "decode_cache")
 NOT_TRAINING_DATASET_KEYS = ("long_side", "seed_split", "val_split")
 
 

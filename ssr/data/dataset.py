@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, open_rgb, read_image, read_label_png
-from ssr.data.regions import RegionMaps
-from ssr.data.transforms import random_scale_crop, to_unit
+from ssr.data.layout import IGNORE_INDEX, DatasetError, DatasetLayout, atomic_path, open_rgb, read_image, read_label_png
+from ssr.data.regions import RegionMaps, region_key
+from ssr.data.transforms import channels_first, random_scale_crop, to_unit
 
 # Region id used for padding; `sgc.region_onehot` drops ids >= the region count.
 REGION_PAD = 255
@@ -43,6 +43,35 @@ def read_ground_truth(path: Path, shape: tuple[int, int], num_classes: int) -> n
     if bad.any():
         raise DatasetError(f"{path}: label value {int(gt[bad][0])} is not a class (0..{num_classes - 1}) or 255")
     return gt
+
+
+class DecodedCache:
+    """Decoded images and region maps kept as raw .npy arrays in a folder, made on first use.
+
+    Decoding a VOC JPEG and reading its region map from the compressed HDF5 file are about
+    half a training crop's CPU time; reading the raw array back is a copy. One file per
+    image and kind, named by the image id and its source file's size and modification time,
+    so a changed source is decoded again (files of old versions are left behind: delete the
+    folder to reclaim them). Written atomically: workers, ranks and runs may share a folder.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def get(self, kind: str, image_id: str, source: Path, decode) -> np.ndarray:
+        """The array `decode()` returns for `image_id` from `source`, from the folder when it is there."""
+        stat = source.stat()
+        path = self.folder / f"{region_key(image_id)}.{kind}.{stat.st_size:x}-{stat.st_mtime_ns:x}.npy"
+        try:
+            return np.load(path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, EOFError):   # a damaged file: made again below
+            pass
+        array = np.ascontiguousarray(decode())
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, array)
+        return array
 
 
 class WeakLabelDataset(Dataset):
@@ -91,30 +120,48 @@ class TrainCrops(WeakLabelDataset):
     Item: image (3, crop, crop) float in [0, 1] (zero padding), region map (crop, crop) long
     (padding REGION_PAD), weak labels (list of 1-based classes), id; with `with_gt`, also
     "gt": the ground-truth label crop (crop, crop) long (padding 255), resized with nearest
-    neighbours exactly like the region map.
+    neighbours exactly like the region map. With `compact`, the image, region map and ground
+    truth stay uint8 (a fifth of the bytes of float32 and int64 through the worker queues and
+    to the device); `ssr.data.transforms.unit_images` makes the same float image there.
+    With `cache_dir`, decoded images and region maps are kept there as raw arrays (`DecodedCache`).
     """
 
     def __init__(self, root, split, *, crop_size: int, scale_min: float, scale_max: float, superpixels=None, seed: int = 0,
-                 with_gt: bool = False):
+                 with_gt: bool = False, compact: bool = False, cache_dir: str | Path | None = None):
         super().__init__(root, split, superpixels=superpixels)
         self.crop_size, self.scale_min, self.scale_max, self.seed = crop_size, scale_min, scale_max, seed
-        self.with_gt = with_gt
+        self.with_gt, self.compact = with_gt, compact
+        self.cache = DecodedCache(cache_dir) if cache_dir else None
 
     def __getitem__(self, key: int | tuple[int, int]):
         """key: an index, or (epoch, index) so that each epoch draws fresh augmentations."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         image_id = self.ids[index]
         rng = np.random.default_rng([self.seed, epoch, index])
-        image = open_rgb(self.layout.image_path(image_id))
-        shape = (image.height, image.width)
-        maps = {"regions": (Image.fromarray(self.region_map(image_id, shape)), REGION_PAD)}
+        path = self.layout.image_path(image_id)
+        if self.cache is None:
+            image = open_rgb(path)
+            shape = (image.height, image.width)
+            regions = self.region_map(image_id, shape)
+        else:
+            image = Image.fromarray(self.cache.get("rgb", image_id, path, lambda: np.asarray(open_rgb(path))))
+            shape = (image.height, image.width)
+            regions = self.region_map(image_id, shape) if self.superpixels is None else self.cache.get(
+                "regions", image_id, self.superpixels, lambda: self.region_map(image_id, shape))
+            if regions.shape != shape:
+                raise DatasetError(f"{self.superpixels}: region map of {image_id!r} is {regions.shape}, image is {shape}")
+        maps = {"regions": (Image.fromarray(regions), REGION_PAD)}
         if self.with_gt:
             maps["gt"] = (Image.fromarray(self.ground_truth(image_id, shape)), IGNORE_INDEX)
         crops = random_scale_crop(rng, image, maps, crop=self.crop_size, scale_min=self.scale_min, scale_max=self.scale_max)
         # numpy rather than torch for the conversions: torch's intra-op threads cost more than
         # they save on arrays this small.
-        item = {"image": to_unit(crops.pop("image"))}
-        item.update({name: torch.from_numpy(crop.astype(np.int64)) for name, crop in crops.items()})
+        if self.compact:
+            item = {"image": channels_first(crops.pop("image"))}
+            item.update({name: torch.from_numpy(np.ascontiguousarray(crop)) for name, crop in crops.items()})
+        else:
+            item = {"image": to_unit(crops.pop("image"))}
+            item.update({name: torch.from_numpy(crop.astype(np.int64)) for name, crop in crops.items()})
         item.update(labels=list(self.labels[image_id]), id=image_id)
         return item
 

@@ -1,6 +1,8 @@
 """Image tensors and the one training augmentation.
 
 - `to_unit`: uint8 RGB, channels last -> float32 channels first in [0, 1].
+- `channels_first` / `unit_images`: the same split in two, uint8 on the host (a quarter of the
+  bytes to move) and the float conversion where the images are used, on the device.
 - `normalise`: (x - mean) / std per channel, with a backbone's own statistics (open_clip's
   and timm's constants, or what a model's preprocess config records).
 - `random_scale_crop`: random rescale, crop and horizontal flip of an image and its label
@@ -29,6 +31,24 @@ def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         pixels /= 255
         return torch.from_numpy(pixels)
     return images.movedim(-1, -3).float() / 255
+
+
+def channels_first(image: np.ndarray) -> torch.Tensor:
+    """uint8 RGB (H, W, 3) -> uint8 (3, H, W), contiguous."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, -3)))
+
+
+def unit_images(images: torch.Tensor, device=None) -> torch.Tensor:
+    """(B, 3, H, W) uint8 or float in [0, 1] -> float32 in [0, 1] on `device`, bit for bit what `to_unit` gives.
+
+    uint8 crosses to the device as it is and is divided there. The divisor is a tensor on the
+    device: CUDA divides by a Python scalar as a multiplication by its reciprocal, which
+    differs from numpy's division in the last bit for half of the 256 values.
+    """
+    images = images.to(device, non_blocking=True) if device is not None else images
+    if images.dtype != torch.uint8:
+        return images
+    return images.float() / torch.full((), 255.0, device=images.device)
 
 
 def normalise(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> torch.Tensor:
