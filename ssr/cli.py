@@ -269,7 +269,7 @@ def cmd_evaluate(args, params: Params | None) -> None:
             model = _load_run(params, args.dataset, run, seed, device)
             predictions = results_dir(params, args.dataset) / "predictions" if k == 0 and run == METHOD_RUN else None
             scores = evaluate_model(backbones(run), model, root, ds.val_split, run_params.dataset(args.dataset).long_side,
-                                    run_params.infer, device=device, progress=args.progress and run == METHOD_RUN,
+                                    run_params.infer, device=device, progress=args.progress if run == METHOD_RUN else False,
                                     pred_dir=predictions, figures=params.pseudo_labels.figures,
                                     autocast_dtype=amp_dtype(params.train, device))
             if run == METHOD_RUN:
@@ -446,7 +446,8 @@ def _common_options() -> argparse.ArgumentParser:
     out.add_argument("-q", "--quiet", action="store_true",
                      help="no tables or summaries, and only warnings and errors in the log (bars: see --no-progress)")
     out.add_argument("--no-progress", dest="progress", action="store_false",
-                     help="no progress bars (they are also off whenever stderr is not a terminal, e.g. in Snakemake logs)")
+                     help="no progress bars or progress lines (where stderr is not a terminal, e.g. in a Snakemake "
+                          "log, there is no bar but a line every progress_interval seconds of params.yaml)")
     return common
 
 
@@ -557,6 +558,11 @@ def main(argv: list[str] | None = None) -> int:
                 params = params.for_dataset(args.dataset)
         if getattr(args, "threads", None) is not None:
             params = _limit_threads(args.threads, params)
+        if params is not None and args.progress:
+            from ssr.progress import Progress
+
+            # A log line every progress_interval seconds where no bar is drawn (Snakemake, DVC, SLURM logs).
+            args.progress = Progress(params.progress_interval)
         args.func(args, params)
     except (ConfigError, DatasetError, FileNotFoundError, NotImplementedError, ValueError) as err:
         print(f"{stage}: error: {err}", file=sys.stderr)

@@ -426,6 +426,10 @@ class Params(Section):
     data_root: str = _f(..., "datasets live in data/{ds}/ (per site: params.local.yaml or $SSR_DATA_ROOT)", min_length=1)
     results_root: str = _f(..., "stage outputs live in results/ (per site: params.local.yaml or $SSR_RESULTS_ROOT)",
                            min_length=1)
+    weights_root: str = _f(..., "CLIP and DINO weights that `ssr weights` fetches, shared by the datasets (per site: "
+                              "params.local.yaml or $SSR_WEIGHTS_ROOT)", min_length=1)
+    progress_interval: float = _f(10.0, "seconds between progress lines in a stage's log when stderr is not a terminal "
+                                        "(Snakemake, DVC, SLURM); 0 = every step", ge=0.0)
     demo: DemoParams = _f(..., DemoParams.__doc__, PER_ENTRY)
     demo_clip: DemoClipParams = _f(..., DemoClipParams.__doc__, PER_ENTRY)
     demo_dino: DemoDinoParams = _f(..., DemoDinoParams.__doc__, PER_ENTRY)

@@ -124,7 +124,7 @@ def _evaluate_model(backbones: FrozenBackbones, model: SSR, root: Path, split: s
     conf_crf = np.zeros_like(conf)
     strips = FigureCandidates(figures) if pred_dir is not None else None
     model.eval()
-    for image_id in progress_bar(data.ids, desc=f"evaluate {split}", progress=progress):
+    for image_id in progress_bar(data.ids, desc=f"evaluate {split}", unit="img", progress=progress):
         original, gt = data.original(image_id)
         if gt is None:
             continue
