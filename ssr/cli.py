@@ -59,8 +59,10 @@ def _device(arg: str | None):
 
 def _backbones_by_run(params: Params, dataset: str, device):
     """run -> its frozen backbones, loaded once per distinct dataset config: a variant may change
-    what they are built from (prompts, models, CAM weighting), and most variants change nothing."""
+    what they are built from (prompts, models, CAM weighting), and most variants change nothing.
+    CLIP and DINO come from the weights cache (`ssr weights`), never from a download."""
     from ssr.model import build_backbones
+    from ssr.weights import cached_models
 
     classes = DatasetLayout(params.dataset_root(dataset)).classes()
     loaded = {}
@@ -69,7 +71,8 @@ def _backbones_by_run(params: Params, dataset: str, device):
         ds = params.for_run(dataset, run).dataset(dataset)
         key = ds.model_dump_json()
         if key not in loaded:
-            loaded[key] = build_backbones(ds, classes[1:], demo_clip_dir=demo_clip_dir(params), device=device)
+            loaded[key] = build_backbones(ds, classes[1:], demo_clip_dir=demo_clip_dir(params), device=device,
+                                          **cached_models(ds, params.weights_root, dataset, device))
         return loaded[key]
 
     return backbones
@@ -150,6 +153,14 @@ def cmd_demo_dino(args, params: Params) -> None:
     quality = provenance["attention_iou"]
     print(f"demo DINO written to {out}: held-out attention IoU {quality['dino']:.3f} (demo CLIP {quality['clip']:.3f}) "
           f"after {provenance['steps']} steps in {provenance['wall_seconds']:.0f} s")
+
+
+def cmd_weights(args, params: Params) -> None:
+    from ssr.weights import fetch, manifest_path
+
+    manifest = fetch(params, args.dataset, demo_clip_dir(params))
+    models = [f"{e['model']} ({e['source']})" for e in (manifest["clip"], manifest["dino"]) if e]
+    print(f"{', '.join(models)}: ready; wrote {manifest_path(params.weights_root, args.dataset)}")
 
 
 def cmd_superpixels(args, params: Params) -> None:
@@ -389,6 +400,15 @@ STAGES = {
                   "Trains a timm ViT with the `demo_dino` params on unlabelled demo images and scores its attention "
                   "against the demo CLIP's.",
                   ["ssr demo-dino --threads 1", "ssr demo-dino --out /tmp/demo_dino"], ("params",)),
+    "weights": (cmd_weights, "fetch the dataset's CLIP and DINO into the weights cache (weights_root), for jobs without internet",
+                "Downloads through open_clip and timm into weights_root/open_clip/{model}/{tag}/ and "
+                "weights_root/timm/{model}/ (folders their local loaders read), then writes weights_root/{dataset}.json "
+                "(each model's folder and SHA-256). Run it where there is internet (a cluster's login node); train, "
+                "pseudo-labels and evaluate then load from the cache only. Nothing is downloaded for what is already "
+                "there, for the demo's committed CLIP or for weights files named in the params.",
+                ["ssr weights --dataset voc",
+                 "SSR_WEIGHTS_ROOT=/shared/ssr-weights ssr weights --dataset coco"],
+                ("params", "dataset")),
     "superpixels": (cmd_superpixels, "SLIC + colour k-means region maps of the train and val images (SGC, paper Eq. 8)",
                     "Writes data_root/{dataset}/superpixels.h5 (one map per image, the `superpixels` params as file "
                     "attributes); resumes from superpixels.h5.partial.h5.",
@@ -428,12 +448,12 @@ STAGES = {
 MAIN_EPILOG = """\
 examples:
   ssr prepare --dataset demo && ssr superpixels --dataset demo && ssr train --dataset demo
-  ssr evaluate --dataset voc --device cuda
+  ssr weights --dataset voc && ssr evaluate --dataset voc --device cuda
   ssr schema --out workflow/schemas/params.schema.json
 
-Every stage reads params.yaml (--params); data_root and results_root may also come from
-params.local.yaml beside it or SSR_DATA_ROOT / SSR_RESULTS_ROOT. Snakemake and DVC run
-these same commands (README, docs/workflow.md).
+Every stage reads params.yaml (--params); data_root, results_root and weights_root may also come
+from params.local.yaml beside it or SSR_DATA_ROOT / SSR_RESULTS_ROOT / SSR_WEIGHTS_ROOT.
+Snakemake and DVC run these same commands (README, docs/workflow.md).
 """
 
 
@@ -465,8 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if "params" in options:
             p.add_argument("--params", default="params.yaml", metavar="FILE",
-                           help="the params file (default: params.yaml); data_root and results_root also come from "
-                                "params.local.yaml beside it and SSR_DATA_ROOT / SSR_RESULTS_ROOT")
+                           help="the params file (default: params.yaml); data_root, results_root and weights_root also "
+                                "come from params.local.yaml beside it and SSR_DATA_ROOT / SSR_RESULTS_ROOT / "
+                                "SSR_WEIGHTS_ROOT")
             p.add_argument("--threads", type=int, metavar="N",
                            help="CPU threads this stage may use: torch's intra-op threads, and at most N superpixel "
                                 "processes (default: torch's own choice and superpixels.workers); Snakemake passes its "
