@@ -122,8 +122,6 @@ def fetch_clip(root: str | os.PathLike, model: str, tag: str) -> Path:
     asks (QuickGELU, preprocessing); the folder then holds that model's state dict and config.
     """
     import open_clip
-    from open_clip.push_to_hf_hub import save_config_for_hf
-    from safetensors.torch import save_file
 
     folder = clip_dir(root, model, tag)
     if _complete(folder, CLIP_FILES):
@@ -140,11 +138,21 @@ def fetch_clip(root: str | os.PathLike, model: str, tag: str) -> Path:
                                       cache_dir=str(Path(root) / DOWNLOADS))
     except Exception as err:  # open_clip wraps every download failure in a RuntimeError
         raise WeightsDownloadError(_download_failed(f"CLIP {model} ({tag})", err, folder)) from err
-    model_cfg = {**open_clip.get_model_config(model), **({"quick_gelu": True} if quick_gelu else {})}
+    write_clip_folder(folder, clip, {**open_clip.get_model_config(model), **({"quick_gelu": True} if quick_gelu else {})},
+                      {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg})
+    return folder
+
+
+def write_clip_folder(folder: Path, clip, model_cfg: dict, preprocess_cfg: dict) -> None:
+    """An open_clip `local-dir:` folder holding `clip`, written atomically: its weights, and the
+    open_clip_config.json (model and preprocessing config) that open_clip's hub uploads carry."""
+    from safetensors.torch import save_file
+
     with atomic_dir(folder) as tmp:
         save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp / CLIP_FILES[1]))
-        save_config_for_hf(clip, tmp / CLIP_FILES[0], model_config=model_cfg)
-    return folder
+        config = {"model_cfg": model_cfg, "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v
+                                                             for k, v in preprocess_cfg.items()}}
+        (tmp / CLIP_FILES[0]).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def fetch_dino(root: str | os.PathLike, model: str) -> Path:
@@ -154,7 +162,6 @@ def fetch_dino(root: str | os.PathLike, model: str) -> Path:
     classifier); timm's own `save_for_hf` writes that model's weights and config.
     """
     import timm
-    from timm.models import save_for_hf
 
     folder = dino_dir(root, model)
     if _complete(folder, DINO_FILES):
@@ -165,9 +172,16 @@ def fetch_dino(root: str | os.PathLike, model: str) -> Path:
         dino = timm.create_model(model, pretrained=True, num_classes=0, cache_dir=Path(root) / DOWNLOADS)
     except Exception as err:  # timm passes on the hub's and urllib's own errors
         raise WeightsDownloadError(_download_failed(f"DINO {model}", err, folder)) from err
+    write_dino_folder(folder, dino)
+    return folder
+
+
+def write_dino_folder(folder: Path, dino) -> None:
+    """A timm `local-dir:` folder holding `dino` (timm's config.json and model.safetensors), written atomically."""
+    from timm.models import save_for_hf
+
     with atomic_dir(folder) as tmp:
         save_for_hf(dino, tmp, safe_serialization=True)
-    return folder
 
 
 def _download_failed(what: str, err: Exception, folder: Path) -> str:

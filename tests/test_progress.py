@@ -100,7 +100,8 @@ def logged_run(tmp_path_factory, tiny_clip_dir):
 def test_train_logs_iterations_losses_images_per_second_and_eta(logged_run):
     log = logged_run["train"]
     losses = r"loss [-\d.e]+, loss_ce [-\d.e]+, loss_aff [-\d.e]+, loss_proto [-\d.e]+, tau [-\d.e]+, lr [-\d.e]+"
-    line = rf"INFO ssr\.progress: train demo method seed 0: (\d)/4 it \(\d+%\), [\d.]+ it/s, ETA {TIME}; {losses}, images/s [\d.]+"
+    line = (rf"INFO ssr\.progress: train demo method seed 0: (\d)/4 it \(\d+%\), [\d.]+ it/s, ETA {TIME}; {losses}, "
+            rf"images/s [\d.]+")
     assert [int(n) for n in re.findall(line, log)] == [1, 2, 3], log
     assert re.search(rf"train demo method seed 0: 4/4 it \(100%\), [\d.]+ it/s, done in {TIME}; {losses}", log), log
     assert "\r" not in log   # no bar redraws
