@@ -1,8 +1,8 @@
 """`ssr <stage>`: the one implementation of every DAG stage (Snakemake and DVC both call it).
 
 Each stage reads params.yaml (`--params`), works on one dataset (`--dataset demo|voc|coco`)
-and writes under data_root / results_root. `ssr <stage> --help` shows a stage's options and
-examples; `python -m ssr <stage>` is the same command.
+and writes under data_root / results_root (the weights cache: weights_root). `ssr <stage> --help`
+shows a stage's options and examples; `python -m ssr <stage>` is the same command.
 """
 
 from __future__ import annotations

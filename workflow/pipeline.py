@@ -124,7 +124,7 @@ def _site_module():
 
 
 def with_site(params: dict, params_path: str | os.PathLike = PARAMS) -> dict:
-    """params with the per-site data_root / results_root (params.local.yaml, SSR_DATA_ROOT, SSR_RESULTS_ROOT)."""
+    """params with the per-site data_root / results_root / weights_root (params.local.yaml, SSR_* variables)."""
     return _site_module().apply_site(params, params_path)
 
 
@@ -133,7 +133,7 @@ def load(params_path: str | os.PathLike = PARAMS, resources_path: str | os.PathL
     """(params, resources) as plain dicts; resources from workflow/resources.yaml next to this file by default.
 
     params are the tracked file's, which is what the dvc.yaml files are written from; with
-    `site`, data_root and results_root as this machine sets them (ssr/site.py), which is what
+    `site`, data_root, results_root and weights_root as this machine sets them (ssr/site.py), which is what
     the Snakefile's rules and the `ssr` commands use.
     """
     with open(params_path) as f:
