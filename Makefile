@@ -1,5 +1,5 @@
 # Entry points for a fresh machine (README quick start):
-#   make demo        set up .venv and run the offline demo DAG (Snakemake) from scratch where needed
+#   make demo        set up .venv, run the offline demo DAG (Snakemake) from scratch where needed, then `dvc commit`
 #   make test        set up .venv, lint (ruff check .) and run the test suite
 #   make test-portable  the suite again on other CPUs' kernel paths (AVX2 only, then none)
 #   make schema      rewrite workflow/schemas/params.schema.json from ssr/config.py
@@ -32,8 +32,19 @@ $(STAMP): pyproject.toml
 # The target is the `demo` rule, which asks for every product of the demo's
 # stages (models, pseudo-labels, predictions): a checkout without data/ and
 # results/demo/ computes them all, whatever the committed metrics files say.
+# Then dvc.lock records this machine's run (README, "make demo on another machine"): `dvc status`
+# agrees with the checkout, and the first `dvc exp run` re-runs only the stages its params reach,
+# even where float rounding makes the trained models differ from the reference run's. Skipped
+# outside a git checkout and with per-site paths, which DVC does not follow (docs/workflow.md).
 demo: $(STAMP) $(PLOTS_TEMPLATE)
 	$(RUN) $(BIN)/snakemake --cores $(CORES) demo
+	@if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  echo "make demo: not a git checkout; dvc.lock left as it is"; \
+	elif [ -n "$$SSR_DATA_ROOT$$SSR_RESULTS_ROOT$$SSR_WEIGHTS_ROOT" ] || [ -f params.local.yaml ]; then \
+	  echo "make demo: per-site paths are set; dvc.lock left as it is (DVC follows params.yaml's paths)"; \
+	else \
+	  echo "$(BIN)/dvc commit --force --quiet"; $(RUN) $(BIN)/dvc commit --force --quiet; \
+	fi
 
 $(PLOTS_TEMPLATE): $(STAMP)
 	$(BIN)/python workflow/pipeline.py plots-template
@@ -63,8 +74,8 @@ dvc: $(STAMP)
 # dvc.lock from what is on disk (and caches data and models), and `dvc status`
 # must agree that every stage is up to date.
 reference: $(STAMP)
-	@test -z "$$SSR_DATA_ROOT$$SSR_RESULTS_ROOT" -a ! -f params.local.yaml || \
-	  { echo "make reference: DVC records params.yaml's paths; unset SSR_DATA_ROOT/SSR_RESULTS_ROOT and move params.local.yaml away"; exit 1; }
+	@test -z "$$SSR_DATA_ROOT$$SSR_RESULTS_ROOT$$SSR_WEIGHTS_ROOT" -a ! -f params.local.yaml || \
+	  { echo "make reference: DVC records params.yaml's paths; unset SSR_DATA_ROOT/SSR_RESULTS_ROOT/SSR_WEIGHTS_ROOT and move params.local.yaml away"; exit 1; }
 	$(BIN)/ssr schema --out workflow/schemas/params.schema.json --check
 	$(BIN)/python workflow/pipeline.py dvc --check
 	rm -rf data/demo results/demo results/demo_*.json

@@ -5,7 +5,7 @@
 # tools). docs/workflow.md has the details.
 #
 #   snakemake --cores 2 demo          # the offline demo from scratch (`make demo`; default target)
-#   snakemake --cores 8 voc           # prepare -> superpixels -> train -> pseudo_labels -> retrain -> evaluate
+#   snakemake --cores 8 voc           # prepare, weights -> superpixels -> train -> pseudo_labels -> retrain -> evaluate
 #   snakemake --profile workflow/profiles/slurm coco
 #   snakemake --cores 8 train-voc     # one stage (and what it needs)
 #   snakemake --cores 2 --report results/demo_report.html --report-after-run report-demo   # the HTML report
@@ -24,8 +24,9 @@
 # themselves. Change settings there, not with `--config`: an override would
 # reshape this DAG while the commands still read params.yaml, so the Snakefile
 # refuses overrides that disagree with the file. The exceptions are the per-site
-# paths data_root and results_root, which params.local.yaml (git-ignored) or
-# SSR_DATA_ROOT / SSR_RESULTS_ROOT may set (docs/workflow.md, "Per-site paths").
+# paths data_root, results_root and weights_root, which params.local.yaml (git-ignored)
+# or SSR_DATA_ROOT / SSR_RESULTS_ROOT / SSR_WEIGHTS_ROOT may set (docs/workflow.md,
+# "Per-site paths").
 
 import os
 import sys
@@ -51,8 +52,8 @@ if _changed:
 # Types, bounds and keys of params.yaml (the schema is written from ssr/config.py by
 # `ssr schema`); the `ssr` commands validate the file again, with every message at once.
 validate(TRACKED, pipeline.SCHEMA, set_default=False)
-# data_root and results_root as this machine sets them (params.local.yaml, SSR_DATA_ROOT,
-# SSR_RESULTS_ROOT), as the `ssr` commands of the rules will read them.
+# data_root, results_root and weights_root as this machine sets them (params.local.yaml,
+# SSR_DATA_ROOT, SSR_RESULTS_ROOT, SSR_WEIGHTS_ROOT), as the `ssr` commands of the rules read them.
 PARAMS = pipeline.with_site(TRACKED, pipeline.PARAMS)
 # equal overrides may still be strings ("false" is truthy): keep the typed values
 config.update(PARAMS)

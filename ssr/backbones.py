@@ -30,23 +30,32 @@ def demo_asset_dir(name: str) -> Path:
     return Path(__file__).parent / "assets" / name
 
 
-def load_clip(model_name: str, pretrained: str = "", *, demo_dir: str | Path | None = None, device="cpu"):
+def load_clip(model_name: str, pretrained: str = "", *, demo_dir: str | Path | None = None,
+              cache_dir: str | Path | None = None, device="cpu"):
     """Load a frozen open_clip model and its tokenizer through open_clip's own loaders.
 
     model_name "demo" loads the committed tiny CLIP folder (`demo_dir`, default the copy
-    installed with the package) via the `local-dir:` schema; anything else goes to
-    `open_clip.create_model(model_name, pretrained=...)`, which accepts a tag such as
-    "openai" or a checkpoint path.
+    installed with the package) via the `local-dir:` schema, and so does `cache_dir`: the
+    weights cache's folder of this model and tag (`ssr.weights`), which never touches the
+    network. Otherwise `open_clip.create_model(model_name, pretrained=...)`, which downloads a
+    tag such as "openai" (built with the QuickGELU its weights were trained with, as the
+    tag's config says) or reads a checkpoint path.
     """
+    folder, missing = None, ""
     if model_name == "demo":
-        demo_dir = Path(demo_dir) if demo_dir is not None else demo_asset_dir("demo_clip")
-        if not (demo_dir / "open_clip_config.json").is_file():
-            raise FileNotFoundError(f"{demo_dir}: demo CLIP folder missing (run `ssr demo-clip`)")
-        name = f"local-dir:{demo_dir}"
+        folder = Path(demo_dir) if demo_dir is not None else demo_asset_dir("demo_clip")
+        missing = "demo CLIP folder missing (run `ssr demo-clip`)"
+    elif cache_dir is not None:
+        folder, missing = Path(cache_dir), f"no {model_name} ({pretrained}) CLIP here (run `ssr weights`)"
+    if folder is not None:
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"{folder}: {missing}")
+        name = f"local-dir:{folder}"
         model = open_clip.create_model(name, device=device)
     else:
         name = model_name
-        model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
+        quick_gelu = bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False)) if pretrained else False
+        model = open_clip.create_model(model_name, pretrained=pretrained or None, force_quick_gelu=quick_gelu, device=device)
     model.eval().requires_grad_(False)
     return model, open_clip.get_tokenizer(name)
 
@@ -365,11 +374,13 @@ def encode_prompts(model, tokenizer, names: list[str], template: str) -> torch.T
 # ---------------------------------------------------------------- DINO (timm)
 
 def load_dino(model_name: str, *, pretrained: bool = True, weights: str | Path | None = None, demo_dir: str | Path | None = None,
-              device="cpu") -> nn.Module:
+              cache_dir: str | Path | None = None, device="cpu") -> nn.Module:
     """A frozen timm ViT (e.g. `vit_small_patch16_224.dino`) accepting any input size.
 
     `weights`: a local weights file for `model_name`, read by timm's own pretrained loader
     instead of its download (a mirrored checkpoint, or the random weights of a test).
+    `cache_dir`: the weights cache's folder of this model (`ssr.weights`: timm's config.json and
+    model.safetensors), read by timm's `local-dir:` loader, never the network.
     model_name "demo" loads the committed tiny DINO folder (`demo_dir`, default the
     installed copy): its config.json names the architecture, its sizes and the
     pretrained cfg, and timm's pretrained loader reads the weights file it points to.
@@ -384,6 +395,10 @@ def load_dino(model_name: str, *, pretrained: bool = True, weights: str | Path |
         overlay = {**cfg["pretrained_cfg"], "file": str(demo_dir / "model.safetensors")}
         kwargs = {**cfg["model_args"], "num_classes": 0, "dynamic_img_size": True}
         model = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    elif cache_dir is not None:
+        if not (Path(cache_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"{cache_dir}: no {model_name} DINO here (run `ssr weights`)")
+        model = timm.create_model(f"local-dir:{cache_dir}", pretrained=True, num_classes=0, dynamic_img_size=True)
     elif weights:
         if not Path(weights).is_file():
             raise FileNotFoundError(f"{weights}: DINO weights file not found (datasets.{{ds}}.dino_weights names it; "

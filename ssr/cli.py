@@ -1,8 +1,8 @@
 """`ssr <stage>`: the one implementation of every DAG stage (Snakemake and DVC both call it).
 
 Each stage reads params.yaml (`--params`), works on one dataset (`--dataset demo|voc|coco`)
-and writes under data_root / results_root. `ssr <stage> --help` shows a stage's options and
-examples; `python -m ssr <stage>` is the same command.
+and writes under data_root / results_root (the weights cache: weights_root). `ssr <stage> --help`
+shows a stage's options and examples; `python -m ssr <stage>` is the same command.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def _device(arg: str | None):
 
 def _backbones_by_run(params: Params, dataset: str, device):
     """run -> its frozen backbones, loaded once per distinct dataset config: a variant may change
-    what they are built from (prompts, models, CAM weighting), and most variants change nothing."""
+    what they are built from (prompts, models, CAM weighting), and most variants change nothing.
+    CLIP and DINO come from the weights cache (`ssr weights`), never from a download."""
     from ssr.model import build_backbones
+    from ssr.weights import cached_models
 
     classes = DatasetLayout(params.dataset_root(dataset)).classes()
     loaded = {}
@@ -68,7 +70,8 @@ def _backbones_by_run(params: Params, dataset: str, device):
         ds = params.for_run(dataset, run).dataset(dataset)
         key = ds.model_dump_json()
         if key not in loaded:
-            loaded[key] = build_backbones(ds, classes[1:], demo_clip_dir=demo_clip_dir(params), device=device)
+            loaded[key] = build_backbones(ds, classes[1:], demo_clip_dir=demo_clip_dir(params), device=device,
+                                          **cached_models(ds, params.weights_root, dataset, device))
         return loaded[key]
 
     return backbones
@@ -151,6 +154,14 @@ def cmd_demo_dino(args, params: Params) -> None:
     quality = provenance["attention_iou"]
     print(f"demo DINO written to {out}: held-out attention IoU {quality['dino']:.3f} (demo CLIP {quality['clip']:.3f}) "
           f"after {provenance['steps']} steps in {provenance['wall_seconds']:.0f} s")
+
+
+def cmd_weights(args, params: Params) -> None:
+    from ssr.weights import fetch, manifest_path
+
+    manifest = fetch(params, args.dataset, demo_clip_dir(params))
+    models = [f"{e['model']} ({e['source']})" for e in (manifest["clip"], manifest["dino"]) if e]
+    print(f"{', '.join(models)}: ready; wrote {manifest_path(params.weights_root, args.dataset)}")
 
 
 def cmd_superpixels(args, params: Params) -> None:
@@ -283,7 +294,7 @@ def cmd_evaluate(args, params: Params | None) -> None:
             model = _load_run(params, args.dataset, run, seed, device)
             predictions = results_dir(params, args.dataset) / "predictions" if k == 0 and run == METHOD_RUN else None
             scores = evaluate_model(backbones(run), model, root, ds.val_split, run_params.dataset(args.dataset).long_side,
-                                    run_params.infer, device=device, progress=args.progress and run == METHOD_RUN,
+                                    run_params.infer, device=device, progress=args.progress if run == METHOD_RUN else False,
                                     tables=not args.quiet and run == METHOD_RUN, pred_dir=predictions,
                                     figures=params.pseudo_labels.figures, autocast_dtype=amp_dtype(params.train, device),
                                     store=partial / run / f"seed{seed}", crf_pool=pool, batch_size=args.batch_size)
@@ -575,6 +586,15 @@ STAGES = {
                   "Trains a timm ViT with the `demo_dino` params on unlabelled demo images and scores its attention "
                   "against the demo CLIP's.",
                   ["ssr demo-dino --threads 1", "ssr demo-dino --out /tmp/demo_dino"], ("params",)),
+    "weights": (cmd_weights, "fetch the dataset's CLIP and DINO into the weights cache (weights_root), for jobs without internet",
+                "Downloads through open_clip and timm into weights_root/open_clip/{model}/{tag}/ and "
+                "weights_root/timm/{model}/ (folders their local loaders read), then writes weights_root/{dataset}.json "
+                "(each model's folder and SHA-256). Run it where there is internet (a cluster's login node); train, "
+                "pseudo-labels and evaluate then load from the cache only. Nothing is downloaded for what is already "
+                "there, for the demo's committed CLIP or for weights files named in the params.",
+                ["ssr weights --dataset voc",
+                 "SSR_WEIGHTS_ROOT=/shared/ssr-weights ssr weights --dataset coco"],
+                ("params", "dataset")),
     "superpixels": (cmd_superpixels, "SLIC + colour k-means region maps of the train and val images (SGC, paper Eq. 8)",
                     "Writes data_root/{dataset}/superpixels.h5 (one map per image, the `superpixels` params as file "
                     "attributes); resumes from superpixels.h5.partial.h5.",
@@ -643,13 +663,13 @@ STAGES = {
 MAIN_EPILOG = """\
 examples:
   ssr prepare --dataset demo && ssr superpixels --dataset demo && ssr train --dataset demo
-  ssr evaluate --dataset voc --device cuda
+  ssr weights --dataset voc && ssr evaluate --dataset voc --device cuda
   ssr predict --model results/demo/method/seed0 --out masks/ photos/
   ssr schema --out workflow/schemas/params.schema.json
 
-Every stage reads params.yaml (--params); data_root and results_root may also come from
-params.local.yaml beside it or SSR_DATA_ROOT / SSR_RESULTS_ROOT. Snakemake and DVC run
-these same commands (README, docs/workflow.md).
+Every stage reads params.yaml (--params); data_root, results_root and weights_root may also come
+from params.local.yaml beside it or SSR_DATA_ROOT / SSR_RESULTS_ROOT / SSR_WEIGHTS_ROOT.
+Snakemake and DVC run these same commands (README, docs/workflow.md).
 """
 
 
@@ -662,7 +682,8 @@ def _common_options() -> argparse.ArgumentParser:
     out.add_argument("-q", "--quiet", action="store_true",
                      help="no tables or summaries, and only warnings and errors in the log (bars: see --no-progress)")
     out.add_argument("--no-progress", dest="progress", action="store_false",
-                     help="no progress bars (they are also off whenever stderr is not a terminal, e.g. in Snakemake logs)")
+                     help="no progress bars or progress lines (where stderr is not a terminal, e.g. in a Snakemake "
+                          "log, there is no bar but a line every progress_interval seconds of params.yaml)")
     return common
 
 
@@ -680,8 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if "params" in options:
             p.add_argument("--params", default="params.yaml", metavar="FILE",
-                           help="the params file (default: params.yaml); data_root and results_root also come from "
-                                "params.local.yaml beside it and SSR_DATA_ROOT / SSR_RESULTS_ROOT")
+                           help="the params file (default: params.yaml); data_root, results_root and weights_root also "
+                                "come from params.local.yaml beside it and SSR_DATA_ROOT / SSR_RESULTS_ROOT / "
+                                "SSR_WEIGHTS_ROOT")
             p.add_argument("--threads", type=int, metavar="N",
                            help="CPU threads this stage may use: torch's intra-op threads, and at most N superpixel "
                                 "processes (default: torch's own choice and superpixels.workers); Snakemake passes its "
@@ -815,6 +837,11 @@ def main(argv: list[str] | None = None) -> int:
                 params = params.for_dataset(args.dataset)
         if getattr(args, "threads", None) is not None:
             params = _limit_threads(args.threads, params)
+        if params is not None and args.progress:
+            from ssr.progress import Progress
+
+            # A log line every progress_interval seconds where no bar is drawn (Snakemake, DVC, SLURM logs).
+            args.progress = Progress(params.progress_interval)
         args.func(args, params)
     except (ConfigError, DatasetError, FileNotFoundError, NotImplementedError, ValueError) as err:
         print(f"{stage}: error: {err}", file=sys.stderr)

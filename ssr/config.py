@@ -11,8 +11,8 @@ Validation reports every problem at once, one line per dotted key:
 
 `ssr schema` writes the same models as JSON Schema (workflow/schemas/params.schema.json),
 which the Snakefile checks params.yaml against. The per-site paths (`data_root`,
-`results_root`) may also come from params.local.yaml or SSR_DATA_ROOT / SSR_RESULTS_ROOT
-(`ssr.site`).
+`results_root`, `weights_root`) may also come from params.local.yaml or SSR_DATA_ROOT /
+SSR_RESULTS_ROOT / SSR_WEIGHTS_ROOT (`ssr.site`).
 """
 
 from __future__ import annotations
@@ -455,6 +455,10 @@ class Params(Section):
     data_root: str = _f(..., "datasets live in data/{ds}/ (per site: params.local.yaml or $SSR_DATA_ROOT)", min_length=1)
     results_root: str = _f(..., "stage outputs live in results/ (per site: params.local.yaml or $SSR_RESULTS_ROOT)",
                            min_length=1)
+    weights_root: str = _f(..., "CLIP and DINO weights that `ssr weights` fetches, shared by the datasets (per site: "
+                              "params.local.yaml or $SSR_WEIGHTS_ROOT)", min_length=1)
+    progress_interval: float = _f(10.0, "seconds between progress lines in a stage's log when stderr is not a terminal "
+                                        "(Snakemake, DVC, SLURM); 0 = every step", ge=0.0)
     demo: DemoParams = _f(..., DemoParams.__doc__, PER_ENTRY)
     demo_clip: DemoClipParams = _f(..., DemoClipParams.__doc__, PER_ENTRY)
     demo_dino: DemoDinoParams = _f(..., DemoDinoParams.__doc__, PER_ENTRY)
@@ -702,7 +706,7 @@ def params_from_dict(raw: dict) -> Params:
 
 
 def load_params(path: str | Path = "params.yaml", *, site: bool = True) -> Params:
-    """params.yaml, validated; with `site`, data_root and results_root as params.local.yaml and SSR_* set them (ssr.site)."""
+    """params.yaml, validated; with `site`, the per-site roots as params.local.yaml and SSR_* set them (ssr.site)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the repository root, or pass --params FILE)")

@@ -316,7 +316,7 @@ def _evaluate_model(backbones: FrozenBackbones, model: SSR, root: Path, split: s
     conf_crf = np.zeros_like(conf)
     scored = 0
     strips = FigureCandidates(figures) if pred_dir is not None else None
-    for image_id in progress_bar(data.ids, desc=f"evaluate {split}", progress=progress):
+    for image_id in progress_bar(data.ids, desc=f"evaluate {split}", unit="img", progress=progress):
         if image_id in done:
             original, gt = data.original(image_id)
             pred, pred_crf = kept.read(image_id)

@@ -66,7 +66,7 @@ def _seed_metrics(backbones: FrozenBackbones, model: SSR, params: Params, root: 
     model.eval()
     ids = [i for i in sorted(data.ids) if export_dir is not None or score_ids is None or i in score_ids]
     index = {image_id: k for k, image_id in enumerate(data.ids)}
-    bar = progress_bar(total=len(ids), desc=f"seeds {split}", progress=progress)
+    bar = progress_bar(total=len(ids), desc=f"seeds {split}", unit="img", progress=progress)
     for start in range(0, len(ids), batch_size):
         items = [data[index[i]] for i in ids[start:start + batch_size]]
         groups: dict[tuple, list] = {}

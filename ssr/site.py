@@ -1,14 +1,14 @@
-"""Per-site paths: where this machine keeps datasets and stage outputs, set outside params.yaml.
+"""Per-site paths: where this machine keeps datasets, stage outputs and weights, set outside params.yaml.
 
-`data_root` and `results_root` are the only settings that change from one machine to
-another without changing a result, so they are the only ones that may come from
+`data_root`, `results_root` and `weights_root` are the only settings that change from one
+machine to another without changing a result, so they are the only ones that may come from
 elsewhere than the tracked params.yaml, in this order (last wins):
 
 1. params.yaml itself;
 2. `params.local.yaml` beside it (git-ignored), holding only these keys, e.g.
    `data_root: /scratch/me/ssr-data`;
-3. the environment variables `SSR_DATA_ROOT` and `SSR_RESULTS_ROOT` (an empty value
-   counts as unset).
+3. the environment variables `SSR_DATA_ROOT`, `SSR_RESULTS_ROOT` and `SSR_WEIGHTS_ROOT`
+   (an empty value counts as unset).
 
 `ssr.config.load_params` and the Snakefile (`workflow/pipeline.py`) both apply them
 through this module. DVC does not: its dvc.yaml files declare the paths of the tracked
@@ -28,10 +28,14 @@ from pathlib import Path
 import yaml
 
 LOCAL_FILE = "params.local.yaml"
-ENV_VARS = {"data_root": "SSR_DATA_ROOT", "results_root": "SSR_RESULTS_ROOT"}
+ENV_VARS = {"data_root": "SSR_DATA_ROOT", "results_root": "SSR_RESULTS_ROOT", "weights_root": "SSR_WEIGHTS_ROOT"}
 SITE_KEYS = tuple(ENV_VARS)
 # DVC sets this for every stage command it runs (dvc/stage/run.py).
 DVC_STAGE = "DVC_STAGE"
+
+
+def _names() -> str:
+    return ", ".join(SITE_KEYS[:-1]) + " and " + SITE_KEYS[-1]
 
 
 class SiteError(ValueError):
@@ -55,10 +59,10 @@ def site_overrides(params_path: str | os.PathLike, environ: Mapping[str, str] | 
             raise SiteError(f"{local}: not valid YAML ({err})") from err
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
-            raise SiteError(f"{local}: expected a mapping of {' and '.join(SITE_KEYS)}, got {type(raw).__name__}")
+            raise SiteError(f"{local}: expected a mapping of {_names()}, got {type(raw).__name__}")
         for key, value in raw.items():
             if key not in SITE_KEYS:
-                raise SiteError(f"{local}: {key}: not a per-site key (only {' and '.join(SITE_KEYS)} may be set here; "
+                raise SiteError(f"{local}: {key}: not a per-site key (only {_names()} may be set here; "
                                 f"other settings belong in {Path(params_path).name}, where Snakemake and DVC see them)")
             if not isinstance(value, str) or not value:
                 raise SiteError(f"{local}: {key}: expected a folder path, got {value!r}")

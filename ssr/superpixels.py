@@ -7,8 +7,15 @@ computed once, in parallel over images, and stored in one HDF5 file keyed by
 image id, with the parameters as file attributes:
 
     superpixels.h5
-        attrs: n_segments, compactness, n_clusters, seed, method, backend, backend_version
+        attrs: n_segments, compactness, n_clusters, seed, method, backend
         {image_id}: (H, W) uint8 region ids in [0, n_clusters), gzip, one chunk per map
+
+The file's bytes are a function of the maps and these params alone, so equal maps give
+an equal file (and DVC's hash) on every machine: no timestamps, and no library version.
+The version of the SLIC library goes to the stage's log and to the resume checkpoint, which
+is never continued under another version. Measured (README, "What varies across machines"):
+the demo's maps are identical under OpenCV 5.0 and 5.1, on every OpenCV dispatch level from
+AVX-512 down to SSE3, and HDF5 1.14.4, 1.14.6 and 2.0 write the same bytes.
 
 Two SLIC implementations (`backend`):
     skimage  scikit-image's `slic` (10 iterations), the reference;
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import math
 import multiprocessing
 import os
@@ -41,6 +49,8 @@ from ssr.progress import progress_bar
 
 if TYPE_CHECKING:  # a runtime import would pull torch into every worker process (2 s each to start)
     from ssr.config import SuperpixelParams
+
+logger = logging.getLogger(__name__)
 
 METHOD = "slic+kmeans-lab"
 BACKENDS = ("skimage", "opencv")
@@ -61,7 +71,8 @@ _COMMIT_EVERY = 32
 _DONE_ATTR = "complete"
 # Maps are small and read whole: one chunk each, and the fastest gzip level (level 4
 # compresses them only 15% smaller at twice the write time).
-_DATASET_OPTIONS = {"compression": "gzip", "compression_opts": 1}
+# No modification times (h5py's default, made explicit): a rerun must write the same bytes.
+_DATASET_OPTIONS = {"compression": "gzip", "compression_opts": 1, "track_times": False}
 
 
 def slic_labels(image: np.ndarray, n_segments: int, compactness: float, backend: str = "skimage") -> np.ndarray:
@@ -222,9 +233,9 @@ def backend_version(backend: str) -> str:
 
 # --- the HDF5 file -----------------------------------------------------------
 
-def _attrs(params: SuperpixelParams, version: bool = True) -> dict:
-    """File attributes; everything that changes the maps (not `workers`)."""
-    attrs = {
+def _attrs(params: SuperpixelParams) -> dict:
+    """The product's attributes: the params that change the maps (not `workers`)."""
+    return {
         "n_segments": int(params.n_segments),
         "compactness": float(params.compactness),
         "n_clusters": int(params.n_clusters),
@@ -232,9 +243,12 @@ def _attrs(params: SuperpixelParams, version: bool = True) -> dict:
         "method": METHOD,
         "backend": params.backend,
     }
-    if version:
-        attrs["backend_version"] = backend_version(params.backend)
-    return attrs
+
+
+def _checkpoint_attrs(params: SuperpixelParams) -> dict:
+    """The resume checkpoint's attributes: the product's and the library version, so that one file
+    never mixes maps of two versions (an upgrade between an interruption and its resume starts over)."""
+    return {**_attrs(params), "backend_version": backend_version(params.backend)}
 
 
 def _attrs_match(file: h5py.File, expected: dict) -> bool:
@@ -415,7 +429,8 @@ def build_superpixels(images: list[tuple[str, Path]], out_path: Path, params: Su
         dup = next(i for i, _ in images if keys.count(region_key(i)) > 1)
         raise ValueError(f"image id {dup!r} is listed more than once")
 
-    attrs = _attrs(params)
+    attrs = _checkpoint_attrs(params)
+    logger.info("%s SLIC %s, %d images", params.backend, attrs["backend_version"], len(images))
     ckpt_path = partial_path(out_path)
     ckpt = _Checkpoint(ckpt_path, attrs)
     todo = [(i, p) for i, p in images if i not in ckpt.done]
@@ -448,7 +463,7 @@ def build_superpixels(images: list[tuple[str, Path]], out_path: Path, params: Su
         with atomic_path(out_path) as tmp:
             with _writing(out_path, f"free disk space and rerun `ssr superpixels` (it resumes from {ckpt_path.name}, "
                                     f"which holds every map)"), h5py.File(tmp, "w") as dst:
-                dst.attrs.update(attrs)
+                dst.attrs.update(_attrs(params))
                 for key in keys:
                     ckpt.file.copy(ckpt.file[key], dst, name=key)
                     del dst[key].attrs[_DONE_ATTR]
@@ -504,7 +519,7 @@ def check_region_maps(path: str | os.PathLike, params: SuperpixelParams, ids: li
     rerun = "rerun `ssr superpixels`"
     with RegionMaps(path) as maps:
         recorded = maps.params
-        expected = {f"superpixels.{k}": v for k, v in _attrs(params, version=False).items() if k != "method"}
+        expected = {f"superpixels.{k}": v for k, v in _attrs(params).items() if k != "method"}
         expected["method"] = METHOD
         differing = [f"{key} (file {recorded.get(key.removeprefix('superpixels.'), 'absent')!r}, params {value!r})"
                      for key, value in expected.items() if recorded.get(key.removeprefix("superpixels.")) != value]

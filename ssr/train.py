@@ -52,7 +52,7 @@ from ssr.model import (
     initial_cams,
     refined_cams,
 )
-from ssr.progress import progress_bar
+from ssr.progress import Progress, progress_bar
 from ssr.schedules import poly
 from ssr.superpixels import check_region_maps
 
@@ -484,14 +484,14 @@ class Trainer:
 
     def __init__(self, params: Params, dataset: str, out_dir: str | Path, *, seed: int, run: str, device,
                  backbones: FrozenBackbones,
-                 rank: int, world: int, progress: bool):
+                 rank: int, world: int, progress: bool | Progress):
         self.params, self.dataset, self.seed, self.run = params, dataset, seed, run
         self.rank, self.world, self.device, self.backbones = rank, world, device, backbones
         self.ds, self.preset = params.dataset(dataset), params.preset(dataset)
         self.out_dir = Path(out_dir)
         self.ckpt_path = self.out_dir / "checkpoint.pt"
         self.identity = {**training_identity(params, dataset), "seed": seed}
-        self.progress = progress and rank == 0
+        self.progress = progress if rank == 0 else False  # keeps a Progress (its interval) on rank 0
         self.autocast_dtype = amp_dtype(params.train, device)
         self.par = self.ds.par and params.train.supervision == "pseudo"
         root = params.dataset_root(dataset)
@@ -552,7 +552,7 @@ class Trainer:
 
 
 def train(params: Params, dataset: str, out_dir: str | Path, *, seed: int = 0, run: str = "method", resume: bool = False,
-          device=None, backbones: FrozenBackbones | None = None, stop_after: int | None = None, progress: bool = True,
+          device=None, backbones: FrozenBackbones | None = None, stop_after: int | None = None, progress: bool | Progress = True,
           demo_clip_dir: str | Path | None = None, demo_dino_dir: str | Path | None = None) -> dict:
     """Train SSR on `dataset` with `seed`; writes out_dir/{model.safetensors, model.json, checkpoint.pt, dvclive/}.
 
@@ -628,9 +628,9 @@ def _run(trainer: Trainer, stop_after: int | None) -> dict:
             state.iteration += 1
             state.images_seen += preset.batch_size
             state.last_losses = {k: v for k, v in losses.items() if k != "lr"}
+            bar.set_postfix(_progress_fields(losses, (state.iteration - first) * preset.batch_size
+                                             / max(time.time() - run_start, 1e-6), trainer.device), refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss']:.3f}",
-                            img_s=f"{(state.iteration - first) * preset.batch_size / max(time.time() - run_start, 1e-6):.1f}")
             if live is not None and state.iteration % params.train.log_every == 0:
                 live.step = state.iteration  # before logging: log_metric records the current step
                 for k, v in losses.items():
@@ -661,6 +661,15 @@ def _run(trainer: Trainer, stop_after: int | None) -> dict:
             save_model(trainer.out_dir, model, params, trainer.dataset, classes=trainer.data.classes, seed=trainer.seed,
                        run=trainer.run, summary=summary)
     return summary
+
+
+def _progress_fields(losses: dict, images_per_second: float, device) -> dict:
+    """What a progress line or bar shows after the iteration count: every loss, tau, lr, images/s, peak GPU memory."""
+    fields = {k: f"{v:.4g}" for k, v in losses.items()}
+    fields["images/s"] = f"{images_per_second:.1f}"
+    if torch.device(device).type == "cuda":
+        fields["peak GPU memory"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    return fields
 
 
 def _open_live(trainer: Trainer):

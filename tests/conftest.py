@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _no_site_paths(monkeypatch):
     # A machine's per-site paths (ssr/site.py) must not move the tests' data and results.
-    for var in ("SSR_DATA_ROOT", "SSR_RESULTS_ROOT", "DVC_STAGE"):
+    for var in ("SSR_DATA_ROOT", "SSR_RESULTS_ROOT", "SSR_WEIGHTS_ROOT", "DVC_STAGE"):
         monkeypatch.delenv(var, raising=False)
 
 

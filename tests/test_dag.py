@@ -27,7 +27,7 @@ from conftest import tiny_params
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DATASETS = ("demo", "voc", "coco")
-STAGE_RULES = ("prepare", "superpixels", "train", "pseudo_labels", "retrain", "evaluate", "headline")
+STAGE_RULES = ("prepare", "weights", "superpixels", "train", "pseudo_labels", "retrain", "evaluate", "headline")
 METRICS = ("train", "seeds", "retrain", "miou", "headline")
 WORKFLOW_FILES = ("Snakefile", "workflow", "params.yaml", "dvc.yaml", ".dvcignore", ".gitignore")
 
@@ -174,7 +174,7 @@ def test_dataset_target_plans_every_stage_from_scratch(workdir, ds):
         assert cmd.endswith(f"--dataset {ds} --params params.yaml{resume} --threads {threads}"), cmd
         assert job["log"] == [f"logs/{name}.log"]
         assert int(job["resources"]["mem_mb"]) > 0 and int(job["resources"]["runtime"]) > 0, name
-        assert job["resources"]["gpu"] == ("0" if ds == "demo" or rule in ("prepare", "superpixels", "retrain", "headline")
+        assert job["resources"]["gpu"] == ("0" if ds == "demo" or rule in ("prepare", "weights", "superpixels", "retrain", "headline")
                                            else "1"), name
     assert jobs[f"train-{ds}"]["shell"].startswith(
         f"(python workflow/scripts/checkpoints.py --dataset {ds} --params params.yaml && ssr train ")
@@ -239,6 +239,26 @@ def test_demo_clip_runs_only_without_committed_checkpoint(workdir):
     assert "demo_clip" not in dry_run(workdir, "voc")
 
 
+def test_weights_are_fetched_by_a_local_job_before_train(workdir):
+    """On a cluster the weights rule runs on the submitting host (the login node, which has the
+    network) before every job that loads CLIP and DINO. Snakemake's dry run does not say which
+    rules are local, so the rule runs for real under the SLURM executor plugin: a local rule runs
+    here, where no `sbatch` exists, and Snakemake logs it as a localrule."""
+    jobs = dry_run(workdir, "voc")
+    order = list(jobs)
+    assert order.index("weights-voc") < order.index("train-voc")
+    for stage in ("train", "pseudo_labels", "evaluate"):
+        assert "weights/voc.json" in jobs[f"{stage}-voc"]["input"], stage
+    params = yaml.safe_load((workdir / "params.yaml").read_text())["datasets"]["voc"]
+    for folder, files in ((f"weights/open_clip/{params['clip_model']}/{params['clip_pretrained']}",
+                           ("open_clip_config.json", "open_clip_model.safetensors")),
+                          (f"weights/timm/{params['dino_model']}", ("config.json", "model.safetensors"))):
+        make_paths(workdir, [f"{folder}/{name}" for name in files])  # a filled cache: nothing to download
+    out = _run([_tool("snakemake"), "--profile", "workflow/profiles/slurm", "weights-voc"], workdir, timeout=600)
+    assert "localrule weights-voc:" in out.stdout + out.stderr
+    assert json.loads((workdir / "weights/voc.json").read_text())["clip"]["folder"] == "open_clip/ViT-B-16/openai"
+
+
 def test_config_override_that_disagrees_with_params_is_refused(workdir):
     proc = snakemake(workdir, "voc", "--config", "retrain={enabled: true}", check=False)
     assert proc.returncode != 0
@@ -274,7 +294,7 @@ def test_prepare_and_targets_run_on_the_submitting_host():
     """localrules: downloads need the login node's network; targets and a disabled retrain are no-ops."""
     params, resources = pipeline.load(REPO / "params.yaml", REPO / pipeline.RESOURCES)
     stages = pipeline.stages(params, resources)
-    assert {s.name for s in stages if s.local} == {f"{r}-{ds}" for r in ("prepare", "headline") for ds in DATASETS} | (
+    assert {s.name for s in stages if s.local} == {f"{r}-{ds}" for r in ("prepare", "weights", "headline") for ds in DATASETS} | (
         {f"retrain-{ds}" for ds in DATASETS} if not params["retrain"]["enabled"] else set())
     assert "localrule: _stage.local" in (REPO / "workflow/rules/stages.smk").read_text()
 
@@ -302,6 +322,15 @@ print(json.dumps(stages))
 """
 
 
+def in_dag_order(names: list[str], ds: str) -> bool:
+    """`names` are the dataset's stages, each after the stages it reads (DVC orders independent ones as it likes)."""
+    after = {"superpixels": ("prepare",), "train": ("superpixels", "weights"), "pseudo_labels": ("train", "weights"),
+             "retrain": ("pseudo_labels",), "evaluate": ("retrain", "weights")}
+    position = {name: k for k, name in enumerate(names)}
+    return sorted(names) == sorted(f"{r}-{ds}" for r in STAGE_RULES) and all(
+        position[f"{before}-{ds}"] < position[f"{rule}-{ds}"] for rule, needs in after.items() for before in needs)
+
+
 def dvc_stages(workdir: Path) -> dict[str, dict]:
     """Every dvc.yaml under workdir as DVC itself reads it, paths relative to the repository root."""
     if not (workdir / ".dvc").exists():
@@ -311,8 +340,8 @@ def dvc_stages(workdir: Path) -> dict[str, dict]:
 
 def test_snakemake_and_dvc_declare_the_same_dag(workdir):
     # custom roots: every path in both DAGs must follow params.yaml; torchrun for voc; the CLIP re-trained
-    params = set_params(workdir, data_root="store/data", results_root="out", retrain__enabled=True,
-                        datasets__voc__gpus=2)
+    params = set_params(workdir, data_root="store/data", results_root="out", weights_root="cache/weights",
+                        retrain__enabled=True, datasets__voc__gpus=2)
     (workdir / demo_clip_files(params)[0]).unlink()  # so Snakemake plans demo_clip too
     _run([sys.executable, "workflow/pipeline.py", "dvc", "voc", "coco"], workdir)
     smk = dry_run(workdir, *DATASETS)
@@ -339,7 +368,7 @@ def test_snakemake_and_dvc_declare_the_same_dag(workdir):
         # (it deletes declared outputs before a retry, and a resumed run appends to them)
         assert sorted(job["output"]) == sorted(set(stage["outs"]) - curves), name
         for path, out in stage["outs"].items():
-            assert path.startswith(("store/data/", "out/")), path
+            assert path.startswith(("store/data/", "out/", "cache/weights/")), path
             if path in curves:
                 assert out == {"cache": False, "metric": False, "persist": True}, path
             else:
@@ -382,9 +411,10 @@ def test_committed_dvc_files_are_current_and_the_root_one_is_the_demo():
 
 def test_dvc_reads_the_repository_pipeline():
     dag = _run([_tool("dvc"), "dag", "--dot"], REPO).stdout
-    chain = [f"{r}-demo" for r in STAGE_RULES]
-    for a, b in zip(chain, chain[1:], strict=False):
-        assert re.search(rf'"{a}"\s*->\s*"{b}"', dag), f"no edge {a} -> {b} in dvc dag"
+    edges = [("prepare", "superpixels"), ("superpixels", "train"), ("weights", "train"), ("train", "pseudo_labels"),
+             ("weights", "pseudo_labels"), ("pseudo_labels", "retrain"), ("retrain", "evaluate"), ("weights", "evaluate")]
+    for a, b in edges:
+        assert re.search(rf'"{a}-demo"\s*->\s*"{b}-demo"', dag), f"no edge {a}-demo -> {b}-demo in dvc dag"
     assert re.search(r'"demo_clip"\s*->\s*"train-demo"', dag)
     # no warnings about metrics of datasets that never ran
     proc = _run([_tool("dvc"), "metrics", "show"], REPO)
@@ -402,11 +432,12 @@ def test_plain_dvc_repro_is_the_demo_and_voc_runs_when_named(workdir):
         out = _run([_tool("dvc"), "repro", "--dry", "--force", *args], workdir).stdout
         return re.findall(r"Running stage '(?:[^':]*:)?([^']+)'", out)
 
-    assert planned() == [f"{r}-demo" for r in STAGE_RULES]
+    assert in_dag_order(planned(), "demo")
     _run([sys.executable, "workflow/pipeline.py", "dvc", "voc"], workdir)
-    assert planned() == [f"{r}-demo" for r in STAGE_RULES]  # still the demo alone
-    assert planned("workflow/dvc/voc/dvc.yaml") == [f"{r}-voc" for r in STAGE_RULES]
-    assert planned("workflow/dvc/voc/dvc.yaml:train-voc") == [f"{r}-voc" for r in STAGE_RULES[:3]]
+    assert in_dag_order(planned(), "demo")  # still the demo alone
+    assert in_dag_order(planned("workflow/dvc/voc/dvc.yaml"), "voc")
+    upstream = planned("workflow/dvc/voc/dvc.yaml:train-voc")
+    assert sorted(upstream) == sorted(f"{r}-voc" for r in STAGE_RULES[:4]) and upstream[-1] == "train-voc"
 
 
 def test_dvc_dry_run_on_a_fresh_clone(workdir):
@@ -419,8 +450,16 @@ def test_dvc_dry_run_on_a_fresh_clone(workdir):
     for r in STAGE_RULES:
         assert f"{r}-demo:" in status
     out = _run([_tool("dvc"), "repro", "--dry", "--force-downstream"], workdir).stdout
-    assert re.findall(r"Running stage '([^']+)'", out) == [f"{r}-demo" for r in STAGE_RULES]
+    assert in_dag_order(re.findall(r"Running stage '([^']+)'", out), "demo")
+    # `dvc exp run --dry` fails the same way; with --force it lists every stage (all must run here)
+    _run(["git", "add", "-A"], workdir)
+    _run(["git", "commit", "-qm", "clone"], workdir)
+    proc = _run([_tool("dvc"), "exp", "run", "--dry", "-S", "affinity.use_sgc=false"], workdir, check=False)
+    assert proc.returncode != 0 and "No such file or directory" in proc.stderr + proc.stdout
+    out = _run([_tool("dvc"), "exp", "run", "--dry", "--force", "-S", "affinity.use_sgc=false"], workdir).stdout
+    assert in_dag_order(re.findall(r"Running stage '([^']+)'", out), "demo")
     assert not (workdir / "data").exists()
+    assert _run(["git", "status", "--porcelain"], workdir).stdout == ""  # a dry run changes no file
 
 
 def test_every_output_is_tracked_or_ignored(tmp_path):
@@ -438,7 +477,7 @@ def test_every_output_is_tracked_or_ignored(tmp_path):
                             f"{d}/dvclive/plots/metrics/train/loss.tsv", f"{d}/pseudo_labels/x.png"]
         written += [f"results/{ds}/timings/train.json", f"results/{ds}/figures/a.png", f"results/{ds}/retrain/model.pt"]
     written += [".snakemake/log/x.log", ".dvc/tmp/x", ".dvc/cache/files/md5/00/x", "logs/train-demo.log"]
-    tracked = {p for p in written if p.endswith(".json") and p.count("/") == 1} | {
+    tracked = {p for p in written if re.fullmatch(r"results/\w+\.json", p)} | {
         p for p in written if re.fullmatch(r"results/\w+/method/seed\d+/dvclive/.*", p)}
     proc = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=tmp_path, input="\n".join(written),
                           capture_output=True, text=True, env=_env())

@@ -43,7 +43,7 @@ DVC_DEFAULT = "demo"
 # The stages every dataset runs, in DAG order. retrain always runs (DVC has no
 # conditional stages, so Snakemake runs it too): with retrain.enabled false it
 # only writes {"retrain_enabled": 0} and a note, as a local job.
-STAGE_RULES = ("prepare", "superpixels", "train", "pseudo_labels", "retrain", "evaluate", "headline")
+STAGE_RULES = ("prepare", "weights", "superpixels", "train", "pseudo_labels", "retrain", "evaluate", "headline")
 METHOD = "method"  # the run that trains the configured method (ssr.config.METHOD_RUN)
 PARAMS = "params.yaml"
 RESOURCES = "workflow/resources.yaml"
@@ -128,7 +128,7 @@ def _site_module():
 
 
 def with_site(params: dict, params_path: str | os.PathLike = PARAMS) -> dict:
-    """params with the per-site data_root / results_root (params.local.yaml, SSR_DATA_ROOT, SSR_RESULTS_ROOT)."""
+    """params with the per-site data_root / results_root / weights_root (params.local.yaml, SSR_* variables)."""
     return _site_module().apply_site(params, params_path)
 
 
@@ -137,7 +137,7 @@ def load(params_path: str | os.PathLike = PARAMS, resources_path: str | os.PathL
     """(params, resources) as plain dicts; resources from workflow/resources.yaml next to this file by default.
 
     params are the tracked file's, which is what the dvc.yaml files are written from; with
-    `site`, data_root and results_root as this machine sets them (ssr/site.py), which is what
+    `site`, data_root, results_root and weights_root as this machine sets them (ssr/site.py), which is what
     the Snakefile's rules and the `ssr` commands use.
     """
     with open(params_path) as f:
@@ -193,7 +193,7 @@ def demo_clip(params: dict, resources: dict) -> Stage:
 
 
 def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
-    """prepare -> superpixels -> train -> pseudo_labels -> retrain -> evaluate for one dataset."""
+    """prepare, weights -> superpixels -> train -> pseudo_labels -> retrain -> evaluate for one dataset."""
     data, results = f"{params['data_root']}/{ds}", params["results_root"]
     conf = params["datasets"][ds]
     res = resources[ds]
@@ -202,6 +202,8 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
     labels = {"labels": [f"{data}/labels"]}
     clip = {"clip": demo_clip_files(params)} if conf["clip_model"] == "demo" else {}
     superpixels = {"superpixels": [f"{data}/superpixels.h5"]}
+    # What `ssr weights` fetched (its manifest): the stages that load CLIP and DINO read them from the cache.
+    weights = {"weights": [f"{params['weights_root']}/{ds}.json"]}
     run_dirs = [run_dir(params, ds, r, s) for r in runs(params, ds) for s in seeds(params, ds)]
     models = {"models": [f"{d}/model.safetensors" for d in run_dirs], "model_configs": [f"{d}/model.json" for d in run_dirs]}
     method_dirs = [run_dir(params, ds, METHOD, s) for s in seeds(params, ds)]
@@ -237,6 +239,10 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
                        "classes": [f"{data}/classes.json"], "image_labels": [f"{data}/image_labels.json"]},
               directories=frozenset({f"{data}/images", f"{data}/labels", f"{data}/splits"}),
               params=tuple(prepare_keys), local=True, **job("prepare", gpu=0)),
+        # A local job: on a cluster the downloads need the login node's network, which compute nodes may lack.
+        Stage("weights", ds, ssr("weights"), inputs={**clip}, outputs=weights,
+              params=tuple(f"datasets.{ds}.{k}" for k in ("clip_model", "clip_pretrained", "dino_model", "dino_weights")),
+              local=True, **job("weights", gpu=0)),
         Stage("superpixels", ds, ssr("superpixels"),
               inputs={"images": dataset["images"], "splits": dataset["splits"], "image_labels": dataset["image_labels"]},
               outputs=superpixels, params=tuple(superpixel_keys + split_keys),
@@ -246,7 +252,7 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
               # Set aside checkpoints written from other params or inputs, so that
               # --resume only ever continues the interrupted run of this very job.
               f"python workflow/scripts/checkpoints.py --dataset {ds} --params {PARAMS} && {train_cmd}",
-              inputs={**dataset, **superpixels, **clip},
+              inputs={**dataset, **superpixels, **clip, **weights},
               outputs={**models, "metrics": [f"{results}/{ds}_train.json"]},
               metric=f"{results}/{ds}_train.json",
               curves=tuple(f"{d}/dvclive" for d in method_dirs),
@@ -257,7 +263,7 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
               processes=processes,
               **job("train", gpu=0 if ds == "demo" else processes, nodes=1)),
         Stage("pseudo_labels", ds, ssr("pseudo-labels"),
-              inputs={**dataset, **labels, **superpixels, **models, **clip},
+              inputs={**dataset, **labels, **superpixels, **models, **clip, **weights},
               outputs={"pseudo_labels": pseudo, "figures": [f"{results}/{ds}/figures"],
                        "metrics": [f"{results}/{ds}_seeds.json"]},
               directories=frozenset({*pseudo, f"{results}/{ds}/figures"}),
@@ -276,7 +282,7 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
         Stage("evaluate", ds, ssr("evaluate"),
               # The retrained segmenter is read only with retrain.enabled; the edge keeps
               # the two runners' DAGs identical either way.
-              inputs={**dataset, **labels, **models, "retrain": [f"{results}/{ds}/retrain"], **clip},
+              inputs={**dataset, **labels, **models, "retrain": [f"{results}/{ds}/retrain"], **clip, **weights},
               outputs={"predictions": [f"{results}/{ds}/predictions"], "metrics": [f"{results}/{ds}_miou.json"]},
               directories=frozenset({f"{results}/{ds}/predictions"}),
               metric=f"{results}/{ds}_miou.json",

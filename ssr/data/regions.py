@@ -50,7 +50,7 @@ class RegionMaps:
 
     @property
     def params(self) -> dict:
-        """The file attributes: n_segments, compactness, n_clusters, seed, method, backend, backend_version."""
+        """The file attributes: n_segments, compactness, n_clusters, seed, method, backend (older files: backend_version)."""
         return {k: (v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v)
                 for k, v in self._open().attrs.items()}
 
