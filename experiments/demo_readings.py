@@ -2,7 +2,8 @@
 
 Every reading is the repository's params.yaml with a few dotted keys changed. Each runs the
 real stages (`ssr train`, `ssr pseudo-labels`, optionally `ssr evaluate`) for the demo's
-training seeds into its own folder, sharing one prepared dataset and its superpixels.
+training seeds into its own folder, sharing one prepared dataset and its superpixels (a reading
+that changes superpixels.* keys computes superpixels of its own beside the shared images).
 Choices are made on the demo's train split: the seeds' scores, and for readings that act on the
 decoder only (PAR, its learning rate) `--decoder-on-train`, the decoder's mIoU on the train split;
 `--evaluate` adds the val figures for reporting only.
@@ -10,6 +11,7 @@ decoder only (PAR, its learning rate) `--decoder-on-train`, the decoder's mIoU o
     python experiments/demo_readings.py --out /tmp/readings \\
         --reading default \\
         --reading image_denominator sgc.denominator=image sgc.rho=0.1 \\
+        --reading finer_regions superpixels.n_clusters=32 \\
         [--decoder-on-train] [--evaluate] [--seeds 0 1 2]
 
 Prints one JSON line per reading (mean, std, min, max of every seed row) and writes
@@ -57,6 +59,20 @@ def write_params(folder: Path, data_root: Path, overrides: dict, seeds: list[int
     return path
 
 
+def superpixel_root(folder: Path, data_root: Path, overrides: dict, seeds: list[int]) -> Path:
+    """A data root of the reading's own for superpixels.* readings: the shared images, its own superpixels.h5."""
+    root = folder / "data"
+    shared, own = data_root / "demo", root / "demo"
+    own.mkdir(parents=True, exist_ok=True)
+    for entry in shared.iterdir():
+        if entry.name != "superpixels.h5" and not (own / entry.name).exists():
+            (own / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    if not (own / "superpixels.h5").is_file():
+        path = write_params(folder / "prep", root, overrides, seeds)
+        ssr("superpixels", "--dataset", "demo", "--params", str(path), cwd=REPO)
+    return root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -76,7 +92,10 @@ def main() -> None:
     for name, *pairs in args.reading:
         overrides = {k: yaml.safe_load(v) for k, v in (pair.split("=", 1) for pair in pairs)}
         folder = args.out / name
-        path = write_params(folder, data_root, overrides, args.seeds)
+        reading_root = data_root
+        if any(key.startswith("superpixels.") for key in overrides):
+            reading_root = superpixel_root(folder, data_root, overrides, args.seeds)
+        path = write_params(folder, reading_root, overrides, args.seeds)
         stages = ("train", "pseudo-labels", "evaluate") if args.evaluate else ("train", "pseudo-labels")
         for stage in stages:
             ssr(stage, "--dataset", "demo", "--params", str(path), cwd=REPO)
@@ -92,7 +111,7 @@ def main() -> None:
         if args.decoder_on_train:
             # the same trained models scored on the train split, in a folder of their own
             on_train = folder / "decoder_on_train"
-            path = write_params(on_train, data_root, {**overrides, "datasets.demo.val_split": "train"}, args.seeds)
+            path = write_params(on_train, reading_root, {**overrides, "datasets.demo.val_split": "train"}, args.seeds)
             (on_train / "results").mkdir(parents=True, exist_ok=True)
             link = on_train / "results" / "demo"
             if not link.exists():
