@@ -24,6 +24,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from skimage.segmentation import find_boundaries
 
 from ssr.data.layout import IGNORE_INDEX, atomic_path, voc_palette
 from ssr.sgc import region_onehot, target_regions
@@ -35,8 +36,8 @@ ROW_TITLES = {"cam": "CAM", "clip": "+ CLIP attention", "dino": "+ DINO attentio
 # would read as a score), in a perceptually uniform map; the class's true outline is drawn over it.
 CAM_COLOURMAP = "viridis"
 OUTLINE_COLOUR = "red"
-# The SGC regions (k-means clusters, superpixels.n_clusters: 8 by default): tab10 without its grey,
-# which would read as a region that is no target.
+# The SGC regions (k-means clusters, superpixels.n_clusters of them): tab10 without its grey, which
+# would read as a region that is no target; colours repeat beyond nine, so regions are outlined too.
 REGION_COLOURS = [c for k, c in enumerate(colormaps["tab10"].colors) if k != 7]
 NOT_TARGET = (0.88, 0.88, 0.88)  # a region that is no target of the class: light grey
 PANEL_INCHES = 2.0
@@ -120,6 +121,7 @@ def region_colours(regions: np.ndarray, num_regions: int, targets: np.ndarray | 
     ids = np.clip(regions, 0, num_regions - 1)
     out = colours[ids]
     out[regions >= num_regions] = 1.0  # padding without a region
+    out[find_boundaries(regions, mode="thick")] *= 0.5  # both sides of each edge
     return out
 
 
