@@ -174,8 +174,8 @@ def test_dataset_target_plans_every_stage_from_scratch(workdir, ds):
         assert cmd.endswith(f"--dataset {ds} --params params.yaml{resume} --threads {threads}"), cmd
         assert job["log"] == [f"logs/{name}.log"]
         assert int(job["resources"]["mem_mb"]) > 0 and int(job["resources"]["runtime"]) > 0, name
-        assert job["resources"]["gpu"] == ("0" if ds == "demo" or rule in ("prepare", "weights", "superpixels", "retrain", "headline")
-                                           else "1"), name
+        cpu_only = ("prepare", "weights", "superpixels", "retrain", "headline")
+        assert job["resources"]["gpu"] == ("0" if ds == "demo" or rule in cpu_only else "1"), name
     assert jobs[f"train-{ds}"]["shell"].startswith(
         f"(python workflow/scripts/checkpoints.py --dataset {ds} --params params.yaml && ssr train ")
     assert jobs[f"train-{ds}"]["resources"]["nodes"] == "1"
