@@ -177,15 +177,12 @@ def cmd_superpixels(args, params: Params) -> None:
     print(f"wrote {len(ids)} region maps to {layout.superpixels_path}")
 
 
-TIMING_KEYS = ("train_seconds", "images_per_second")
-
-
 def cmd_train(args, params: Params) -> None:
     import torch.distributed as dist
 
     from ssr.config import METHOD_RUN
     from ssr.metrics import aggregate_seeds
-    from ssr.train import setup_distributed, train
+    from ssr.train import TIMING_KEYS, setup_distributed, train
 
     _, _, device = setup_distributed()
     device = _device(args.device) if args.device else device

@@ -82,6 +82,10 @@ class ResumableSampler(Sampler):
             epoch, offset = epoch + 1, 0
 
 
+# The summary's wall-clock entries: results/{ds}/timings/ keeps them, metrics and model.json do not.
+TIMING_KEYS = ("train_seconds", "images_per_second")
+
+
 @dataclass
 class TrainState:
     iteration: int = 0
@@ -658,8 +662,9 @@ def _run(trainer: Trainer, stop_after: int | None) -> dict:
     if trainer.rank == 0:
         save_checkpoint(trainer.ckpt_path, model, trainer.optimiser, state, trainer.identity, trainer.memory)
         if state.iteration >= preset.iterations:
+            # wall times stay out of the product, so a rerun's model.json (a DVC output) has the same bytes
             save_model(trainer.out_dir, model, params, trainer.dataset, classes=trainer.data.classes, seed=trainer.seed,
-                       run=trainer.run, summary=summary)
+                       run=trainer.run, summary={k: v for k, v in summary.items() if k not in TIMING_KEYS})
     return summary
 
 
