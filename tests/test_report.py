@@ -434,11 +434,10 @@ def test_cam_figure_has_a_row_per_present_class_a_column_per_distinct_cam_row_an
         outline[:, 1:] |= regions[:, 1:] != regions[:, :-1]   # the first column of each band after the first
         outline[:, :-1] |= regions[:, :-1] != regions[:, 1:]  # and the last column of each band before the last
         for r in range(4):
-            assert (grey[(regions == r) & ~outline]).all() == (not targets[k, r]), (k, r)
-        # colours repeat beyond nine regions, so each region's edge is drawn at half its colour
-        for r in range(4):
-            inside = shown[(regions == r) & ~outline]
-            np.testing.assert_array_equal(shown[(regions == r) & outline], inside[: int(((regions == r) & outline).sum())] * 0.5)
+            inside, edge = (regions == r) & ~outline, (regions == r) & outline
+            assert grey[inside].all() == (not targets[k, r]), (k, r)
+            # colours repeat beyond nine regions, so each region's edge is drawn at half its colour
+            np.testing.assert_array_equal(shown[edge], shown[inside][: int(edge.sum())] * 0.5)
         assert axes[(1 + k, 0)].get_xlabel() == f"{int(targets[k].sum())} of 4 regions"
         # a CAM is its own opaque image, never drawn over the picture, with the class's outline over it
         for c, row in enumerate(("cam", "clip", "sgc"), start=1):
