@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from configs import build, device_name, emit, fill_prototypes, synthetic_batch
 
 from ssr.cam import class_slots  # noqa: E402
-from ssr.cmpa import masked_average_pool, positive_index, sample_loss_sum  # noqa: E402
 from ssr.data.layout import IGNORE_INDEX  # noqa: E402
 from ssr.data.transforms import channels_first, to_unit, unit_images  # noqa: E402
 from ssr.decoder import affinity_loss_sums, upsample_bilinear  # noqa: E402
@@ -50,9 +49,9 @@ from ssr.model import autocast, initial_cams, refined_cams  # noqa: E402
 from ssr.par import par_refine  # noqa: E402
 from ssr.train import (  # noqa: E402
     build_optimiser,
-    masked_prototype_loss,
     optimiser_step,
     prepare_micro_batch,
+    prototype_loss_share,
     step_counts,
 )
 
@@ -158,16 +157,7 @@ class Phases:
     def cmpa(self, path):
         m, model, backbones = self.prepared[path], self.model, self.backbones
         n = m.valid.sum().clamp_min(1).float()
-        if path == "fast":
-            loss = masked_prototype_loss(backbones, model, m, self.params, n)[0]
-        else:
-            f_image = masked_average_pool(model.isa(m.dense), m.cam)[m.valid]
-            labels = m.classes[m.valid]
-            text = model.tsa(backbones.text[: backbones.num_foreground])
-            text_prototypes = text if self.params.cmpa.text_prototypes == "live" else model.prototypes.text
-            pos_idx = positive_index(self.params.cmpa.positive, model.prototypes.image, f_image.detach(), labels)
-            loss = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text_prototypes, model.prototypes.image, pos_idx,
-                                   model.tau()) / n
+        loss = prototype_loss_share(backbones, model, m, self.params, n, masked=path == "fast")[0]
         loss.backward()
 
     def optimiser_update(self, path):

@@ -145,7 +145,6 @@ class Prototypes(nn.Module):
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
-        self.num_classes = num_classes
         self.register_buffer("image", torch.zeros(num_classes, dim))
         self.register_buffer("text", torch.zeros(num_classes, dim))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))

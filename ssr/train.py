@@ -234,35 +234,35 @@ def micro_batch_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, para
         loss_aff = (pos / n_same + neg / n_diff) / 2
     loss = preset.gamma * (loss_ce + preset.affinity_weight * loss_aff)
     parts = {"loss_ce": loss_ce.detach(), "loss_aff": loss_aff.detach()}
-    if model.use_cmpa and params.train.fast_path:
-        loss_proto, f_image, slot_valid = masked_prototype_loss(backbones, model, m, params, n_samples)
+    if model.use_cmpa:
+        loss_proto, f_image, slot_valid = prototype_loss_share(backbones, model, m, params, n_samples,
+                                                               masked=params.train.fast_path)
         loss = loss + loss_proto
-        parts.update(loss_proto=loss_proto.detach(), f_image=f_image, slot_valid=slot_valid)
-    elif model.use_cmpa:
-        f_image = masked_average_pool(model.isa(m.dense), m.cam)[m.valid]           # (M, d2), Eq. 2
-        labels = m.classes[m.valid]
-        text = model.tsa(backbones.text[: backbones.num_foreground])                 # (C, d2): each class's f_text
-        text_prototypes = text if params.cmpa.text_prototypes == "live" else model.prototypes.text
-        pos_idx = positive_index(params.cmpa.positive, model.prototypes.image, f_image.detach(), labels)
-        loss_proto = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text_prototypes, model.prototypes.image,
-                                     pos_idx, model.tau()) / n_samples
-        loss = loss + loss_proto
-        parts.update(loss_proto=loss_proto.detach(), f_image=f_image.detach())
+        parts.update(loss_proto=loss_proto.detach(), f_image=f_image)
+        if slot_valid is not None:
+            parts["slot_valid"] = slot_valid
     return loss, parts
 
 
-def masked_prototype_loss(backbones: FrozenBackbones, model: SSR, m: MicroBatch, params: Params,
-                          n_samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`micro_batch_loss`'s L_proto share without selecting the valid slots (a device sync):
-    every slot's sample loss, padded slots weighted 0. Padded slots pool an all-zero CAM, so
-    their f_image is 0 and their loss finite. -> (loss share, f_image (B * S, d2) detached, valid (B * S,))."""
-    f_image = masked_average_pool(model.isa(m.dense), m.cam).flatten(0, 1)          # (B * S, d2), Eq. 2
-    labels, valid = m.classes.flatten(), m.valid.flatten()
+def prototype_loss_share(backbones: FrozenBackbones, model: SSR, m: MicroBatch, params: Params, n_samples: torch.Tensor,
+                         *, masked: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`micro_batch_loss`'s L_proto share (Eq. 2-6) -> (loss share, f_image detached, valid slots or None).
+
+    The valid slots are selected (f_image (M, d2), valid None), which waits for the device; or,
+    `masked` (the fast path), every slot is kept with the padded ones weighted 0 (f_image
+    (B * S, d2), valid (B * S,)): padded slots pool an all-zero CAM, so their f_image is 0 and
+    their loss finite.
+    """
+    f_image = masked_average_pool(model.isa(m.dense), m.cam)                          # (B, S, d2), Eq. 2
+    if masked:
+        f_image, labels, valid = f_image.flatten(0, 1), m.classes.flatten(), m.valid.flatten()
+    else:
+        f_image, labels, valid = f_image[m.valid], m.classes[m.valid], None
     text = model.tsa(backbones.text[: backbones.num_foreground])                      # (C, d2): each class's f_text
     text_prototypes = text if params.cmpa.text_prototypes == "live" else model.prototypes.text
     pos_idx = positive_index(params.cmpa.positive, model.prototypes.image, f_image.detach(), labels)
     loss = sample_loss_sum(model.cmpa_loss, f_image, text[labels], text_prototypes, model.prototypes.image, pos_idx,
-                           model.tau(), weight=valid.float()) / n_samples
+                           model.tau(), weight=None if valid is None else valid.float()) / n_samples
     return loss, f_image.detach(), valid
 
 
