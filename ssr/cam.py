@@ -97,7 +97,8 @@ def gradcam(activations: torch.Tensor, slot_scores: torch.Tensor, valid: torch.T
     weighting "gradcam": channel weights = gradient averaged over patches (CLIP-ES);
     "hirescam": each patch's own gradient times its activation (HiResCAM, Draelos and
     Carin 2020), for models whose gradient lands on a few attended patches.
-    batched: the S backward passes as one batched call (same CAMs, bit for bit on the CPU).
+    batched: the S backward passes as one batched call (the same CAMs to float rounding: its larger
+    matrix products may sum in another order).
     -> CAMs (B, S, N) in [0, 1], zero for invalid slots. The graph is released after the last slot.
     """
     _check_weighting(weighting)

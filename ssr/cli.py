@@ -317,7 +317,7 @@ def cmd_evaluate(args, params: Params | None) -> None:
 
 def _crf_workers(args) -> int:
     """DenseCRF processes: --workers, else --threads (Snakemake's threads for the stage), else the usable CPUs."""
-    import os
+    from ssr.config import usable_cpus
 
     if getattr(args, "workers", None) is not None:
         if args.workers < 0:
@@ -325,7 +325,7 @@ def _crf_workers(args) -> int:
         return args.workers
     if getattr(args, "threads", None):
         return args.threads
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cpus()
 
 
 def _optional_params(args) -> Params | None:

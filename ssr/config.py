@@ -348,10 +348,14 @@ class PseudoLabelParams(Section):
         return self
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def available_cpus(at_most: int) -> int:
     """DataLoader workers for "auto": the cores this process may run on, less one for itself, at most `at_most`."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(cores - 1, at_most))
+    return max(0, min(usable_cpus() - 1, at_most))
 
 
 class TrainParams(Section):

@@ -330,10 +330,11 @@ def cams_to_labels(
     if par:
         if images is None:
             raise ValueError("PAR refinement needs the images")
+        active = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)  # background and the valid class slots
         refined = par_refine(images, scores.clamp_min(0), dilations=pl.par_dilations, iterations=pl.par_iterations,
                              w_colour=pl.par_w_colour, w_position=pl.par_w_position, backend="auto" if fast else "torch",
-                             active=torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1) if fast else None)
-        scores = refined.masked_fill(torch.cat([torch.zeros_like(valid[:, :1]), ~valid], dim=1)[..., None, None], -1.0)
+                             active=active if fast else None)
+        scores = refined.masked_fill(~active[..., None, None], -1.0)
     best, index = scores.max(dim=1)
     foreground = classes.gather(1, (index - 1).clamp(min=0).flatten(1)).view_as(index) + 1
     labels = torch.where(index == 0, torch.zeros_like(index), foreground)

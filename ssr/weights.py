@@ -24,7 +24,6 @@ it at storage that the login and compute nodes share.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ssr.data.download import atomic_dir
+from ssr.data.download import atomic_dir, md5_file
 from ssr.data.layout import atomic_path
 
 if TYPE_CHECKING:
@@ -233,7 +232,6 @@ def fetch(params: Params, dataset: str, demo_clip_dir: str | os.PathLike) -> dic
     path = manifest_path(root, dataset)
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
     if not path.is_file() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(text)
     return manifest
@@ -251,8 +249,4 @@ def _digests(folder: Path, files: tuple[str, ...]) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return md5_file(path, algorithm="sha256")

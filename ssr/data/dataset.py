@@ -64,9 +64,7 @@ class DecodedCache:
         path = self.folder / f"{region_key(image_id)}.{kind}.{stat.st_size:x}-{stat.st_mtime_ns:x}.npy"
         try:
             return np.load(path)
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, EOFError):   # a damaged file: made again below
+        except (OSError, ValueError, EOFError):   # absent, or damaged: made below
             pass
         array = np.ascontiguousarray(decode())
         with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -41,8 +41,9 @@ TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 ZIP_SUFFIXES = (".zip",)
 
 
-def md5_file(path: str | os.PathLike, chunk_size: int = CHUNK_SIZE) -> str:
-    digest = hashlib.md5()
+def md5_file(path: str | os.PathLike, chunk_size: int = CHUNK_SIZE, algorithm: str = "md5") -> str:
+    """The file's hex digest (md5, or another hashlib `algorithm`), read in chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
