@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -27,7 +26,7 @@ from matplotlib.patches import Patch
 from skimage.segmentation import find_boundaries
 
 from ssr.data.layout import IGNORE_INDEX, atomic_path, voc_palette
-from ssr.sgc import region_onehot, target_regions
+from ssr.sgc import region_onehot, region_targets
 
 # The words a person reads for each CAM row (paper Tables 3 and 4), in figures, tables and logs.
 ROW_TITLES = {"cam": "CAM", "clip": "+ CLIP attention", "dino": "+ DINO attention", "sgc": "+ SGC mask",
@@ -100,9 +99,8 @@ def sgc_regions(cam: torch.Tensor, region_map: torch.Tensor, grid: tuple[int, in
     region_map (h, w) long at the model's input size -> (K, R) bool, R = num_regions.
     """
     regions = region_onehot(region_map[None], num_regions)
-    cam_full = F.interpolate(cam.reshape(1, cam.shape[0], *grid).float(), size=region_map.shape, mode="bilinear",
-                             align_corners=False)
-    return target_regions(cam_full.clamp(0, 1), regions, t_hi, rho, keep_best, denominator)[0].cpu().numpy()
+    return region_targets(cam.float()[None], regions, grid, t_hi=t_hi, rho=rho, keep_best=keep_best,
+                          denominator=denominator)[0].cpu().numpy()
 
 
 def resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -104,7 +104,14 @@ def sgc_mask(cam: torch.Tensor, region_map: torch.Tensor, num_regions: int, grid
     `fast`: the compact one-hot and split-K region sums; the same masks up to rounding of the sums.
     """
     regions = region_onehot_compact(region_map, num_regions) if fast else region_onehot(region_map, num_regions)
-    cam_full = F.interpolate(cam.reshape(cam.shape[0], cam.shape[1], *grid), size=region_map.shape[-2:], mode="bilinear",
-                             align_corners=False)
-    targets = target_regions(cam_full.clamp(0, 1), regions, t_hi, rho, keep_best, denominator, fast=fast)
+    targets = region_targets(cam, regions, grid, t_hi=t_hi, rho=rho, keep_best=keep_best, denominator=denominator, fast=fast)
     return column_mask(targets, patch_region_share(regions, grid), patch_area)
+
+
+def region_targets(cam: torch.Tensor, regions: torch.Tensor, grid: tuple[int, int], *, t_hi: float, rho: float,
+                   keep_best: bool = True, denominator: str = "region", fast: bool = False) -> torch.Tensor:
+    """CAM (B, S, N) on the patch grid + one-hot regions (B, R, H, W) -> (B, S, R) bool targets (Eq. 8):
+    the CAM upsampled bilinearly to the regions' size and clamped to [0, 1], then `target_regions`."""
+    cam_full = F.interpolate(cam.reshape(cam.shape[0], cam.shape[1], *grid), size=regions.shape[-2:], mode="bilinear",
+                             align_corners=False)
+    return target_regions(cam_full.clamp(0, 1), regions, t_hi, rho, keep_best, denominator, fast=fast)
