@@ -483,15 +483,12 @@ def cmd_report(args, params: Params) -> None:
 
 def cmd_headline(args, params: Params) -> None:
     from ssr.data.layout import atomic_path
-    from ssr.report import headline_markdown, headline_metrics
+    from ssr.report import headline_markdown, headline_metrics, read_metrics
 
     results = Path(params.results_root)
-
-    def metrics(name: str, stage: str):
-        return read_json(results / f"{args.dataset}_{name}.json", f"run `ssr {stage} --dataset {args.dataset}` first")
-
     variants = params.dataset(args.dataset).variants
-    headline = headline_metrics(metrics("seeds", "pseudo-labels"), metrics("miou", "evaluate"), variants)
+    headline = headline_metrics(read_metrics(results, args.dataset, "seeds", "pseudo-labels"),
+                                read_metrics(results, args.dataset, "miou", "evaluate"), variants)
     text = headline_markdown(headline, args.dataset, variants, params.cmpa.loss)
     with atomic_path(results_dir(params, args.dataset) / "headline.md") as tmp:
         tmp.write_text(text)

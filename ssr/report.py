@@ -495,6 +495,13 @@ def write_report(out: Path, *, dataset: str, seeds: Mapping, miou: Mapping, trai
     return written + [out / "curves" / name for name in curves]
 
 
+def read_metrics(results: Path, dataset: str, name: str, stage: str) -> dict:
+    """results/{dataset}_{name}.json, or an error naming the `ssr {stage}` that writes it."""
+    from ssr.data.layout import read_json
+
+    return read_json(results / f"{dataset}_{name}.json", f"run `ssr {stage} --dataset {dataset}` first")
+
+
 def build_report(params, dataset: str, out: Path, *, params_path: Path, seeds: list[int] | None = None) -> list[Path]:
     """`write_report` for one dataset from what its stages wrote: the metrics files, the classes,
     each run's model.json (the params it was trained under), the figure folders and the dvclive
@@ -505,9 +512,6 @@ def build_report(params, dataset: str, out: Path, *, params_path: Path, seeds: l
 
     results = Path(params.results_root)
     ds = params.dataset(dataset)
-
-    def metrics(name: str, stage: str):
-        return read_json(results / f"{dataset}_{name}.json", f"run `ssr {stage} --dataset {dataset}` first")
 
     seeds = list(ds.seeds) if seeds is None else seeds
     run_dirs = {run: {seed: results / dataset / run / f"seed{seed}" for seed in seeds} for run in params.runs(dataset)}
@@ -528,8 +532,9 @@ def build_report(params, dataset: str, out: Path, *, params_path: Path, seeds: l
             differences = identity_differences(read_json(config).get("identity", {}), current)
             checks[f"{run}, seed {seed}"] = "yes" if not differences else "no: " + "; ".join(differences)
     return write_report(
-        out, dataset=dataset, seeds=metrics("seeds", "pseudo-labels"), miou=metrics("miou", "evaluate"),
-        train=metrics("train", "train"), class_names=DatasetLayout(params.dataset_root(dataset)).classes(),
+        out, dataset=dataset, seeds=read_metrics(results, dataset, "seeds", "pseudo-labels"),
+        miou=read_metrics(results, dataset, "miou", "evaluate"), train=read_metrics(results, dataset, "train", "train"),
+        class_names=DatasetLayout(params.dataset_root(dataset)).classes(),
         variants=ds.variants, cmpa_loss=params.for_dataset(dataset).cmpa.loss, run_dirs=run_dirs,
         params_html=params_page(used, checks, Path(params_path).read_text(), str(params_path)),
         gallery_html=gallery_page(gallery_sections(results / dataset / "figures", results / dataset / "predictions" / "figures")))
