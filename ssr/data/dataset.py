@@ -93,6 +93,7 @@ class WeakLabelDataset(Dataset):
                                    f"of classes.json (1..{len(self.classes) - 1})")
         self.superpixels = Path(superpixels) if superpixels else None
         self._regions: RegionMaps | None = None
+        self.cache: DecodedCache | None = None  # decoded region maps (and, in TrainCrops, images) kept as arrays
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -106,7 +107,11 @@ class WeakLabelDataset(Dataset):
             return np.full(shape, REGION_PAD, np.uint8)
         if self._regions is None:
             self._regions = RegionMaps(self.superpixels)
-        regions = self._regions[image_id]
+
+        def read() -> np.ndarray:
+            return self._regions[image_id]
+
+        regions = read() if self.cache is None else self.cache.get("regions", image_id, self.superpixels, read)
         if regions.shape != shape:
             raise DatasetError(f"{self.superpixels}: region map of {image_id!r} is {regions.shape}, image is {shape}")
         return regions
@@ -139,15 +144,10 @@ class TrainCrops(WeakLabelDataset):
         path = self.layout.image_path(image_id)
         if self.cache is None:
             image = open_rgb(path)
-            shape = (image.height, image.width)
-            regions = self.region_map(image_id, shape)
         else:
             image = Image.fromarray(self.cache.get("rgb", image_id, path, lambda: np.asarray(open_rgb(path))))
-            shape = (image.height, image.width)
-            regions = self.region_map(image_id, shape) if self.superpixels is None else self.cache.get(
-                "regions", image_id, self.superpixels, lambda: self.region_map(image_id, shape))
-            if regions.shape != shape:
-                raise DatasetError(f"{self.superpixels}: region map of {image_id!r} is {regions.shape}, image is {shape}")
+        shape = (image.height, image.width)
+        regions = self.region_map(image_id, shape)
         maps = {"regions": (Image.fromarray(regions), REGION_PAD)}
         if self.with_gt:
             maps["gt"] = (Image.fromarray(self.ground_truth(image_id, shape)), IGNORE_INDEX)
