@@ -123,13 +123,15 @@ class FrozenCache:
     def __init__(self):
         self._entries: dict = {}
 
-    def derived(self, key, source: torch.Tensor, make):
-        """make() once per `key` while `source` is the same tensor, unchanged."""
+    def derived(self, key, source: torch.Tensor | nn.Module, make):
+        """make() once per `key` while `source` is the same tensor (or module), unchanged: its version,
+        or every parameter's."""
+        stamp = tuple(p._version for p in source.parameters()) if isinstance(source, nn.Module) else source._version
         entry = self._entries.get(key)
-        if entry is not None and entry[0] is source and entry[1] == source._version:
+        if entry is not None and entry[0] is source and entry[1] == stamp:
             return entry[2]
         value = make()
-        self._entries[key] = (source, source._version, value)
+        self._entries[key] = (source, stamp, value)
         return value
 
     def cast(self, tensor: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
@@ -147,14 +149,8 @@ class FrozenCache:
 
         Under autocast to `dtype` it computes exactly what the module does: autocast runs
         those layers in `dtype` and casts their weights to it anyway. Remade when any weight
-        of the module changes (a version stamp over its parameters)."""
-        stamp = tuple(p._version for p in module.parameters())
-        entry = self._entries.get(("module", id(module), dtype))
-        if entry is not None and entry[0] is module and entry[1] == stamp:
-            return entry[2]
-        copy = _cast_layers(module, dtype)
-        self._entries[("module", id(module), dtype)] = (module, stamp, copy)
-        return copy
+        of the module changes."""
+        return self.derived(("module", id(module), dtype), module, lambda: _cast_layers(module, dtype))
 
 
 def _cast_layers(module: nn.Module, dtype: torch.dtype) -> nn.Module:
