@@ -73,6 +73,12 @@ def superpixel_root(folder: Path, data_root: Path, overrides: dict, seeds: list[
     return root
 
 
+def decoder_scores(results: Path) -> tuple[list[float], list[float]]:
+    """The decoder's mIoU without and with DenseCRF in results/demo_miou.json, each [mean, std] in %."""
+    miou = json.loads((results / "demo_miou.json").read_text())
+    return tuple([round(100 * miou[f"{key}{s}"], 1) for s in ("", "_std")] for key in ("miou", "crf_miou"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -105,9 +111,7 @@ def main() -> None:
             if seeds.get(f"{row}_miou") is not None:
                 line[row] = [round(100 * seeds[f"{row}_miou{s}"], 1) for s in ("", "_std", "_min", "_max")]
         if args.evaluate:
-            miou = json.loads((folder / "results" / "demo_miou.json").read_text())
-            line["val"] = [round(100 * miou[f"miou{s}"], 1) for s in ("", "_std")]
-            line["val_crf"] = [round(100 * miou[f"crf_miou{s}"], 1) for s in ("", "_std")]
+            line["val"], line["val_crf"] = decoder_scores(folder / "results")
         if args.decoder_on_train:
             # the same trained models scored on the train split, in a folder of their own
             on_train = folder / "decoder_on_train"
@@ -117,9 +121,7 @@ def main() -> None:
             if not link.exists():
                 link.symlink_to(folder / "results" / "demo", target_is_directory=True)
             ssr("evaluate", "--dataset", "demo", "--params", str(path), cwd=REPO)
-            miou = json.loads((on_train / "results" / "demo_miou.json").read_text())
-            line["decoder_train"] = [round(100 * miou[f"miou{s}"], 1) for s in ("", "_std")]
-            line["decoder_train_crf"] = [round(100 * miou[f"crf_miou{s}"], 1) for s in ("", "_std")]
+            line["decoder_train"], line["decoder_train_crf"] = decoder_scores(on_train / "results")
         print(json.dumps(line), flush=True)
 
 
