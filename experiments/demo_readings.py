@@ -43,7 +43,8 @@ def ssr(*args: str, cwd: Path, threads: int = 1) -> None:
 def write_params(folder: Path, data_root: Path, overrides: dict, seeds: list[int]) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["data_root"], raw["results_root"] = str(data_root), str(folder / "results")
-    raw["demo_clip"]["checkpoint"] = str(REPO / raw["demo_clip"]["checkpoint"])
+    for backbone in ("demo_clip", "demo_dino"):
+        raw[backbone]["checkpoint"] = str(REPO / raw[backbone]["checkpoint"])
     raw["datasets"]["demo"].update(seeds=seeds, variants={})
     raw["train"]["num_workers"] = 0       # one process per reading: readings run side by side on a small machine
     for dotted, value in overrides.items():

@@ -174,20 +174,25 @@ class TrainedModel:
 
 
 def load_model(path: str | Path, *, device="cpu", demo_clip_dir: str | Path | None = None,
-               demo_dino_dir: str | Path | None = None) -> TrainedModel:
+               demo_dino_dir: str | Path | None = None, weights_root: str | Path | None = None) -> TrainedModel:
     """A saved model ready for `ssr.predict`, rebuilt from its folder alone.
 
-    The frozen CLIP (and DINO) come through their libraries' loaders as recorded in
-    model.json; the demo's committed tiny models default to the copies installed with ssr.
+    The frozen CLIP (and DINO) are those recorded in model.json. With `weights_root` they come
+    from the weights cache `ssr weights` fills, as in the DAG's stages, and nothing touches the
+    network (a missing folder is a `WeightsMissing` naming the command); without it, through
+    their libraries' loaders, which download what their own caches lack. The demo's committed
+    tiny models default to the copies installed with ssr.
     """
     from ssr.backbones import demo_asset_dir
+    from ssr.weights import cached_models
 
     device = resolve_device(device)
     model, config = read_model(path, device)
     ds = DatasetParams(**config["dataset_params"])
+    cached = cached_models(ds, weights_root, config["dataset"], device) if weights_root is not None else {}
     backbones = build_backbones(ds, config["classes"][1:], device=device,
                                 demo_clip_dir=demo_clip_dir or demo_asset_dir("demo_clip"),
-                                demo_dino_dir=demo_dino_dir or demo_asset_dir("demo_dino"))
+                                demo_dino_dir=demo_dino_dir or demo_asset_dir("demo_dino"), **cached)
     if ModelDims.of(backbones) != model.dims:
         raise DatasetError(f"{model_files(path)[1]}: recorded dims {model.dims} do not match the backbones "
                            f"{ModelDims.of(backbones)}")

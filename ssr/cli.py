@@ -30,14 +30,19 @@ class UsageError(ValueError):
     """Options that do not go together; the message says which."""
 
 
-def demo_clip_dir(params: Params) -> Path:
-    """The demo CLIP folder: as configured (relative to the working directory), else the installed copy."""
-    configured = Path(params.demo_clip.checkpoint).parent
-    if (configured / "open_clip_config.json").is_file():
+# The config file that marks a demo backbone's folder as complete.
+DEMO_CONFIG_FILES = {"demo_clip": "open_clip_config.json", "demo_dino": "config.json"}
+
+
+def demo_dir(params: Params, name: str) -> Path:
+    """A demo backbone's folder (`name`: demo_clip or demo_dino): as configured (relative to the
+    working directory), else the copy installed with the package."""
+    configured = Path(getattr(params, name).checkpoint).parent
+    if (configured / DEMO_CONFIG_FILES[name]).is_file():
         return configured
     from ssr.backbones import demo_asset_dir
 
-    return demo_asset_dir("demo_clip")
+    return demo_asset_dir(name)
 
 
 def results_dir(params: Params, dataset: str) -> Path:
@@ -70,7 +75,8 @@ def _backbones_by_run(params: Params, dataset: str, device):
         ds = params.for_run(dataset, run).dataset(dataset)
         key = ds.model_dump_json()
         if key not in loaded:
-            loaded[key] = build_backbones(ds, classes[1:], demo_clip_dir=demo_clip_dir(params), device=device,
+            loaded[key] = build_backbones(ds, classes[1:], demo_clip_dir=demo_dir(params, "demo_clip"),
+                                          demo_dino_dir=demo_dir(params, "demo_dino"), device=device,
                                           **cached_models(ds, params.weights_root, dataset, device))
         return loaded[key]
 
@@ -150,16 +156,18 @@ def cmd_demo_dino(args, params: Params) -> None:
     from ssr.demo_dino import pretrain
 
     out = Path(args.out) if args.out else Path(params.demo_dino.checkpoint).parent
-    provenance = pretrain(out, params.demo_dino, params.demo, clip_dir=demo_clip_dir(params), progress=args.progress)
-    quality = provenance["attention_iou"]
-    print(f"demo DINO written to {out}: held-out attention IoU {quality['dino']:.3f} (demo CLIP {quality['clip']:.3f}) "
+    provenance = pretrain(out, params.demo_dino, params.demo, clip_blocks=params.affinity.clip_blocks,
+                          clip_dir=demo_dir(params, "demo_clip"), progress=args.progress)
+    dino, clip = provenance["attention"]["dino"], provenance["attention"]["clip"]
+    print(f"demo DINO written to {out}: held-out CLS-attention IoU {dino['cls_iou']:.3f} (demo CLIP {clip['cls_iou']:.3f}), "
+          f"own-object attention ratio {dino['own_object_ratio']:.2f} (demo CLIP {clip['own_object_ratio']:.2f}) "
           f"after {provenance['steps']} steps in {provenance['wall_seconds']:.0f} s")
 
 
 def cmd_weights(args, params: Params) -> None:
     from ssr.weights import fetch, manifest_path
 
-    manifest = fetch(params, args.dataset, demo_clip_dir(params))
+    manifest = fetch(params, args.dataset, demo_dir(params, "demo_clip"), demo_dir(params, "demo_dino"))
     models = [f"{e['model']} ({e['source']})" for e in (manifest["clip"], manifest["dino"]) if e]
     print(f"{', '.join(models)}: ready; wrote {manifest_path(params.weights_root, args.dataset)}")
 
@@ -337,16 +345,14 @@ def _optional_params(args) -> Params | None:
 
 
 def _load_trained(args, params: Params | None, device):
-    """`ssr.load_model` of --model, the demo's tiny CLIP and DINO from where params put them."""
+    """`ssr.load_model` of --model; with params, CLIP and DINO from its weights cache (as the DAG's
+    stages load them, offline) and the demo's tiny ones from where params put them."""
     from ssr.checkpoint import load_model
 
-    demo = {}
-    if params is not None:
-        demo["demo_clip_dir"] = demo_clip_dir(params)
-        dino = Path(params.demo_dino.checkpoint).parent
-        if (dino / "config.json").is_file():
-            demo["demo_dino_dir"] = dino
-    return load_model(args.model, device=device, **demo)
+    if params is None:
+        return load_model(args.model, device=device)
+    return load_model(args.model, device=device, weights_root=params.weights_root,
+                      **{f"{name}_dir": demo_dir(params, name) for name in DEMO_CONFIG_FILES})
 
 
 def _inference_options(args, trained):

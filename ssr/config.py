@@ -127,10 +127,9 @@ class DemoClipParams(Section):
 
 
 class DemoDinoParams(Section):
-    """The tiny timm ViT pretrained by DINO self-distillation on unlabelled demo images (`ssr demo-dino`)."""
+    """The tiny timm ViT pretrained by DINO self-distillation and masked denoising on unlabelled demo images (`ssr demo-dino`)."""
 
-    checkpoint: str = _f("ssr/assets/demo_dino/model.safetensors",
-                         "product of the stage; not committed: its attention avoids the shapes")
+    checkpoint: str = _f("ssr/assets/demo_dino/model.safetensors", "committed product of the stage")
     seed: int = _f(0, "pretraining seed", ge=0)
     width: int = _f(128, "ViT width: sized for CPU pretraining, as the demo CLIP's", ge=8)
     depth: int = _f(4, "ViT blocks", ge=1)
@@ -139,7 +138,7 @@ class DemoDinoParams(Section):
     head_hidden: int = _f(512, "projection MLP width (DINO: 2048)", ge=8)
     head_bottleneck: int = _f(128, "width before the prototype layer (DINO: 256)", ge=8)
     prototypes: int = _f(1024, "output dimension K (DINO: 65536)", ge=2)
-    steps: int = _f(1000, "optimiser steps: a bounded attempt on 1 CPU thread", ge=1)
+    steps: int = _f(1000, "optimiser steps: 24 min on 2 CPU threads (README)", ge=1)
     batch_size: int = _f(64, "images per step", ge=2)
     local_crops: int = _f(6, "local views per image besides the 2 global ones (DINO: 8 or 10)", ge=0)
     local_size: int = _f(32, "local view side, pixels; global views keep demo.image_size (DINO: 96 vs 224)", ge=8)
@@ -163,9 +162,14 @@ class DemoDinoParams(Section):
     weight_decay_end: float = _f(0.4, "weight decay at the last step (DINO: 0.4)", ge=0.0)
     clip_grad: float = _f(3.0, "gradient-norm clip; 0 = off (DINO: 3.0)", ge=0.0)
     freeze_last_layer: int = _f(100, "steps the prototype layer stays fixed (DINO: 1 epoch)", ge=0)
+    denoise_weight: float = _f(1.0, "weight of the masked-denoising patch loss beside DINO's; 0 = DINO alone, whose attention "
+                                    "misses the shapes (README)", ge=0.0)
+    denoise_sigma: float = _f(0.6, "the denoised view's noise std is drawn per image from 0 to this, pixel units in [0, 1]",
+                              ge=0.0)
+    denoise_mask: float = _f(0.3, "share of the denoised view's patches the mask token replaces", ge=0.0, le=1.0)
     attention_mass: float = _f(0.6, "attention masks keep the top patches holding this share of the mass (DINO: 0.6)",
                                gt=0.0, le=1.0)
-    eval_images: int = _f(400, "held-out dino_eval images for the attention IoU", ge=8)
+    eval_images: int = _f(400, "held-out dino_eval images for the attention measures", ge=8)
     threads: int = _f(1, "torch CPU threads", ge=1)
 
     @model_validator(mode="after")
@@ -194,7 +198,8 @@ class DatasetParams(Section):
     background_prompts: list[str] = _f(..., "background classes prompted beside the foreground classes", PER_ENTRY)
     clip_model: str = _f(..., 'open_clip model name; "demo" = the committed tiny CLIP', PER_ENTRY)
     clip_pretrained: str = _f(..., "open_clip pretrained tag (unused for demo)", PER_ENTRY)
-    dino_model: str = _f(..., 'timm model name of the DINO ViT; "" = no DINO (the DINO row is skipped)', PER_ENTRY)
+    dino_model: str = _f(..., 'timm model name of the DINO ViT; "demo" = the committed tiny DINO; "" = no DINO (the DINO '
+                              'row is skipped)', PER_ENTRY)
     dino_weights: str = _f("", 'a local weights file for dino_model instead of timm\'s download ("" = download)', PER_ENTRY)
     prompt_names: list[str] = _f([], "the text each foreground class is prompted with, in class order; [] = the class names "
                                      "themselves", PER_ENTRY)

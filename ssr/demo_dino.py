@@ -13,6 +13,18 @@ EMA of the student) each end in a projection head giving K logits. The teacher
 sees the two global views of an image, the student all views (2 global + the
 local ones); the student is trained to match, by cross-entropy, the teacher's
 centred and sharpened distribution for every global view it did not see itself.
+
+DINO alone does not make this tiny ViT's attention find the demo's shapes (README, "The
+demo DINO"): every demo image has a background no other image has, and self-distillation
+learns it as the image's identity. So a second, named objective (O) is added beside DINO's,
+with weight `denoise_weight`: masked denoising of patch pixels, in the family of masked image
+modelling (SimMIM, Xie et al. 2022; MAE, He et al. 2022). The student sees a third view with
+Gaussian noise on every pixel and a share of its patches replaced by a mask token, and a
+linear decoder predicts the clean pixels of every patch from the last block's tokens. The
+clean colour of a noisy patch is best estimated from the patches that show the same surface,
+so the last block's attention learns to gather an object's patches (the own-object share of
+`ssr.attention_quality`). No labels, masks or captions enter; the pixels are the targets.
+Grouping by that measure did not make a better Eq. 9 affinity on the demo (README).
 """
 
 from __future__ import annotations
@@ -22,7 +34,6 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +43,8 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ssr.backbones import clip_normalisation, clip_visual_forward, load_clip, load_dino
+from ssr.attention_quality import eval_samples, measure_clip, measure_dino, protocol
+from ssr.backbones import load_clip, load_dino
 from ssr.config import DemoDinoParams, DemoParams
 from ssr.data.demo import render_sample
 from ssr.data.layout import write_json
@@ -110,11 +122,17 @@ class DinoHead(nn.Module):
 
 
 class Dino(nn.Module):
-    """Backbone + head, run once per view resolution (global views batch together, local ones too)."""
+    """Backbone + head, run once per view resolution (global views batch together, local ones too).
 
-    def __init__(self, backbone: nn.Module, head: DinoHead):
+    With `pixels` > 0, a learnable mask token stands in for the patch embeddings the denoising
+    view hides, and a linear decoder maps each final patch token to its patch's `pixels` values.
+    """
+
+    def __init__(self, backbone: nn.Module, head: DinoHead, pixels: int = 0):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim)) if pixels else None
+        self.decoder = nn.Linear(backbone.embed_dim, pixels) if pixels else None
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         """views: list of (B, 3, S_v, S_v) -> (len(views) * B, K), views in order."""
@@ -127,10 +145,28 @@ class Dino(nn.Module):
             i = j
         return self.head(torch.cat(out))
 
+    def denoise(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) corrupted view, mask (B, N) bool over its patches -> (B, N, pixels) predicted clean patches."""
+
+        def hide(_module, _args, out: torch.Tensor) -> torch.Tensor:  # out: (B, h, w, D) with dynamic_img_size
+            return torch.where(mask.reshape(*out.shape[:-1], 1), self.mask_token.to(out.dtype), out)
+
+        handle = self.backbone.patch_embed.register_forward_hook(hide)
+        try:
+            tokens = self.backbone.forward_features(x)
+        finally:
+            handle.remove()
+        return self.decoder(tokens[:, self.backbone.num_prefix_tokens:])
+
 
 def build(p: DemoDinoParams, image_size: int) -> Dino:
-    backbone = timm.create_model(ARCHITECTURE, pretrained=False, **model_args(p, image_size))
-    return Dino(backbone, DinoHead(p.width, p.head_hidden, p.head_bottleneck, p.prototypes))
+    # The statistics the views are normalised with go into the model's pretrained cfg from the start,
+    # not the architecture's default cfg (0.5, 0.5), so that whatever reads them off the model
+    # (`dino_normalisation`, the attention measures during training) agrees with the saved folder.
+    backbone = timm.create_model(ARCHITECTURE, pretrained=False, pretrained_cfg_overlay={"mean": MEAN, "std": STD},
+                                 **model_args(p, image_size))
+    pixels = 3 * p.patch_size ** 2 if p.denoise_weight > 0 else 0
+    return Dino(backbone, DinoHead(p.width, p.head_hidden, p.head_bottleneck, p.prototypes), pixels)
 
 
 # ------------------------------------------------------------------ views
@@ -242,83 +278,26 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, centre: torch.Tensor
     return total / pairs
 
 
-# ------------------------------------------------------------------ attention quality
-
-def mass_mask(attention: torch.Tensor, mass: float) -> torch.Tensor:
-    """(B, N) non-negative -> (B, N) bool: the smallest set of largest entries holding at
-    least `mass` of each row's total (DINO's protocol for masks from attention maps)."""
-    values, order = attention.sort(dim=-1, descending=True)
-    share = values / values.sum(dim=-1, keepdim=True)
-    before = share.cumsum(dim=-1) - share  # mass of the larger entries
-    return torch.zeros_like(attention, dtype=torch.bool).scatter(-1, order, before < mass)
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, patch * patch * C), patches in row-major grid order, as the ViT's tokens."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
-def attention_iou(attention: torch.Tensor, foreground: torch.Tensor, mass: float) -> torch.Tensor:
-    """Per-image IoU of the mass-thresholded attention against the foreground.
+def corrupt(view: torch.Tensor, rng: np.random.Generator, p: DemoDinoParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The denoising input: a normalised view (B, 3, H, W) -> (noisy view, mask (B, N) bool).
 
-    attention: (B, h, w) over the patch grid; foreground: (B, H, W) bool. The patch mask
-    is upsampled by nearest neighbour (each patch covers its H/h x W/w pixels).
+    Each image draws its noise std from [0, denoise_sigma] (pixel units in [0, 1], so some
+    images are nearly clean, as the pipeline's are); each patch is masked with probability
+    `denoise_mask`. The draws come from `rng`, so a resumed run is the same run.
     """
-    b, h, w = attention.shape
-    keep = mass_mask(attention.reshape(b, h * w), mass).reshape(b, 1, h, w).float()
-    keep = F.interpolate(keep, size=foreground.shape[-2:], mode="nearest")[:, 0] > 0.5
-    inter = (keep & foreground).sum(dim=(1, 2)).float()
-    union = (keep | foreground).sum(dim=(1, 2)).float()
-    return inter / union.clamp(min=1)
-
-
-@torch.no_grad()
-def last_block_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) normalised -> (B, heads, T, T) softmax attention of a timm ViT's last block.
-
-    timm's fused kernel returns no weights, so the block runs its own plain path for
-    this call and a hook reads the weights where that path applies attention dropout.
-    """
-    attn = model.blocks[-1].attn
-    captured = []
-    fused = attn.fused_attn
-    attn.fused_attn = False
-    handle = attn.attn_drop.register_forward_hook(lambda module, args, out: captured.append(out))
-    try:
-        model.forward_features(images)
-    finally:
-        handle.remove()
-        attn.fused_attn = fused
-    return captured[0]
-
-
-def dino_cls_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) normalised -> (B, h, w): the last block's CLS-to-patch attention, head-averaged."""
-    grid = model.patch_embed.dynamic_feat_size(images.shape[-2:])
-    prefix = model.num_prefix_tokens
-    return last_block_attention(model, images).mean(dim=1)[:, 0, prefix:].reshape(-1, *grid)
-
-
-@torch.no_grad()
-def clip_cls_attention(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) normalised -> (B, h, w): an open_clip ViT's last-block CLS-to-patch attention, head-averaged."""
-    out = clip_visual_forward(visual, images, attn_blocks=1)
-    attention = out.attentions[len(visual.transformer.resblocks) - 1]
-    return attention[:, 0, 1:].reshape(-1, *out.grid)
-
-
-def eval_samples(demo: DemoParams, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out dino_eval images (N, 3, H, W) in [0, 1] and their foreground (N, H, W) bool."""
-    samples = [render_sample(demo, "dino_eval", i) for i in range(num_images)]
-    images = to_unit(np.stack([s.image for s in samples]))
-    return images, torch.from_numpy(np.stack([s.label > 0 for s in samples]))
-
-
-@torch.no_grad()
-def attention_quality(attend: Callable[[torch.Tensor], torch.Tensor], mean, std, images: torch.Tensor,
-                      foreground: torch.Tensor, mass: float) -> float:
-    """Mean per-image IoU of `attend`'s mass-thresholded maps against the foreground.
-
-    attend: normalised (B, 3, H, W) -> (B, h, w) attention; mean/std: the model's statistics.
-    """
-    x = normalise(images, mean, std)
-    ious = [attention_iou(attend(chunk), fg, mass) for chunk, fg in zip(x.split(100), foreground.split(100), strict=True)]
-    return float(torch.cat(ious).mean())
+    b, _, h, w = view.shape
+    sigma = torch.from_numpy(rng.uniform(0.0, p.denoise_sigma, (b, 1, 1, 1))).float()
+    noise = torch.from_numpy(rng.standard_normal(view.shape, dtype=np.float32))
+    noisy = view + sigma * noise / torch.tensor(STD, dtype=view.dtype).view(1, 3, 1, 1)
+    mask = torch.from_numpy(rng.random((b, (h // p.patch_size) * (w // p.patch_size))) < p.denoise_mask)
+    return noisy, mask
 
 
 def cpu_name() -> str:
@@ -333,12 +312,13 @@ def cpu_name() -> str:
 
 # ------------------------------------------------------------------ training
 
-def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_dir: str | Path | None = None,
-             progress: bool = True, eval_every: int = 100) -> dict:
+def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_blocks: int,
+             clip_dir: str | Path | None = None, progress: bool = True, eval_every: int = 100) -> dict:
     """Train the demo DINO from scratch and write its timm folder (each file atomically).
 
-    With `clip_dir`, the committed demo CLIP's last-block CLS attention is scored by
-    the same protocol, for comparison.
+    Its attention is measured on held-out dino_eval images (`ssr.attention_quality`) at every
+    evaluation and, as saved, at the end; with `clip_dir`, the demo CLIP's attention is measured
+    on the same images for comparison, averaged over its last `clip_blocks` blocks as SSR's A_CLIP.
     """
     torch.manual_seed(p.seed)
     torch.set_num_threads(p.threads)
@@ -349,17 +329,17 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
     decay = [q for q in student.parameters() if q.ndim >= 2]
     no_decay = [q for q in student.parameters() if q.ndim < 2]
     optimiser = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
-    eval_images, foreground = eval_samples(demo, p.eval_images)
+    held_out = eval_samples(demo, "dino_eval", p.eval_images)
+    denoising = p.denoise_weight > 0
 
     def teacher_temp_at(step: int) -> float:
         if step < p.teacher_temp_warmup:
             return p.teacher_temp_start + (p.teacher_temp - p.teacher_temp_start) * step / p.teacher_temp_warmup
         return p.teacher_temp
 
-    def evaluate() -> float:
+    def evaluate() -> dict:
         teacher.eval()
-        return attention_quality(lambda x: dino_cls_attention(teacher.backbone, x), MEAN, STD, eval_images, foreground,
-                                 p.attention_mass)
+        return measure_dino(teacher.backbone, held_out, p.attention_mass)
 
     start = time.time()
     history: list[dict] = []
@@ -378,7 +358,7 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
         first, history = saved["step"], saved["history"]
         start -= saved["seconds"]
         print(f"demo DINO: resuming from {resume_path} at step {first}", flush=True)
-    losses, entropies = [], []
+    losses, entropies, denoise_losses = [], [], []
     bar = progress_bar(range(first, p.steps), initial=first, total=p.steps, desc="demo DINO", progress=progress)
     for step in bar:
         student.train()
@@ -395,6 +375,13 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
         student_out = student(crops)
         temp = teacher_temp_at(step)
         loss = dino_loss(student_out, teacher_out, centre, p.student_temp, temp)
+        if denoising:
+            clean = augment(images, rng, demo.image_size, (p.global_scale_min, 1.0), blur_p=0.0, solarise_p=0.0,
+                            colour=p.colour_jitter, blur_sigma=p.blur_sigma)
+            noisy, mask = corrupt(clean, rng, p)
+            denoise_loss = F.mse_loss(student.denoise(noisy, mask), patchify(clean, p.patch_size))
+            denoise_losses.append(float(denoise_loss.detach()))
+            loss = loss + p.denoise_weight * denoise_loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         if p.clip_grad > 0:
@@ -414,8 +401,9 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % eval_every == 0 or step + 1 == p.steps:
             history.append({"step": step + 1, "loss": float(np.mean(losses)), "teacher_entropy": float(np.mean(entropies)),
-                            "attention_iou": evaluate(), "seconds": round(time.time() - start, 1)})
-            losses, entropies = [], []
+                            **({"denoise_loss": float(np.mean(denoise_losses))} if denoising else {}),
+                            **evaluate(), "seconds": round(time.time() - start, 1)})
+            losses, entropies, denoise_losses = [], [], []
             print(json.dumps(history[-1]), flush=True)
             save_resume(resume_path, run_id, student=student.state_dict(), teacher=teacher.state_dict(),
                         optimiser=optimiser.state_dict(), centre=centre, step=step + 1, history=history,
@@ -424,12 +412,10 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
     save(out_dir, teacher.backbone, export_config(p, demo.image_size))
     # The figures are those of the saved fp16 weights, loaded the way the pipeline loads them.
     dino = load_dino("demo", demo_dir=out_dir)
-    quality = {"dino": attention_quality(lambda x: dino_cls_attention(dino, x), MEAN, STD, eval_images, foreground,
-                                         p.attention_mass)}
+    quality = {"dino": measure_dino(dino, held_out, p.attention_mass)}
     if clip_dir is not None:
         clip = load_clip("demo", demo_dir=clip_dir)[0]
-        quality["clip"] = attention_quality(lambda x: clip_cls_attention(clip.visual, x), *clip_normalisation(clip),
-                                            eval_images, foreground, p.attention_mass)
+        quality["clip"] = measure_clip(clip, held_out, p.attention_mass, clip_blocks)
     provenance = {
         "config": export_config(p, demo.image_size),
         "params": p.model_dump(),
@@ -438,11 +424,8 @@ def pretrain(out_dir: str | Path, p: DemoDinoParams, demo: DemoParams, *, clip_d
         "steps": p.steps,
         "device": f"cpu ({cpu_name()}, {p.threads} thread{'s' if p.threads > 1 else ''})",
         "wall_seconds": wall,
-        "attention_iou": quality,
-        "attention_protocol": (f"last-block CLS-to-patch attention averaged over heads; per image, the patches holding "
-                               f"{p.attention_mass:.0%} of its mass (largest first) upsampled by nearest neighbour to "
-                               f"{demo.image_size}x{demo.image_size}; IoU with the foreground (label > 0), averaged over "
-                               f"the first {p.eval_images} images of the dino_eval stream; the fp16 weights as saved"),
+        "attention": quality,
+        "attention_protocol": protocol(p.attention_mass, demo.image_size, "dino_eval", p.eval_images, clip_blocks),
         "history": history,
         "torch": torch.__version__,
         "timm": timm.__version__,

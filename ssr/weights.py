@@ -190,10 +190,10 @@ def _download_failed(what: str, err: Exception, folder: Path) -> str:
             f"where there is internet (a cluster's login node), or copy a cache that holds {folder} from such a machine")
 
 
-def fetch(params: Params, dataset: str, demo_clip_dir: str | os.PathLike) -> dict:
+def fetch(params: Params, dataset: str, demo_clip_dir: str | os.PathLike, demo_dino_dir: str | os.PathLike) -> dict:
     """Fetch what `dataset` needs into weights_root and write its manifest; returns the manifest.
 
-    `demo_clip_dir`: the folder the demo's CLIP is read from (`ssr.cli.demo_clip_dir`).
+    `demo_clip_dir`, `demo_dino_dir`: the folders the demo's CLIP and DINO are read from (`ssr.cli.demo_dir`).
 
     The manifest is rewritten only when its content changes, so that a rerun leaves the DAG's
     downstream stages up to date. Paths in it are relative (to weights_root for cached folders),
@@ -219,10 +219,8 @@ def fetch(params: Params, dataset: str, demo_clip_dir: str | os.PathLike) -> dic
         entries["dino"] = _file_entry(ds.dino_model, ds.dino_weights,
                                       f"datasets.{dataset}.dino_weights names a weights file for {ds.dino_model}")
     elif ds.dino_model == "demo":
-        from ssr.backbones import demo_asset_dir
-
         entries["dino"] = {"model": "demo", "source": "committed", "folder": str(Path(params.demo_dino.checkpoint).parent),
-                           "sha256": _digests(demo_asset_dir("demo_dino"), DINO_FILES)}
+                           "sha256": _digests(Path(demo_dino_dir), DINO_FILES)}
     else:
         folder = fetch_dino(root, ds.dino_model)
         entries["dino"] = {"model": ds.dino_model, "source": "cache", "folder": folder.relative_to(root).as_posix(),

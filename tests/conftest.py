@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-init open_clip model written to disk, and a
+"""Shared fixtures: a tiny random-init open_clip model and timm DINO written to disk, and a
 params.yaml shrunk for tests. Nothing here downloads or mocks a library."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from ssr import demo_clip
-from ssr.config import load_params
+from ssr import demo_clip, demo_dino
+from ssr.config import DemoDinoParams, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,15 +52,31 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_dino_dir(tmp_path_factory) -> Path:
+    """A timm folder holding a random-init tiny demo DINO on the tiny CLIP's 4x4 patch grid (32 px, patch 8)."""
+    out = tmp_path_factory.mktemp("tiny_dino")
+    torch.manual_seed(0)
+    tiny = DemoDinoParams(width=24, depth=2, heads=2, patch_size=8, head_hidden=32, head_bottleneck=16, prototypes=64)
+    demo_dino.save(out, demo_dino.build(tiny, 32).backbone, demo_dino.export_config(tiny, 32))
+    return out
+
+
 def tiny_params(raw: dict, clip_dir: Path, *, data_root: Path | None = None, results_root: Path | None = None,
-                **overrides) -> dict:
-    """Shrink a params dict for a seconds-long demo run on the tiny CLIP; dotted-key overrides last."""
+                dino_dir: Path | None = None, **overrides) -> dict:
+    """Shrink a params dict for a seconds-long demo run on the tiny CLIP, and the tiny DINO where
+    `dino_dir` is given (else no DINO: the committed one's grid is not the tiny CLIP's); dotted-key
+    overrides last."""
     if data_root is not None:
         raw["data_root"] = str(data_root)
     if results_root is not None:
         raw["results_root"] = str(results_root)
     raw["demo"].update(image_size=32, num_train=12, num_val=6)
     raw["demo_clip"]["checkpoint"] = str(clip_dir / "open_clip_model.safetensors")
+    if dino_dir is None:
+        raw["datasets"]["demo"]["dino_model"] = ""
+    else:
+        raw["demo_dino"]["checkpoint"] = str(dino_dir / "model.safetensors")
     raw["train_presets"]["demo"].update(iterations=4, batch_size=4, crop_size=32, warmup=1, refresh_every=2)
     raw["datasets"]["demo"]["long_side"] = 32
     raw["datasets"]["demo"].update(seeds=[0], variants={})   # one run; tests that need more set them
@@ -76,10 +92,10 @@ def tiny_params(raw: dict, clip_dir: Path, *, data_root: Path | None = None, res
     return raw
 
 
-def write_tiny_params(directory: Path, data_root: Path, clip_dir: Path, **overrides):
+def write_tiny_params(directory: Path, data_root: Path, clip_dir: Path, dino_dir: Path | None = None, **overrides):
     """params.yaml in `directory` (results in directory/results) from the repo's, shrunk; -> (path, Params)."""
     raw = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()), clip_dir, data_root=data_root,
-                      results_root=directory / "results", **overrides)
+                      results_root=directory / "results", dino_dir=dino_dir, **overrides)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

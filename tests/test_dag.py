@@ -87,9 +87,13 @@ def copy_workflow(dest: Path, *extra: str) -> Path:
     return dest
 
 
-def demo_clip_files(params: dict) -> list[Path]:
-    checkpoint = Path(params["demo_clip"]["checkpoint"])
-    return [checkpoint, checkpoint.parent / "open_clip_config.json", checkpoint.parent / "provenance.json"]
+def demo_backbone_files(params: dict) -> list[Path]:
+    """The committed demo CLIP's and DINO's files."""
+    out = []
+    for name in pipeline.DEMO_BACKBONES:
+        checkpoint = Path(params[name]["checkpoint"])
+        out += [checkpoint, checkpoint.parent / pipeline.DEMO_BACKBONES[name][1], checkpoint.parent / "provenance.json"]
+    return out
 
 
 @pytest.fixture
@@ -97,9 +101,9 @@ def workdir(tmp_path: Path) -> Path:
     """A copy of the workflow as a fresh clone sees it, minus the committed metrics: no data, no results."""
     copy_workflow(tmp_path)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    for path in demo_clip_files(params):
+    for path in demo_backbone_files(params):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_bytes(b"placeholder for the committed demo CLIP")
+        (tmp_path / path).write_bytes(b"placeholder for a committed demo backbone")
     return tmp_path
 
 
@@ -230,13 +234,17 @@ def test_multi_gpu_training_runs_torchrun_on_one_node(workdir):
     assert (train["resources"]["gpu"], train["resources"]["nodes"]) == ("4", "1")
 
 
-def test_demo_clip_runs_only_without_committed_checkpoint(workdir):
-    (workdir / "ssr/assets/demo_clip/open_clip_model.safetensors").unlink()
+@pytest.mark.parametrize("backbone", ["demo_clip", "demo_dino"])
+def test_a_demo_backbone_runs_only_without_committed_checkpoint(workdir, backbone):
+    """The committed DINO is in the DAG when the demo uses it (datasets.demo.dino_model: demo)."""
+    set_params(workdir, datasets__demo__dino_model="demo")
+    (workdir / f"ssr/assets/{backbone}/{'open_clip_' if backbone == 'demo_clip' else ''}model.safetensors").unlink()
     jobs = dry_run(workdir, "demo")
-    assert set(jobs) == {f"{r}-demo" for r in STAGE_RULES} | {"demo_clip"}
-    assert unwrap(jobs["demo_clip"]["shell"], "demo_clip") == "ssr demo-clip --params params.yaml --threads 2"
-    # voc does not need the demo CLIP at all
-    assert "demo_clip" not in dry_run(workdir, "voc")
+    assert set(jobs) == {f"{r}-demo" for r in STAGE_RULES} | {backbone}
+    command = f"ssr {backbone.replace('_', '-')} --params params.yaml --threads 2"
+    assert unwrap(jobs[backbone]["shell"], backbone) == command
+    # voc does not need the demo backbones at all
+    assert backbone not in dry_run(workdir, "voc")
 
 
 def test_weights_are_fetched_by_a_local_job_before_train(workdir):
@@ -341,27 +349,28 @@ def dvc_stages(workdir: Path) -> dict[str, dict]:
 def test_snakemake_and_dvc_declare_the_same_dag(workdir):
     # custom roots: every path in both DAGs must follow params.yaml; torchrun for voc; the CLIP re-trained
     params = set_params(workdir, data_root="store/data", results_root="out", weights_root="cache/weights",
-                        retrain__enabled=True, datasets__voc__gpus=2)
-    (workdir / demo_clip_files(params)[0]).unlink()  # so Snakemake plans demo_clip too
+                        retrain__enabled=True, datasets__voc__gpus=2, datasets__demo__dino_model="demo")
+    for name in pipeline.DEMO_BACKBONES:  # so Snakemake plans demo_clip and demo_dino too
+        (workdir / params[name]["checkpoint"]).unlink()
     _run([sys.executable, "workflow/pipeline.py", "dvc", "voc", "coco"], workdir)
     smk = dry_run(workdir, *DATASETS)
     dvc = dvc_stages(workdir)
-    expected = {f"{r}-{ds}" for r in STAGE_RULES for ds in DATASETS} | {"demo_clip"}
+    expected = {f"{r}-{ds}" for r in STAGE_RULES for ds in DATASETS} | set(pipeline.DEMO_BACKBONES)
     assert set(smk) == set(dvc) == expected
     resources = pipeline.load(workdir / "params.yaml", workdir / pipeline.RESOURCES)[1]
     curves = {p for s in pipeline.stages(params, resources) for p in s.curves}
 
     for name, job in smk.items():
         stage = dvc[name]
-        assert stage["dvcfile"] == ("dvc.yaml" if name.endswith("demo") or name == "demo_clip" else
+        assert stage["dvcfile"] == ("dvc.yaml" if name.endswith("demo") or name in pipeline.DEMO_BACKBONES else
                                     f"workflow/dvc/{name.rsplit('-', 1)[1]}/dvc.yaml"), name
         # the same command; Snakemake adds only the log
         assert unwrap(job["shell"], name) == stage["cmd"], name
         assert sorted(job["input"]) == stage["deps"], name
-        if name == "demo_clip":
+        if name in pipeline.DEMO_BACKBONES:
             # DVC tracks the committed folder (in git, not in the DVC cache) and never re-runs it
-            assert stage["frozen"] and stage["outs"] == {"ssr/assets/demo_clip": {"cache": False, "metric": False,
-                                                                                  "persist": False}}
+            assert stage["frozen"] and stage["outs"] == {f"ssr/assets/{name}": {"cache": False, "metric": False,
+                                                                                "persist": False}}
             continue
         assert not stage["frozen"], name
         # the same outputs; DVC also declares the method's dvclive curves, which Snakemake must not
@@ -389,10 +398,12 @@ def test_snakemake_and_dvc_declare_the_same_dag(workdir):
 
 
 def test_committed_dvc_files_are_current_and_the_root_one_is_the_demo():
-    """dvc.yaml is generated from params.yaml; it holds the demo (+ its CLIP) and nothing else."""
+    """dvc.yaml is generated from params.yaml; it holds the demo (+ the committed backbones it uses) and nothing else."""
     assert _run([sys.executable, "workflow/pipeline.py", "dvc", "--check"], REPO).returncode == 0
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == {f"{r}-demo" for r in STAGE_RULES} | {"demo_clip"}
+    demo = yaml.safe_load((REPO / "params.yaml").read_text())["datasets"]["demo"]
+    used = {name for name in pipeline.DEMO_BACKBONES if demo[f"{name.removeprefix('demo_')}_model"] == "demo"}
+    assert "demo_clip" in used and set(stages) == {f"{r}-demo" for r in STAGE_RULES} | used
     # voc/coco get their own files, written when first run (and then committed with their results)
     for path in (REPO / "workflow").glob("dvc/*/dvc.yaml"):
         assert set(yaml.safe_load(path.read_text())["stages"]) == {f"{r}-{path.parent.name}" for r in STAGE_RULES}

@@ -34,6 +34,12 @@ def write_params(directory: Path, data_root: Path, clip_dir: Path, **overrides) 
     return write_tiny_params(directory, data_root, clip_dir, **overrides)
 
 
+def like_pipeline(pipeline, directory: Path, data_root: Path | None = None, **overrides) -> tuple[Path, object]:
+    """Tiny params with the pipeline fixture's backbones (and by default its data)."""
+    return write_tiny_params(directory, data_root or Path(pipeline.params.data_root), pipeline.clip_dir,
+                             dino_dir=pipeline.dino_dir, **overrides)
+
+
 def ssr_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The installed console script, as Snakemake and DVC call it."""
     script = BIN / "ssr"
@@ -43,10 +49,10 @@ def ssr_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_clip_dir):
-    """prepare -> superpixels -> train -> pseudo-labels -> evaluate on the tiny demo, once."""
+def pipeline(tmp_path_factory, tiny_clip_dir, tiny_dino_dir):
+    """prepare -> superpixels -> train -> pseudo-labels -> evaluate on the tiny demo with its tiny DINO, once."""
     base = tmp_path_factory.mktemp("pipeline")
-    path, params = write_params(base, base / "data", tiny_clip_dir)
+    path, params = write_params(base, base / "data", tiny_clip_dir, dino_dir=tiny_dino_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the tests (conftest), so re-scoring later sums in the same order
     try:
@@ -63,7 +69,7 @@ def pipeline(tmp_path_factory, tiny_clip_dir):
     run.base, run.path, run.params, run.results = base, path, params, results
     run.layout = DatasetLayout(params.dataset_root("demo"))
     run.classes = run.layout.classes()
-    run.clip_dir = tiny_clip_dir
+    run.clip_dir, run.dino_dir = tiny_clip_dir, tiny_dino_dir
     run.seeds = json.loads((results / "demo_seeds.json").read_text())
     run.miou = json.loads((results / "demo_miou.json").read_text())
     return run
@@ -95,15 +101,24 @@ def in_unit_interval(metrics: dict, skip=("split", "images", "seeds")) -> list[s
 def test_seeds_json_has_every_table3_row(pipeline):
     seeds = pipeline.seeds
     assert seeds["split"] == "train" and seeds["seeds"] == 1
-    # Table 3: CAM only, + CLIP attention, + DINO attention, + SGC mask; the demo has no DINO weights
-    for row in ("cam", "clip", "sgc", "method"):
+    # Table 3: CAM only, + CLIP attention, + DINO attention, + SGC mask
+    for row in ("cam", "clip", "dino", "sgc", "method"):
         for key in SCORES:
             assert f"{row}_{key}" in seeds, f"{row}_{key} missing from demo_seeds.json: {sorted(seeds)}"
+    assert "dino_available" not in seeds  # the flag marks a row that could not run
+    assert in_unit_interval(seeds) == []
+    assert all(seeds[f"{row}_miou"] is not None for row in ("cam", "clip", "dino", "sgc"))
+    # default switches (use_clip, use_dino, use_sgc all on): the method is the SGC row, which fuses both attentions
+    assert {k: seeds[f"method_{k}"] for k in SCORES} == {k: seeds[f"sgc_{k}"] for k in SCORES}
+
+
+def test_without_dino_the_dino_row_is_left_out(tmp_path, tiny_clip_dir):
+    path, params = write_params(tmp_path, tmp_path / "data", tiny_clip_dir, **{"datasets.demo.seeds": [0]})
+    for stage in ("prepare", "superpixels", "train", "pseudo-labels"):
+        assert ssr_main([stage, "--dataset", "demo", "--params", str(path), "--quiet"]) == 0, stage
+    seeds = json.loads((Path(params.results_root) / "demo_seeds.json").read_text())
     assert seeds["dino_available"] == 0
     assert not any(k.startswith("dino_") and k != "dino_available" for k in seeds)
-    assert in_unit_interval(seeds) == []
-    assert all(seeds[f"{row}_miou"] is not None for row in ("cam", "clip", "sgc"))
-    # default switches (use_clip, use_dino, use_sgc all on; no DINO here): the method is the SGC row
     assert {k: seeds[f"method_{k}"] for k in SCORES} == {k: seeds[f"sgc_{k}"] for k in SCORES}
 
 
@@ -133,7 +148,7 @@ def test_cam_figures_get_each_image_s_regions_and_sgc_targets(pipeline, tmp_path
     file's, at the image's size) and, per class of the image, its SGC target regions."""
     import ssr.pseudo_labels
 
-    path, params = write_params(tmp_path, Path(pipeline.params.data_root), pipeline.clip_dir)
+    path, params = like_pipeline(pipeline, tmp_path)
     shutil.copytree(pipeline.results / "demo" / "method", Path(params.results_root) / "demo" / "method")
     drawn, real = [], ssr.pseudo_labels.cam_figure
 
@@ -258,13 +273,15 @@ def test_evaluate_label_folders_runs_without_a_params_file(tmp_path):
 
 
 @pytest.mark.parametrize("switches, row", [
-    ({"affinity.use_sgc": False}, "clip"),
+    ({"affinity.use_sgc": False}, "dino"),
+    ({"affinity.use_sgc": False, "affinity.use_dino": False}, "clip"),
     ({"affinity.use_clip": False, "affinity.use_dino": False, "affinity.use_sgc": False}, "cam"),
-], ids=["no-sgc-is-clip-row", "all-off-is-cam-row"])
+], ids=["no-sgc-is-dino-row", "no-sgc-no-dino-is-clip-row", "all-off-is-cam-row"])
 def test_ablation_switches_choose_the_method_row(pipeline, switches, row):
     """The method (exported labels, method_* scores) follows affinity.use_*: without the SGC
-    mask it is the "+ CLIP attention" row, with every switch off it is the plain CAM."""
-    path, params = write_params(pipeline.base / f"ablation_{row}", Path(pipeline.params.data_root), pipeline.clip_dir, **switches)
+    mask it is the "+ DINO attention" row, without DINO too the "+ CLIP attention" row, with
+    every switch off the plain CAM."""
+    path, params = like_pipeline(pipeline, pipeline.base / f"ablation_{row}", **switches)
     for stage in ("train", "pseudo-labels"):
         assert ssr_main([stage, "--dataset", "demo", "--params", str(path), "--quiet"]) == 0, stage
     seeds = json.loads((Path(params.results_root) / "demo_seeds.json").read_text())
@@ -277,8 +294,7 @@ def test_ablation_switches_choose_the_method_row(pipeline, switches, row):
 def test_a_model_under_other_params_is_refused_naming_the_keys(pipeline, capsys):
     """A stage loading a trained model under params that changed what it was trained with stops,
     naming each changed key with both values, and writes nothing."""
-    path, _ = write_params(pipeline.base / "changed", Path(pipeline.params.data_root), pipeline.clip_dir,
-                           **{"cmpa.tau_init": 0.1, "sgc.t_hi": 0.4})
+    path, _ = like_pipeline(pipeline, pipeline.base / "changed", **{"cmpa.tau_init": 0.1, "sgc.t_hi": 0.4})
     path.write_text(path.read_text().replace(f"results_root: {path.parent / 'results'}", f"results_root: {pipeline.results}"))
     seeds_file = pipeline.results / "demo_seeds.json"
     before = seeds_file.read_bytes()
@@ -294,7 +310,7 @@ def test_load_model_and_predict_from_the_run_folder_alone(pipeline):
     import ssr
 
     run = pipeline.results / "demo" / "method" / "seed0"
-    trained = ssr.load_model(run, demo_clip_dir=pipeline.clip_dir)
+    trained = ssr.load_model(run, demo_clip_dir=pipeline.clip_dir, demo_dino_dir=pipeline.dino_dir)
     assert trained.classes == pipeline.classes
     image_id = pipeline.layout.split("val")[0]
     from ssr.data.layout import read_image
@@ -315,8 +331,8 @@ def test_variants_and_seeds_give_table4_rows_the_bound_and_a_spread(pipeline):
     loss's CAM), the metrics file the fully supervised bound and the method's ratio to it, each
     as the mean over seeds with std, min and max."""
     variants = {"cmpa_feature": {"cmpa.loss": "feature"}, "gt_bound": {"train.supervision": "gt"}}
-    path, params = write_params(pipeline.base / "variants", Path(pipeline.params.data_root), pipeline.clip_dir,
-                                **{"datasets.demo.seeds": [0, 1], "datasets.demo.variants": variants})
+    path, params = like_pipeline(pipeline, pipeline.base / "variants",
+                                 **{"datasets.demo.seeds": [0, 1], "datasets.demo.variants": variants})
     for stage in ("train", "pseudo-labels", "evaluate"):
         assert ssr_main([stage, "--dataset", "demo", "--params", str(path), "--quiet"]) == 0, stage
     results = Path(params.results_root)
@@ -341,7 +357,7 @@ def test_variants_and_seeds_give_table4_rows_the_bound_and_a_spread(pipeline):
 def test_corrupt_image_stops_superpixels_naming_the_file(pipeline, tmp_path):
     data_root = tmp_path / "data"
     shutil.copytree(Path(pipeline.params.data_root) / "demo", data_root / "demo", ignore=shutil.ignore_patterns("superpixels*"))
-    path, params = write_params(tmp_path, data_root, pipeline.clip_dir)
+    path, params = like_pipeline(pipeline, tmp_path, data_root)
     layout = DatasetLayout(params.dataset_root("demo"))
     victim = layout.image_path("train_00003")
     victim.write_bytes(victim.read_bytes()[:60])  # a truncated PNG

@@ -15,9 +15,13 @@ from ssr.pretraining import RESUME_FILE, load_resume, save_resume
 STAGES = {
     "clip": (demo_clip, "zero_shot_map", test_demo_clip.TINY, test_demo_clip.DEMO,
              lambda folder: load_clip("demo", demo_dir=folder)[0]),
-    "dino": (demo_dino, "attention_quality", test_demo_dino.TINY, test_demo_dino.DEMO,
+    "dino": (demo_dino, "measure_dino", test_demo_dino.TINY, test_demo_dino.DEMO,
              lambda folder: load_dino("demo", demo_dir=folder)),
+    "dino_alone": (demo_dino, "measure_dino", test_demo_dino.TINY.model_copy(update={"denoise_weight": 0.0}),
+                   test_demo_dino.DEMO, lambda folder: load_dino("demo", demo_dir=folder)),
 }
+# what each stage's pretrain takes besides its params
+MEASURE = {demo_clip: {}, demo_dino: {"clip_blocks": 8}}
 
 RUN = {"config": {"width": 8, "layers": (2, 2)}, "params": {"lr": 1e-3, "note": None}}
 
@@ -60,7 +64,7 @@ def interrupt_pretraining_at_second_evaluation(module, evaluator: str, out_dir, 
 
     monkeypatch.setattr(module, evaluator, stop_at_second)
     with pytest.raises(KeyboardInterrupt):
-        module.pretrain(out_dir, params, demo, progress=False, eval_every=2)
+        module.pretrain(out_dir, params, demo, progress=False, eval_every=2, **MEASURE[module])
     monkeypatch.setattr(module, evaluator, real)
 
 
@@ -68,11 +72,11 @@ def interrupt_pretraining_at_second_evaluation(module, evaluator: str, out_dir, 
 def test_interrupted_pretraining_resumes_to_the_same_run(stage, tmp_path, monkeypatch, capsys):
     """Same machine, same thread count: the resumed run is the uninterrupted one, bit for bit."""
     module, evaluator, tiny, demo, load = STAGES[stage]
-    straight = module.pretrain(tmp_path / "straight", tiny, demo, progress=False, eval_every=2)
+    straight = module.pretrain(tmp_path / "straight", tiny, demo, progress=False, eval_every=2, **MEASURE[module])
     interrupt_pretraining_at_second_evaluation(module, evaluator, tmp_path / "interrupted", tiny, demo, monkeypatch)
     assert torch.load(tmp_path / "interrupted" / RESUME_FILE, weights_only=True)["step"] == 2
     capsys.readouterr()
-    resumed = module.pretrain(tmp_path / "interrupted", tiny, demo, progress=False, eval_every=2)
+    resumed = module.pretrain(tmp_path / "interrupted", tiny, demo, progress=False, eval_every=2, **MEASURE[module])
     assert "resuming from" in capsys.readouterr().out
     a, b = load(tmp_path / "straight").state_dict(), load(tmp_path / "interrupted").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -87,7 +91,8 @@ def test_a_resume_file_is_resumed_with_another_thread_count(stage, tmp_path, mon
     module, evaluator, tiny, demo, _ = STAGES[stage]
     interrupt_pretraining_at_second_evaluation(module, evaluator, tmp_path, tiny, demo, monkeypatch)
     capsys.readouterr()
-    prov = module.pretrain(tmp_path, tiny.model_copy(update={"threads": 2}), demo, progress=False, eval_every=2)
+    prov = module.pretrain(tmp_path, tiny.model_copy(update={"threads": 2}), demo, progress=False, eval_every=2,
+                           **MEASURE[module])
     assert "resuming from" in capsys.readouterr().out
     assert [h["step"] for h in prov["history"]] == [2, 4]
 
@@ -97,6 +102,7 @@ def test_a_resume_file_from_other_settings_is_not_resumed(stage, tmp_path, monke
     module, evaluator, tiny, demo, _ = STAGES[stage]
     interrupt_pretraining_at_second_evaluation(module, evaluator, tmp_path, tiny, demo, monkeypatch)
     capsys.readouterr()
-    prov = module.pretrain(tmp_path, tiny.model_copy(update={"lr": tiny.lr * 2}), demo, progress=False, eval_every=2)
+    prov = module.pretrain(tmp_path, tiny.model_copy(update={"lr": tiny.lr * 2}), demo, progress=False, eval_every=2,
+                           **MEASURE[module])
     assert "resuming" not in capsys.readouterr().out
     assert prov["params"]["lr"] == tiny.lr * 2 and [h["step"] for h in prov["history"]] == [2, 4]

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import timm
@@ -217,3 +218,39 @@ def test_the_weights_stage_without_network_fails_clearly_and_leaves_no_folder(tm
     assert "`ssr weights` needs the network" in proc.stderr
     assert not clip_dir(params.weights_root, "tiny-clip-test", "tiny").exists()
     assert not manifest_path(params.weights_root, "voc").exists()
+
+
+def test_a_saved_model_loads_its_backbones_from_the_cache_with_the_network_off(tmp_path, trained_demo, tiny_clip_dir,
+                                                                                 no_network, capsys):
+    """`ssr predict` / `evaluate --model` / `export` on a compute node: a run recorded with a CLIP tag
+    (here the tiny CLIP, filed in the cache as ViT-B-16 `openai`) loads it from the params'
+    weights_root, not through open_clip's download, and segments as the same model from its
+    own folder; an empty cache is named with the command that fills it."""
+    import shutil
+
+    import ssr
+    from ssr.data.layout import DatasetLayout, read_image, write_image
+
+    _, demo = trained_demo
+    run = tmp_path / "run"
+    shutil.copytree(Path(demo.results_root) / "demo" / "method" / "seed0", run)
+    config = json.loads((run / "model.json").read_text())
+    config["dataset_params"].update(clip_model="ViT-B-16", clip_pretrained="openai")
+    (run / "model.json").write_text(json.dumps(config))
+    path, params = _params(tmp_path)
+    image = read_image(DatasetLayout(demo.dataset_root("demo")).image_path("val_00000"))
+    write_image(tmp_path / "photo.png", image)
+
+    assert ssr_main(["predict", str(tmp_path / "photo.png"), "--model", str(run), "--out", str(tmp_path / "out"),
+                     "--params", str(path), "--quiet"]) == 2
+    assert "`ssr weights --dataset demo`" in capsys.readouterr().err
+
+    clip = load_clip("demo", demo_dir=tiny_clip_dir)[0]
+    write_clip_folder(clip_dir(params.weights_root, "ViT-B-16", "openai"), clip, tiny_clip_config(), OPENAI)
+    cached = ssr.load_model(run, weights_root=params.weights_root)
+    original = ssr.load_model(Path(demo.results_root) / "demo" / "method" / "seed0", demo_clip_dir=tiny_clip_dir)
+    assert _same_weights(cached.backbones.clip, original.backbones.clip)
+    assert np.array_equal(ssr.predict(cached, image, crf=False), ssr.predict(original, image, crf=False))
+    assert ssr_main(["predict", str(tmp_path / "photo.png"), "--model", str(run), "--out", str(tmp_path / "out"),
+                     "--params", str(path), "--quiet", "--no-crf"]) == 0
+    assert (tmp_path / "out" / "photo.png").is_file()

@@ -61,7 +61,7 @@ NOT_TRAINING_DATASET_KEYS = ("long_side", "seed_split", "val_split")
 
 @dataclass
 class Stage:
-    """One DAG stage for one dataset (`dataset` None for demo_clip)."""
+    """One DAG stage for one dataset (`dataset` None for demo_clip and demo_dino)."""
 
     rule: str
     dataset: str | None
@@ -167,26 +167,31 @@ def run_dir(params: dict, ds: str, run: str, seed: int) -> str:
     return f"{params['results_root']}/{ds}/{run}/seed{seed}"
 
 
-def demo_clip_files(params: dict) -> list[str]:
-    folder = os.path.dirname(params["demo_clip"]["checkpoint"])
-    return [params["demo_clip"]["checkpoint"], f"{folder}/open_clip_config.json"]
+# The demo's committed backbones: their `ssr` command and the files each folder holds beside the weights.
+DEMO_BACKBONES = {"demo_clip": ("demo-clip", "open_clip_config.json"), "demo_dino": ("demo-dino", "config.json")}
+
+
+def demo_backbone_files(params: dict, name: str) -> list[str]:
+    """The weights and config a demo backbone's loader reads (`name`: demo_clip or demo_dino)."""
+    folder = os.path.dirname(params[name]["checkpoint"])
+    return [params[name]["checkpoint"], f"{folder}/{DEMO_BACKBONES[name][1]}"]
 
 
 # ------------------------------------------------------------------ the stages
 
-def demo_clip(params: dict, resources: dict) -> Stage:
-    """The demo's tiny CLIP; committed, so neither runner re-trains it unless asked."""
-    folder = os.path.dirname(params["demo_clip"]["checkpoint"])
-    res = dict(resources["demo"]["demo_clip"])
+def demo_backbone(params: dict, resources: dict, name: str) -> Stage:
+    """The demo's tiny CLIP or DINO; committed, so neither runner re-trains it unless asked."""
+    folder = os.path.dirname(params[name]["checkpoint"])
+    res = dict(resources["demo"][name])
     res.pop("threads", None)
+    weights, config = demo_backbone_files(params, name)
     return Stage(
-        rule="demo_clip", dataset=None,
-        command=f"ssr demo-clip --params {PARAMS} --threads {{threads}}",
+        rule=name, dataset=None,
+        command=f"ssr {DEMO_BACKBONES[name][0]} --params {PARAMS} --threads {{threads}}",
         inputs={},
-        outputs={"checkpoint": [params["demo_clip"]["checkpoint"]], "config": [f"{folder}/open_clip_config.json"],
-                 "provenance": [f"{folder}/provenance.json"]},
-        params=("demo", "demo_clip"),
-        threads=int(params["demo_clip"]["threads"]),
+        outputs={"checkpoint": [weights], "config": [config], "provenance": [f"{folder}/provenance.json"]},
+        params=("demo", name),
+        threads=int(params[name]["threads"]),
         resources={**res, "gpu": 0},
         frozen=True,
     )
@@ -200,7 +205,8 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
     dataset = {"images": [f"{data}/images"], "splits": [f"{data}/splits"], "classes": [f"{data}/classes.json"],
                "image_labels": [f"{data}/image_labels.json"]}
     labels = {"labels": [f"{data}/labels"]}
-    clip = {"clip": demo_clip_files(params)} if conf["clip_model"] == "demo" else {}
+    clip = {"clip": demo_backbone_files(params, "demo_clip")} if conf["clip_model"] == "demo" else {}
+    clip |= {"dino": demo_backbone_files(params, "demo_dino")} if conf["dino_model"] == "demo" else {}
     superpixels = {"superpixels": [f"{data}/superpixels.h5"]}
     # What `ssr weights` fetched (its manifest): the stages that load CLIP and DINO read them from the cache.
     weights = {"weights": [f"{params['weights_root']}/{ds}.json"]}
@@ -341,8 +347,10 @@ def report_stage(params: dict, resources: dict, ds: str) -> Stage:
 
 
 def stages(params: dict, resources: dict, datasets=DATASETS) -> list[Stage]:
-    """demo_clip, then every dataset's stages."""
-    out = [demo_clip(params, resources)] if "demo" in datasets else []
+    """The demo's committed backbones where it uses them (demo_clip, demo_dino), then every dataset's stages."""
+    demo = params["datasets"]["demo"] if "demo" in datasets else {}
+    out = [demo_backbone(params, resources, name) for name in DEMO_BACKBONES
+           if demo.get(f"{name.removeprefix('demo_')}_model") == "demo"]
     for ds in datasets:
         out += dataset_stages(params, resources, ds)
     return out

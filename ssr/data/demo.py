@@ -44,6 +44,7 @@ class DemoSample:
     label: np.ndarray      # (H, W) uint8, 0 background, 1..C shapes
     caption: str
     texture: str
+    instances: np.ndarray  # (H, W) uint8, 0 background, k where the k-th drawn object is visible
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, size: float, angle: float) -> list[tuple[float, float]]:
@@ -116,6 +117,7 @@ def render_sample(params: DemoParams, stream: str, index: int, max_objects: int 
     texture = TEXTURES[rng.integers(len(TEXTURES))]
     image = _texture(rng, texture, size, params.texture_contrast)
     label = np.zeros((size, size), np.uint8)
+    instances = np.zeros((size, size), np.uint8)
     top = params.max_objects if max_objects is None else max(params.min_objects, min(max_objects, params.max_objects))
     n_objects = int(rng.integers(params.min_objects, top + 1))
     phrases = []
@@ -138,6 +140,7 @@ def render_sample(params: DemoParams, stream: str, index: int, max_objects: int 
         colour = np.array(OBJECT_COLOURS[colour_name], np.float32) + rng.normal(0, 6, 3)
         image[mask] = colour + rng.normal(0, 5, (int(mask.sum()), 3))
         label[mask] = class_index + 1
+        instances[mask] = k + 1
         phrases.append(shape)
     # Objects hidden under later ones are not in the picture, so not in the caption.
     visible = set(image_labels_from_mask(label, len(params.classes) + 1))
@@ -146,7 +149,7 @@ def render_sample(params: DemoParams, stream: str, index: int, max_objects: int 
     # texture (the demo's background prompts) is named half the time.
     where = f" on {texture}" if rng.random() < 0.5 else ""
     caption = "a photo of a " + " and a ".join(dict.fromkeys(kept)) + where + "."
-    return DemoSample(np.clip(image, 0, 255).astype(np.uint8), label, caption, texture)
+    return DemoSample(np.clip(image, 0, 255).astype(np.uint8), label, caption, texture, instances)
 
 
 def prepare_demo(root: str | Path, params: DemoParams, progress: bool = True) -> None:
