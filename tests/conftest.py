@@ -73,9 +73,8 @@ def tiny_params(raw: dict, clip_dir: Path, *, data_root: Path | None = None, res
         raw["results_root"] = str(results_root)
     raw["demo"].update(image_size=32, num_train=12, num_val=6)
     raw["demo_clip"]["checkpoint"] = str(clip_dir / "open_clip_model.safetensors")
-    if dino_dir is None:
-        raw["datasets"]["demo"]["dino_model"] = ""
-    else:
+    raw["datasets"]["demo"]["dino_model"] = "" if dino_dir is None else "demo"
+    if dino_dir is not None:
         raw["demo_dino"]["checkpoint"] = str(dino_dir / "model.safetensors")
     raw["train_presets"]["demo"].update(iterations=4, batch_size=4, crop_size=32, warmup=1, refresh_every=2)
     raw["datasets"]["demo"]["long_side"] = 32
