@@ -30,19 +30,14 @@ class UsageError(ValueError):
     """Options that do not go together; the message says which."""
 
 
-# The config file that marks a demo backbone's folder as complete.
-DEMO_CONFIG_FILES = {"demo_clip": "open_clip_config.json", "demo_dino": "config.json"}
-
-
 def demo_dir(params: Params, name: str) -> Path:
     """A demo backbone's folder (`name`: demo_clip or demo_dino): as configured (relative to the
-    working directory), else the copy installed with the package."""
-    configured = Path(getattr(params, name).checkpoint).parent
-    if (configured / DEMO_CONFIG_FILES[name]).is_file():
-        return configured
+    working directory) where its config file is, else the copy installed with the package."""
     from ssr.backbones import demo_asset_dir
+    from ssr.weights import DEMO_FILES
 
-    return demo_asset_dir(name)
+    configured = Path(getattr(params, name).checkpoint).parent
+    return configured if (configured / DEMO_FILES[name][0]).is_file() else demo_asset_dir(name)
 
 
 def results_dir(params: Params, dataset: str) -> Path:
@@ -348,11 +343,12 @@ def _load_trained(args, params: Params | None, device):
     """`ssr.load_model` of --model; with params, CLIP and DINO from its weights cache (as the DAG's
     stages load them, offline) and the demo's tiny ones from where params put them."""
     from ssr.checkpoint import load_model
+    from ssr.weights import DEMO_FILES
 
     if params is None:
         return load_model(args.model, device=device)
     return load_model(args.model, device=device, weights_root=params.weights_root,
-                      **{f"{name}_dir": demo_dir(params, name) for name in DEMO_CONFIG_FILES})
+                      **{f"{name}_dir": demo_dir(params, name) for name in DEMO_FILES})
 
 
 def _inference_options(args, trained):

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 DINO_FILES = ("config.json", "model.safetensors")
+# The demo's committed backbones (params sections) and the files their folders hold, config first.
+DEMO_FILES = {"demo_clip": CLIP_FILES, "demo_dino": DINO_FILES}
 DOWNLOADS = "downloads"
 
 

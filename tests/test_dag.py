@@ -91,8 +91,8 @@ def demo_backbone_files(params: dict) -> list[Path]:
     """The committed demo CLIP's and DINO's files."""
     out = []
     for name in pipeline.DEMO_BACKBONES:
-        checkpoint = Path(params[name]["checkpoint"])
-        out += [checkpoint, checkpoint.parent / pipeline.DEMO_BACKBONES[name][1], checkpoint.parent / "provenance.json"]
+        weights, config = map(Path, pipeline.demo_backbone_files(params, name))
+        out += [weights, config, weights.parent / "provenance.json"]
     return out
 
 
@@ -237,8 +237,8 @@ def test_multi_gpu_training_runs_torchrun_on_one_node(workdir):
 @pytest.mark.parametrize("backbone", ["demo_clip", "demo_dino"])
 def test_a_demo_backbone_runs_only_without_committed_checkpoint(workdir, backbone):
     """The committed DINO is in the DAG when the demo uses it (datasets.demo.dino_model: demo)."""
-    set_params(workdir, datasets__demo__dino_model="demo")
-    (workdir / f"ssr/assets/{backbone}/{'open_clip_' if backbone == 'demo_clip' else ''}model.safetensors").unlink()
+    params = set_params(workdir, datasets__demo__dino_model="demo")
+    (workdir / params[backbone]["checkpoint"]).unlink()
     jobs = dry_run(workdir, "demo")
     assert set(jobs) == {f"{r}-demo" for r in STAGE_RULES} | {backbone}
     command = f"ssr {backbone.replace('_', '-')} --params params.yaml --threads 2"
@@ -402,7 +402,7 @@ def test_committed_dvc_files_are_current_and_the_root_one_is_the_demo():
     assert _run([sys.executable, "workflow/pipeline.py", "dvc", "--check"], REPO).returncode == 0
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     demo = yaml.safe_load((REPO / "params.yaml").read_text())["datasets"]["demo"]
-    used = {name for name in pipeline.DEMO_BACKBONES if demo[f"{name.removeprefix('demo_')}_model"] == "demo"}
+    used = set(pipeline.demo_backbones_used(demo))
     assert "demo_clip" in used and set(stages) == {f"{r}-demo" for r in STAGE_RULES} | used
     # voc/coco get their own files, written when first run (and then committed with their results)
     for path in (REPO / "workflow").glob("dvc/*/dvc.yaml"):

@@ -167,29 +167,36 @@ def run_dir(params: dict, ds: str, run: str, seed: int) -> str:
     return f"{params['results_root']}/{ds}/{run}/seed{seed}"
 
 
-# The demo's committed backbones: their `ssr` command and the files each folder holds beside the weights.
-DEMO_BACKBONES = {"demo_clip": ("demo-clip", "open_clip_config.json"), "demo_dino": ("demo-dino", "config.json")}
+# The demo's committed backbones: the datasets.{ds} key that selects one ("demo"), its `ssr` command,
+# and the config file its folder holds beside the weights.
+DEMO_BACKBONES = {"demo_clip": ("clip_model", "demo-clip", "open_clip_config.json"),
+                  "demo_dino": ("dino_model", "demo-dino", "config.json")}
 
 
 def demo_backbone_files(params: dict, name: str) -> list[str]:
     """The weights and config a demo backbone's loader reads (`name`: demo_clip or demo_dino)."""
     folder = os.path.dirname(params[name]["checkpoint"])
-    return [params[name]["checkpoint"], f"{folder}/{DEMO_BACKBONES[name][1]}"]
+    return [params[name]["checkpoint"], f"{folder}/{DEMO_BACKBONES[name][2]}"]
+
+
+def demo_backbones_used(conf: dict) -> list[str]:
+    """The demo backbones a `datasets.{ds}` entry selects."""
+    return [name for name, (key, *_) in DEMO_BACKBONES.items() if conf[key] == "demo"]
 
 
 # ------------------------------------------------------------------ the stages
 
 def demo_backbone(params: dict, resources: dict, name: str) -> Stage:
     """The demo's tiny CLIP or DINO; committed, so neither runner re-trains it unless asked."""
-    folder = os.path.dirname(params[name]["checkpoint"])
     res = dict(resources["demo"][name])
     res.pop("threads", None)
     weights, config = demo_backbone_files(params, name)
     return Stage(
         rule=name, dataset=None,
-        command=f"ssr {DEMO_BACKBONES[name][0]} --params {PARAMS} --threads {{threads}}",
+        command=f"ssr {DEMO_BACKBONES[name][1]} --params {PARAMS} --threads {{threads}}",
         inputs={},
-        outputs={"checkpoint": [weights], "config": [config], "provenance": [f"{folder}/provenance.json"]},
+        outputs={"checkpoint": [weights], "config": [config],
+                 "provenance": [f"{os.path.dirname(weights)}/provenance.json"]},
         params=("demo", name),
         threads=int(params[name]["threads"]),
         resources={**res, "gpu": 0},
@@ -205,8 +212,7 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
     dataset = {"images": [f"{data}/images"], "splits": [f"{data}/splits"], "classes": [f"{data}/classes.json"],
                "image_labels": [f"{data}/image_labels.json"]}
     labels = {"labels": [f"{data}/labels"]}
-    clip = {"clip": demo_backbone_files(params, "demo_clip")} if conf["clip_model"] == "demo" else {}
-    clip |= {"dino": demo_backbone_files(params, "demo_dino")} if conf["dino_model"] == "demo" else {}
+    demo_models = {name: demo_backbone_files(params, name) for name in demo_backbones_used(conf)}
     superpixels = {"superpixels": [f"{data}/superpixels.h5"]}
     # What `ssr weights` fetched (its manifest): the stages that load CLIP and DINO read them from the cache.
     weights = {"weights": [f"{params['weights_root']}/{ds}.json"]}
@@ -246,7 +252,7 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
               directories=frozenset({f"{data}/images", f"{data}/labels", f"{data}/splits"}),
               params=tuple(prepare_keys), local=True, **job("prepare", gpu=0)),
         # A local job: on a cluster the downloads need the login node's network, which compute nodes may lack.
-        Stage("weights", ds, ssr("weights"), inputs={**clip}, outputs=weights,
+        Stage("weights", ds, ssr("weights"), inputs={**demo_models}, outputs=weights,
               params=tuple(f"datasets.{ds}.{k}" for k in ("clip_model", "clip_pretrained", "dino_model", "dino_weights")),
               local=True, **job("weights", gpu=0)),
         Stage("superpixels", ds, ssr("superpixels"),
@@ -258,7 +264,7 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
               # Set aside checkpoints written from other params or inputs, so that
               # --resume only ever continues the interrupted run of this very job.
               f"python workflow/scripts/checkpoints.py --dataset {ds} --params {PARAMS} && {train_cmd}",
-              inputs={**dataset, **superpixels, **clip, **weights},
+              inputs={**dataset, **superpixels, **demo_models, **weights},
               outputs={**models, "metrics": [f"{results}/{ds}_train.json"]},
               metric=f"{results}/{ds}_train.json",
               curves=tuple(f"{d}/dvclive" for d in method_dirs),
@@ -269,7 +275,7 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
               processes=processes,
               **job("train", gpu=0 if ds == "demo" else processes, nodes=1)),
         Stage("pseudo_labels", ds, ssr("pseudo-labels"),
-              inputs={**dataset, **labels, **superpixels, **models, **clip, **weights},
+              inputs={**dataset, **labels, **superpixels, **models, **demo_models, **weights},
               outputs={"pseudo_labels": pseudo, "figures": [f"{results}/{ds}/figures"],
                        "metrics": [f"{results}/{ds}_seeds.json"]},
               directories=frozenset({*pseudo, f"{results}/{ds}/figures"}),
@@ -288,7 +294,7 @@ def dataset_stages(params: dict, resources: dict, ds: str) -> list[Stage]:
         Stage("evaluate", ds, ssr("evaluate"),
               # The retrained segmenter is read only with retrain.enabled; the edge keeps
               # the two runners' DAGs identical either way.
-              inputs={**dataset, **labels, **models, "retrain": [f"{results}/{ds}/retrain"], **clip, **weights},
+              inputs={**dataset, **labels, **models, "retrain": [f"{results}/{ds}/retrain"], **demo_models, **weights},
               outputs={"predictions": [f"{results}/{ds}/predictions"], "metrics": [f"{results}/{ds}_miou.json"]},
               directories=frozenset({f"{results}/{ds}/predictions"}),
               metric=f"{results}/{ds}_miou.json",
@@ -348,9 +354,8 @@ def report_stage(params: dict, resources: dict, ds: str) -> Stage:
 
 def stages(params: dict, resources: dict, datasets=DATASETS) -> list[Stage]:
     """The demo's committed backbones where it uses them (demo_clip, demo_dino), then every dataset's stages."""
-    demo = params["datasets"]["demo"] if "demo" in datasets else {}
-    out = [demo_backbone(params, resources, name) for name in DEMO_BACKBONES
-           if demo.get(f"{name.removeprefix('demo_')}_model") == "demo"]
+    used = demo_backbones_used(params["datasets"]["demo"]) if "demo" in datasets else []
+    out = [demo_backbone(params, resources, name) for name in used]
     for ds in datasets:
         out += dataset_stages(params, resources, ds)
     return out
