@@ -11,6 +11,10 @@ Two measures, for the demo CLIP and the demo DINO alike:
   the patches. A ratio of 1 is attention blind to objects; propagation along it spreads a CAM
   off the object.
 
+Beside them, the ground-truth oracle affinity (`object_oracle`): what an A_DINO that grouped every
+object perfectly would be, for bounding what any DINO can add to Eq. 9
+(`experiments/affinity_bounds.py`).
+
 The patch attention is the one the method uses: for CLIP the mean of the last `clip_blocks`
 blocks' head-averaged attention (`ssr.affinity.average_attention`, as `ssr.model` builds
 A_CLIP), for DINO the last block's (`ssr.backbones.dino_last_attention`).
@@ -89,6 +93,34 @@ def own_object_share(attention: torch.Tensor, objects: torch.Tensor) -> dict[str
         raise ValueError("no patch lies mostly inside one object: nothing to measure")
     return {"share": float(share.mean()), "patch_share": float(patch_share.mean()),
             "ratio": float(share.mean() / patch_share.mean()), "patches": int(share.numel())}
+
+
+def patch_label_shares(labels: torch.Tensor, grid: tuple[int, int], num_labels: int) -> torch.Tensor:
+    """(B, H, W) label map (values 0 .. num_labels - 1) -> (B, h * w, num_labels): each patch's share of pixels per label."""
+    b, height, width = labels.shape
+    h, w = grid
+    if height % h or width % w:
+        raise ValueError(f"image size {(height, width)} is not a multiple of the patch grid {grid}")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
+        raise ValueError(f"labels span {int(labels.min())}..{int(labels.max())}, expected 0..{num_labels - 1}")
+    cells = F.one_hot(labels.long(), num_labels).float()
+    return cells.reshape(b, h, height // h, w, width // w, num_labels).mean(dim=(2, 4)).reshape(b, h * w, num_labels)
+
+
+def object_oracle(shares: torch.Tensor, touch: float) -> torch.Tensor:
+    """The affinity of a perfect object grouping: (B, N, L) patch shares (label 0 = background) -> (B, N, N).
+
+    A patch whose object pixels exceed `touch` of it attends to the patches holding its objects'
+    labels (classes, or instances), each in proportion to its share of them; any other patch
+    attends to the background, in proportion to each patch's background share. Rows sum to 1.
+    Rows are drawn from the ground truth, never from a backbone: propagating a CAM along them
+    shows what an A_DINO can add to Eq. 9 at best.
+    """
+    objects = shares[..., 1:]
+    touching = (objects.sum(dim=-1) > touch)[..., None]
+    to_objects = objects @ objects.transpose(1, 2)                        # (B, N, N): shared object labels
+    to_background = shares[..., :1] @ shares[..., :1].transpose(1, 2)
+    return row_normalise(torch.where(touching, to_objects, to_background))
 
 
 # ---------------------------------------------------------------- the backbones' attention

@@ -238,6 +238,7 @@ def refined_cams(
     rows: tuple[str, ...] = ABLATION_ROWS,
     autocast_dtype: torch.dtype | None = None,
     fast: bool = False,
+    dino_attention: torch.Tensor | None = None,
 ) -> CamPass:
     """Initial CAM -> affinity propagation -> SGC, for an image batch.
 
@@ -247,6 +248,8 @@ def refined_cams(
     the SGC row inside its target regions (and the boxes, with `sgc.within_box`).
     Returns the CAMs of the requested Table 3 rows and of the configured method.
     `fast`: the training step's fast operators (`initial_cams`, DINO, SGC), same CAMs to rounding.
+    `dino_attention` (B, N, N): an A_DINO to use in place of the DINO backbone's, for what-if readings
+    of Eq. 9 (`experiments/affinity_bounds.py`); None = the backbone's (none without DINO).
     """
     with autocast(images.device.type, autocast_dtype):
         cam, visual = initial_cams(backbones, model, images, classes, valid, attn_blocks=affinity.clip_blocks, fast=fast)
@@ -255,13 +258,13 @@ def refined_cams(
             depth = backbones.depth
             a_clip = visual.patch_attention if fast else average_attention(
                 [visual.attentions[i] for i in range(max(0, depth - affinity.clip_blocks), depth)])
-            a_dino = None
-            if backbones.dino is not None:
+            a_dino = dino_attention.float() if dino_attention is not None else None
+            if a_dino is None and backbones.dino is not None:
                 a_dino = dino_last_attention(backbones.dino, normalise(images, backbones.dino_mean, backbones.dino_std),
                                              fast=fast, cache=backbones.cache).float()
-                if a_dino.shape[-1] != a_clip.shape[-1]:
-                    raise ValueError(f"DINO grid ({a_dino.shape[-1]} patches) differs from CLIP's ({a_clip.shape[-1]}); "
-                                     f"patch sizes must match")
+            if a_dino is not None and a_dino.shape[-1] != a_clip.shape[-1]:
+                raise ValueError(f"DINO grid ({a_dino.shape[-1]} patches) differs from CLIP's ({a_clip.shape[-1]}); "
+                                 f"patch sizes must match")
 
     with torch.no_grad():
         # CLIP-ES's boxes go through the host (OpenCV), a device sync: made only where a row or the method uses them

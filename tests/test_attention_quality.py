@@ -62,6 +62,31 @@ def test_own_object_share_on_a_hand_made_attention():
         aq.own_object_share(attention, torch.zeros(1, 4, dtype=torch.long))
 
 
+def test_patch_label_shares_counts_each_patch_s_pixels():
+    """A 2x2 grid of 2x2-pixel patches, labels 0..2."""
+    labels = torch.tensor([[[1, 1, 0, 1],
+                            [1, 1, 0, 0],
+                            [0, 0, 0, 0],
+                            [0, 0, 0, 2]]])
+    assert aq.patch_label_shares(labels, (2, 2), 3).tolist() == [[[0, 1, 0], [0.75, 0.25, 0], [1, 0, 0], [0.75, 0, 0.25]]]
+    with pytest.raises(ValueError, match="expected 0..1"):
+        aq.patch_label_shares(labels, (2, 2), 2)
+
+
+def test_object_oracle_on_hand_made_shares():
+    """Patch 0 all object 1, patch 1 half object 1, patch 2 background, patch 3 a quarter object 2."""
+    shares = torch.tensor([[[0, 1, 0], [0.5, 0.5, 0], [1, 0, 0], [0.75, 0, 0.25]]])
+    oracle = aq.object_oracle(shares, touch=0.25)
+    background_row = torch.tensor([0, 0.5, 1, 0.75]) / 2.25       # by each patch's background share
+    expected = torch.stack([torch.tensor([2 / 3, 1 / 3, 0, 0]),    # shares 1 and 0.5 of object 1
+                            torch.tensor([2 / 3, 1 / 3, 0, 0]),
+                            background_row,
+                            background_row])                       # 0.25 object does not exceed touch
+    assert torch.allclose(oracle[0], expected, atol=1e-6)
+    # below `touch`, patch 3 attends to the only patch holding object 2: itself
+    assert torch.allclose(aq.object_oracle(shares, touch=0.2)[0, 3], torch.tensor([0.0, 0, 0, 1]))
+
+
 def test_clip_patch_attention_is_the_mean_of_its_last_blocks(tiny_clip_dir):
     """The tiny CLIP has 3 blocks: clip_blocks 8 averages all of them (capped at depth), 1 only the last."""
     visual = load_clip("demo", demo_dir=tiny_clip_dir)[0].visual

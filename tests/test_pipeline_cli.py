@@ -9,6 +9,7 @@ through the installed `ssr` console script.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -110,6 +111,23 @@ def test_seeds_json_has_every_table3_row(pipeline):
     assert all(seeds[f"{row}_miou"] is not None for row in ("cam", "clip", "dino", "sgc"))
     # default switches (use_clip, use_dino, use_sgc all on): the method is the SGC row, which fuses both attentions
     assert {k: seeds[f"method_{k}"] for k in SCORES} == {k: seeds[f"sgc_{k}"] for k in SCORES}
+
+
+def test_affinity_bounds_rescore_the_seed_rows_with_ground_truth_affinities(pipeline):
+    """experiments/affinity_bounds.py: with the run's own DINO its rows are the ones `ssr pseudo-labels`
+    wrote; an A_DINO from the ground truth moves the + DINO and + SGC rows and nothing else."""
+    spec = importlib.util.spec_from_file_location("affinity_bounds", REPO / "experiments" / "affinity_bounds.py")
+    bounds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bounds)
+    found = bounds.bounds(pipeline.base, seeds=[0])
+    assert set(found) == set(bounds.AFFINITIES)
+    own = found["dino"][0]
+    assert own == {row: pipeline.seeds[f"{row}_miou"] for row in ("cam", "clip", "dino", "sgc")}
+    for affinity in ("class_oracle", "instance_oracle", "dino_on_oracle"):
+        rows = found[affinity][0]
+        assert (rows["cam"], rows["clip"]) == (own["cam"], own["clip"])
+        assert all(0 <= rows[row] <= 1 for row in ("dino", "sgc"))
+    assert found["class_oracle"][0]["dino"] != own["dino"]
 
 
 def test_without_dino_the_dino_row_is_left_out(tmp_path, tiny_clip_dir):
