@@ -39,7 +39,7 @@ from ssr.backbones import dino_last_attention  # noqa: E402
 from ssr.cam import class_slots  # noqa: E402
 from ssr.checkpoint import read_model  # noqa: E402
 from ssr.cli import demo_dir, run_dir  # noqa: E402
-from ssr.config import METHOD_RUN, Params  # noqa: E402
+from ssr.config import METHOD_RUN, ConfigError, Params, params_from_dict  # noqa: E402
 from ssr.data.dataset import WholeImages, collate  # noqa: E402
 from ssr.data.demo import render_sample  # noqa: E402
 from ssr.data.layout import DatasetLayout  # noqa: E402
@@ -53,7 +53,11 @@ BATCH = 8  # seed_metrics' batches, so that the `dino` rows sum in the same orde
 
 
 def load_params(folder: Path, overrides: list[str]) -> Params:
-    raw = yaml.safe_load((folder / "params.yaml").read_text())
+    """The reading's params.yaml with the re-scoring's `overrides` (dotted KEY=VALUE)."""
+    path = folder / "params.yaml"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; pass a reading folder of experiments/demo_readings.py")
+    raw = yaml.safe_load(path.read_text())
     for item in overrides:
         dotted, _, value = item.partition("=")
         node, parts = raw, dotted.split(".")
@@ -62,9 +66,12 @@ def load_params(folder: Path, overrides: list[str]) -> Params:
         for key in parts[:-1]:
             node = node[key]
         if parts[-1] not in node:
-            raise SystemExit(f"--set {item}: no such key in {folder / 'params.yaml'}")
+            raise SystemExit(f"--set {item}: no such key in {path}")
         node[parts[-1]] = yaml.safe_load(value)
-    return Params.model_validate(raw)
+    try:
+        return params_from_dict(raw)
+    except ConfigError as err:
+        raise SystemExit(f"{path} with --set {' '.join(overrides)}: {err}") from None
 
 
 def oracles(items: list[dict], params: Params, split: str, grid: tuple[int, int], num_classes: int, touch: float):
