@@ -15,8 +15,11 @@ stay the folder's own and the + DINO and + SGC rows are exact for each affinity:
   distribution over its own objects, without the mass it puts elsewhere.
 
     python experiments/affinity_bounds.py /tmp/readings/dino [--touch 0.25] [--set sgc.rho=0.1 ...]
+        [--sgc-regions instances]
 
 `--set` changes the re-scoring's params only (affinity.*, sgc.*, pseudo_labels.*), never the models.
+`--sgc-regions instances` gives SGC the ground truth's regions (each object one region, the
+background one) in place of the superpixel clusters: SGC's rule with perfect regions.
 Prints one JSON line per affinity: the mean, std, min and max over seeds of each row's mIoU.
 """
 
@@ -74,17 +77,22 @@ def load_params(folder: Path, overrides: list[str]) -> Params:
         raise SystemExit(f"{path} with --set {' '.join(overrides)}: {err}") from None
 
 
-def oracles(items: list[dict], params: Params, split: str, grid: tuple[int, int], num_classes: int, touch: float):
+def instance_maps(items: list[dict], params: Params, split: str) -> torch.Tensor:
+    """(B, H, W) long: the demo generator's instance ids (0 = background) of a batch of demo images."""
+    return torch.from_numpy(np.stack([render_sample(params.demo, split, int(item["id"].rsplit("_", 1)[1])).instances
+                                      for item in items]).astype(np.int64))
+
+
+def oracles(items: list[dict], instances: torch.Tensor, grid: tuple[int, int], num_classes: int, touch: float):
     """-> {affinity: (B, N, N)} of the ground-truth affinities for a batch of demo images."""
     labels = torch.from_numpy(np.stack([item["gt"] for item in items]).astype(np.int64))
-    instances = torch.from_numpy(np.stack([render_sample(params.demo, split, int(item["id"].rsplit("_", 1)[1])).instances
-                                           for item in items]).astype(np.int64))
     classes = patch_label_shares(labels, grid, num_classes)
     return {"class_oracle": object_oracle(classes, touch),
             "instance_oracle": object_oracle(patch_label_shares(instances, grid, int(instances.max()) + 1), touch)}
 
 
-def bounds(folder: Path, *, touch: float = 0.25, overrides: list[str] = (), seeds: list[int] | None = None) -> dict:
+def bounds(folder: Path, *, touch: float = 0.25, overrides: list[str] = (), seeds: list[int] | None = None,
+           sgc_regions: str = "superpixels") -> dict:
     """-> {affinity: {seed: {row: mIoU}}} over the demo's seed split."""
     params = load_params(folder, list(overrides))
     ds = params.dataset("demo")
@@ -113,13 +121,16 @@ def bounds(folder: Path, *, touch: float = 0.25, overrides: list[str] = (), seed
             with torch.no_grad():
                 a_dino = dino_last_attention(backbones.dino, normalise(images, backbones.dino_mean, backbones.dino_std))
             grid = (images.shape[-2] // backbones.patch_size, images.shape[-1] // backbones.patch_size)
-            truth = oracles(items, params, ds.train_split, grid, len(classes), touch)
+            instances = instance_maps(items, params, ds.train_split)
+            truth = oracles(items, instances, grid, len(classes), touch)
+            regions = batch["regions"] if sgc_regions == "superpixels" else instances
             support = truth["class_oracle"] > 0
             replace = {"dino": None, **truth,
                        "dino_on_oracle": a_dino / a_dino.sum(dim=-1, keepdim=True) * support}
             for affinity, attention in replace.items():
-                cams = refined_cams(backbones, model, images, slots, valid, batch["regions"], params.affinity, params.sgc,
-                                    num_regions=params.superpixels.n_clusters, dino_attention=attention)
+                cams = refined_cams(backbones, model, images, slots, valid, regions, params.affinity, params.sgc,
+                                    num_regions=max(params.superpixels.n_clusters, int(regions.max()) + 1),
+                                    dino_attention=attention)
                 for row, value in cams.rows.items():
                     for b, item in enumerate(items):
                         label = cams_to_labels(value[b:b + 1], slots[b:b + 1], valid[b:b + 1], cams.grid,
@@ -136,14 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--touch", type=float, default=0.25,
                         help="a patch whose object pixels exceed this share of it attends to its objects (the oracles)")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--sgc-regions", choices=("superpixels", "instances"), default="superpixels",
+                        help="SGC's regions: the superpixel clusters, or the ground truth's objects and background")
     parser.add_argument("--seeds", type=int, nargs="*")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    found = bounds(args.folder, touch=args.touch, overrides=args.overrides, seeds=args.seeds)
+    found = bounds(args.folder, touch=args.touch, overrides=args.overrides, seeds=args.seeds, sgc_regions=args.sgc_regions)
     for affinity, per_seed in found.items():
         summary = aggregate_seeds(list(per_seed.values()))
-        print(json.dumps({"affinity": affinity, "touch": args.touch, "set": args.overrides,
+        print(json.dumps({"affinity": affinity, "touch": args.touch, "set": args.overrides, "sgc_regions": args.sgc_regions,
                           **{k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}}))
     return 0
 

@@ -128,6 +128,11 @@ def test_affinity_bounds_rescore_the_seed_rows_with_ground_truth_affinities(pipe
         assert (rows["cam"], rows["clip"]) == (own["cam"], own["clip"])
         assert all(0 <= rows[row] <= 1 for row in ("dino", "sgc"))
     assert found["class_oracle"][0]["dino"] != own["dino"]
+    # the ground truth's regions for SGC move the + SGC rows only
+    perfect_regions = bounds.bounds(pipeline.base, seeds=[0], sgc_regions="instances")
+    for affinity, per_seed in perfect_regions.items():
+        assert {k: v for k, v in per_seed[0].items() if k != "sgc"} == {k: v for k, v in found[affinity][0].items() if k != "sgc"}
+    assert any(perfect_regions[affinity][0]["sgc"] != found[affinity][0]["sgc"] for affinity in found)
 
 
 def test_without_dino_the_dino_row_is_left_out(tmp_path, tiny_clip_dir):
