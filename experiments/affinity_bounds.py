@@ -42,7 +42,8 @@ from ssr.backbones import dino_last_attention  # noqa: E402
 from ssr.cam import class_slots  # noqa: E402
 from ssr.checkpoint import read_model  # noqa: E402
 from ssr.cli import demo_dir, run_dir  # noqa: E402
-from ssr.config import METHOD_RUN, ConfigError, Params, params_from_dict  # noqa: E402
+from ssr.config import METHOD_RUN, ConfigError, Params  # noqa: E402
+from ssr.config import load_params as ssr_load_params  # noqa: E402
 from ssr.data.dataset import WholeImages, collate  # noqa: E402
 from ssr.data.demo import render_sample  # noqa: E402
 from ssr.data.layout import DatasetLayout  # noqa: E402
@@ -60,21 +61,16 @@ def load_params(folder: Path, overrides: list[str]) -> Params:
     path = folder / "params.yaml"
     if not path.is_file():
         raise SystemExit(f"{path}: not found; pass a reading folder of experiments/demo_readings.py")
-    raw = yaml.safe_load(path.read_text())
+    changes = {}
     for item in overrides:
         dotted, _, value = item.partition("=")
-        node, parts = raw, dotted.split(".")
-        if parts[0] not in ("affinity", "sgc", "pseudo_labels"):
+        if dotted.split(".")[0] not in ("affinity", "sgc", "pseudo_labels"):
             raise SystemExit(f"--set {item}: only affinity.*, sgc.* and pseudo_labels.* keys change the re-scoring")
-        for key in parts[:-1]:
-            node = node[key]
-        if parts[-1] not in node:
-            raise SystemExit(f"--set {item}: no such key in {path}")
-        node[parts[-1]] = yaml.safe_load(value)
+        changes[dotted] = yaml.safe_load(value)
     try:
-        return params_from_dict(raw)
+        return ssr_load_params(path, site=False).with_overrides(changes, "--set ")
     except ConfigError as err:
-        raise SystemExit(f"{path} with --set {' '.join(overrides)}: {err}") from None
+        raise SystemExit(f"{path}: {err}") from None
 
 
 def instance_maps(items: list[dict], params: Params, split: str) -> torch.Tensor:

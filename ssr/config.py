@@ -532,7 +532,12 @@ class Params(Section):
         overrides = self.dataset(dataset).overrides
         if not overrides:
             return self
-        return _validated(_override(self.model_dump(), overrides), f"datasets.{dataset}.overrides: ")
+        return self.with_overrides(overrides, f"datasets.{dataset}.overrides: ")
+
+    def with_overrides(self, overrides: dict, where: str = "") -> Params:
+        """These params with dotted-key `overrides` set, validated; ConfigError (each line after `where`)
+        for a key params.yaml does not have or a value it does not accept."""
+        return _validated(_override(self.model_dump(), overrides), where)
 
     def shadowed(self, dataset: str) -> list[tuple[str, Any, Any]]:
         """(dotted key, top-level value, the dataset's value) for each key the dataset's `overrides`
@@ -563,7 +568,7 @@ class Params(Section):
         variants = params.dataset(dataset).variants
         if run not in variants:
             raise ConfigError(f"datasets.{dataset}.variants: no variant {run!r} (known: {', '.join(variants) or 'none'})")
-        return _validated(_override(params.model_dump(), variants[run]), f"datasets.{dataset}.variants.{run}: ")
+        return params.with_overrides(variants[run], f"datasets.{dataset}.variants.{run}: ")
 
 
 def _override(raw: dict, overrides: dict) -> dict:
